@@ -1,0 +1,44 @@
+"""Shared fixtures: where the real recordings live, and a Redis URL for bus tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("NDOT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+REDIS_URL = os.environ.get("NDOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real event-camera recordings (`../shared/data`); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared recordings not found at {SHARED_DATA} (set NDOT_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def nmnist_small(shared_data: Path) -> Path:
+    """The 1000-recording N-MNIST subset (`train/{id}.bs2` + `labels.txt`)."""
+    path = shared_data / "nmnist-small"
+    if not (path / "labels.txt").is_file():
+        pytest.skip(f"N-MNIST subset not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a real Redis (database 15 by default); skips only when none answers."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis answers at {REDIS_URL} (.ci/run starts one)")
+    finally:
+        client.close()
+    return REDIS_URL
