@@ -1,0 +1,180 @@
+"""The stream bus: the one queue between the API (producer) and the worker (consumer group).
+
+Semantics shared by both implementations (`LocalBus` in-process, `RedisStreamBus` over Redis Streams):
+
+* ``publish`` appends an entry and returns its id ``"<ms>-<seq>"``; ids increase strictly, so
+  ``entry_id_key(a) < entry_id_key(b)`` iff ``a`` was published before ``b``.
+* One consumer group: ``read`` hands each new entry to exactly one consumer and keeps it *pending*
+  until ``ack``; ``claim_stale`` moves entries pending longer than ``min_idle_ms`` (a dead consumer's)
+  to another consumer, counting deliveries in ``BusEntry.deliveries``.
+* Backpressure: with ``lag = unread + pending``, ``publish`` raises ``BusFull`` when
+  ``lag >= max_lag`` instead of appending, so trimming (``maxlen``) never drops an unread entry.
+* ``dead_letter`` files an entry with its error in a side stream and acks the original.
+* Replies travel per request id (``put_reply`` / ``wait_reply``); small values (heartbeat, status)
+  live under plain keys with an optional TTL.
+* A lost connection surfaces as ``BusUnavailable`` from every method (``ping`` answers ``False``);
+  the bus reconnects by itself on the next call once the server is back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from service.bus_local import LocalBus
+    from service.bus_redis import RedisStreamBus
+
+__all__ = [
+    "RESERVED_FIELDS",
+    "MALFORMED_KIND",
+    "Bus",
+    "BusEntry",
+    "BusError",
+    "BusFull",
+    "BusInputError",
+    "BusUnavailable",
+    "LocalBus",
+    "RedisStreamBus",
+    "entry_id_key",
+    "make_bus",
+    "validate_publish",
+]
+
+#: Field names the bus itself writes into an entry (envelope and dead-letter record).
+RESERVED_FIELDS = frozenset({"kind", "stream_id", "error", "original_id"})
+#: ``kind`` given to a stream entry that lacks the bus envelope (written by something else).
+MALFORMED_KIND = "malformed"
+
+_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_ENTRY_ID_RE = re.compile(r"(\d+)-(\d+)")
+
+
+class BusError(Exception):
+    """Base of every error the bus raises."""
+
+
+class BusFull(BusError):
+    """Backpressure: the group's lag reached ``max_lag``; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, retry_after_s: float, lag: int | None = None, max_lag: int | None = None) -> None:
+        super().__init__(
+            f"bus lag {lag} reached the bound max_lag={max_lag}; retry after {retry_after_s:g} s"
+        )
+        self.retry_after_s = retry_after_s
+        self.lag = lag
+        self.max_lag = max_lag
+
+
+class BusUnavailable(BusError):
+    """The bus backend cannot be reached (connection refused, reset or timed out)."""
+
+
+class BusInputError(BusError, ValueError):
+    """A caller passed a malformed argument (kind, stream id, field name or value, entry id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BusEntry:
+    """One bus entry: its id, what it is (``kind``), which stream it belongs to, and its payload.
+
+    ``deliveries`` counts how often the group handed it out (1 on first read, +1 per claim).
+    """
+
+    id: str
+    kind: str
+    stream_id: str
+    fields: dict[str, bytes] = field(default_factory=dict)
+    deliveries: int = 1
+
+
+def entry_id_key(entry_id: str) -> tuple[int, int]:
+    """Sort key of an entry id ``"<ms>-<seq>"``: ``(ms, seq)``; raises ``BusInputError`` if malformed."""
+    match = _ENTRY_ID_RE.fullmatch(entry_id) if isinstance(entry_id, str) else None
+    if match is None:
+        raise BusInputError(f"entry id {entry_id!r} is not of the form '<ms>-<seq>'")
+    return int(match.group(1)), int(match.group(2))
+
+
+def validate_publish(kind: str, stream_id: str, fields: Mapping[str, Any]) -> dict[str, bytes]:
+    """Check a publish request; returns the fields as ``bytes`` values (bytes-likes are copied)."""
+    if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
+        raise BusInputError(f"kind {kind!r} must match {_KIND_RE.pattern}")
+    if not isinstance(stream_id, str) or not stream_id:
+        raise BusInputError(f"stream_id {stream_id!r} must be a non-empty string")
+    if not isinstance(fields, Mapping):
+        raise BusInputError(f"fields must be a mapping of str to bytes, got {type(fields).__name__}")
+    checked: dict[str, bytes] = {}
+    for name, value in fields.items():
+        if not isinstance(name, str) or not name:
+            raise BusInputError(f"field name {name!r} must be a non-empty string")
+        if name in RESERVED_FIELDS:
+            raise BusInputError(f"field name {name!r} is reserved by the bus ({sorted(RESERVED_FIELDS)})")
+        if isinstance(value, bytes):
+            checked[name] = value
+        elif isinstance(value, bytearray | memoryview):
+            checked[name] = bytes(value)
+        else:
+            raise BusInputError(f"field {name!r} must be bytes, got {type(value).__name__}")
+    return checked
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """What the API and the worker use; see the module docstring for the semantics."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def publish(self, kind: str, stream_id: str, fields: dict[str, bytes]) -> str: ...
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[BusEntry]: ...
+    async def ack(self, ids: list[str]) -> None: ...
+    async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[BusEntry]: ...
+    async def pending_count(self) -> int: ...
+    async def lag(self) -> int: ...
+    async def dead_letter(self, entry: BusEntry, error: str) -> None: ...
+    async def dead_letters(self, count: int = 100) -> list[BusEntry]: ...
+    async def put_reply(self, request_id: str, payload: bytes, ttl_s: float) -> None: ...
+    async def wait_reply(self, request_id: str, timeout_s: float) -> bytes | None: ...
+    async def set_value(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
+    async def get_value(self, key: str) -> bytes | None: ...
+
+
+def make_bus(settings: Any) -> Bus:
+    """The bus the settings ask for: Redis Streams when ``redis_url`` is set, else the embedded bus.
+
+    Reads ``redis_url``, ``bus_stream``, ``bus_group``, ``bus_max_lag``, ``bus_maxlen`` and
+    ``bus_retry_after_s`` from ``settings`` (any object; missing attributes take the defaults).
+    """
+    from service.bus_local import LocalBus
+    from service.bus_redis import RedisStreamBus
+
+    max_lag = int(getattr(settings, "bus_max_lag", 1_000))
+    retry_after_s = float(getattr(settings, "bus_retry_after_s", 1.0))
+    redis_url = getattr(settings, "redis_url", None)
+    if not redis_url:
+        return LocalBus(max_lag=max_lag, retry_after_s=retry_after_s)
+    maxlen = getattr(settings, "bus_maxlen", None)
+    return RedisStreamBus(
+        str(redis_url),
+        stream=str(getattr(settings, "bus_stream", "ndot:events")),
+        group=str(getattr(settings, "bus_group", "ndot-workers")),
+        max_lag=max_lag,
+        maxlen=int(maxlen) if maxlen else None,
+        retry_after_s=retry_after_s,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy re-export of the two implementations (they import this module, so no import cycle)."""
+    if name == "LocalBus":
+        from service.bus_local import LocalBus
+
+        return LocalBus
+    if name == "RedisStreamBus":
+        from service.bus_redis import RedisStreamBus
+
+        return RedisStreamBus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

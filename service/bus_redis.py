@@ -1,0 +1,376 @@
+"""RedisStreamBus: the ``Bus`` over one Redis stream and one consumer group (``redis.asyncio``).
+
+Redis commands per method::
+
+    publish      EVALSHA publish.lua: XINFO GROUPS (lag = lag + pending) → BusFull | XADD MAXLEN ~ maxlen
+    read         XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS s >
+    ack          XACK s g id...
+    claim_stale  XAUTOCLAIM s g c min_idle cursor COUNT n (loop on the cursor) + XPENDING for deliveries
+    dead_letter  MULTI XADD s:dead … ; XACK s g id EXEC
+    put_reply    MULTI RPUSH s:reply:<id> payload ; PEXPIRE EXEC        wait_reply  BLPOP s:reply:<id> t
+    set_value    SET s:value:<key> v PX ttl                                get_value   GET
+
+Backpressure is exact: the lag check and the XADD run in one Lua script, atomically on the server,
+so ``unread + pending`` never exceeds ``max_lag`` (slack 0), however many API processes publish,
+at one round trip per publish. ``maxlen >= 2 * max_lag`` is enforced; approximate trimming
+keeps at least ``maxlen`` newest entries, so an unread entry (one of the newest ``lag``) is never
+trimmed. Only a straggler left pending while ``maxlen`` newer entries were acked can be trimmed;
+XAUTOCLAIM then reports it deleted (counted in ``lost_pending``).
+
+Blocking reply waits (BLPOP) use their own connection pool (``max_reply_waiters`` connections), so
+hundreds of waiting requests never starve publish, read or ack on the main pool. The group is
+created on ``start`` and re-created on demand (after a Redis restart without persistence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.bus import (
+    MALFORMED_KIND,
+    BusEntry,
+    BusFull,
+    BusInputError,
+    BusUnavailable,
+    entry_id_key,
+    validate_publish,
+)
+
+__all__ = ["RedisStreamBus"]
+
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)  # OSError covers TimeoutError
+
+# KEYS[1] = stream; ARGV = group, max_lag, maxlen, field1, value1, ...
+# Returns {1, id} when appended, {0, lag} when lag = unread + pending reached max_lag.
+_PUBLISH_LUA = """
+local stream, group = KEYS[1], ARGV[1]
+local max_lag = tonumber(ARGV[2])
+if redis.call('EXISTS', stream) == 0 then
+  redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+end
+local lag = nil
+for _, row in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local info = {}
+  for i = 1, #row, 2 do info[row[i]] = row[i + 1] end
+  if info['name'] == group then
+    local unread = info['lag']
+    if not unread then unread = redis.call('XLEN', stream) end -- lag unknown: XLEN bounds it from above
+    lag = unread + info['pending']
+  end
+end
+if lag == nil then
+  redis.call('XGROUP', 'CREATE', stream, group, '0')
+  lag = redis.call('XLEN', stream)
+end
+if lag >= max_lag then return {0, lag} end
+return {1, redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))}
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _decode_entry(entry_id: bytes | str, raw: dict[bytes, bytes], deliveries: int) -> BusEntry:
+    """A stream entry as ``BusEntry``; one without the bus envelope gets kind ``MALFORMED_KIND``."""
+    fields = {_text(name): bytes(value) for name, value in raw.items()}
+    kind = fields.pop("kind", None)
+    stream_id = fields.pop("stream_id", None)
+    if kind is None or stream_id is None:
+        return BusEntry(_text(entry_id), MALFORMED_KIND, _text(stream_id or b""), fields, deliveries)
+    return BusEntry(_text(entry_id), _text(kind), _text(stream_id), fields, deliveries)
+
+
+def _check_consumer(consumer: str, count: int) -> None:
+    if not isinstance(consumer, str) or not consumer:
+        raise BusInputError(f"consumer {consumer!r} must be a non-empty string")
+    if not isinstance(count, int) or count < 1:
+        raise BusInputError(f"count must be an int >= 1, got {count!r}")
+
+
+class RedisStreamBus:
+    """The ``Bus`` over Redis Streams.
+
+    Args:
+        url: ``redis://host:port/db``.
+        stream: stream key; dead letters, replies and values live under ``<stream>:dead``,
+            ``<stream>:reply:<id>`` and ``<stream>:value:<key>``.
+        group: the consumer group's name.
+        max_lag: bound on ``unread + pending``; ``publish`` raises ``BusFull`` at it.
+        maxlen: approximate stream length kept (default and minimum ``2 * max_lag``).
+        retry_after_s: the ``BusFull.retry_after_s`` hint.
+        max_connections: main pool size (publish, read, ack, ...); callers beyond it wait.
+        max_reply_waiters: reply pool size, i.e. concurrent ``wait_reply`` calls served at once.
+        connect_timeout_s: TCP connect timeout.
+        command_timeout_s: bound on one command, on top of its own blocking time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        stream: str = "ndot:events",
+        group: str = "ndot-workers",
+        max_lag: int = 1_000,
+        maxlen: int | None = None,
+        retry_after_s: float = 1.0,
+        max_connections: int = 64,
+        max_reply_waiters: int = 1024,
+        connect_timeout_s: float = 1.0,
+        command_timeout_s: float = 5.0,
+    ) -> None:
+        if not isinstance(max_lag, int) or max_lag < 1:
+            raise ValueError(f"max_lag must be an int >= 1, got {max_lag!r}")
+        maxlen = 2 * max_lag if maxlen is None else maxlen
+        if not isinstance(maxlen, int) or maxlen < 2 * max_lag:
+            raise ValueError(
+                f"maxlen={maxlen!r} must be >= 2 * max_lag = {2 * max_lag}, so trimming never reaches unread entries"
+            )
+        if not retry_after_s > 0:
+            raise ValueError(f"retry_after_s must be > 0, got {retry_after_s!r}")
+        if not stream or not group:
+            raise ValueError(f"stream {stream!r} and group {group!r} must be non-empty")
+        self.stream = stream
+        self.group = group
+        self.max_lag = max_lag
+        self.maxlen = maxlen
+        self.retry_after_s = float(retry_after_s)
+        self.dead_stream = f"{stream}:dead"
+        self.lost_pending = 0  # pending entries found trimmed by XAUTOCLAIM (see module docstring)
+        self._command_timeout_s = command_timeout_s
+        self._where = url.rsplit("@", 1)[-1]  # never echo credentials in errors
+        options: dict[str, Any] = {
+            "decode_responses": False,
+            "protocol": 2,
+            "socket_connect_timeout": connect_timeout_s,
+            # No retries: fail fast into BusUnavailable; the pool replaces stale sockets on checkout.
+            "retry": Retry(NoBackoff(), 0),
+            "timeout": command_timeout_s,  # wait for a free pooled connection
+        }
+        self._redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(url, max_connections=max_connections, **options)
+        )
+        self._replies = Redis.from_pool(
+            BlockingConnectionPool.from_url(url, max_connections=max_reply_waiters, **options)
+        )
+        self._publish_script = self._redis.register_script(_PUBLISH_LUA)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _guard(self, blocking_s: float = 0.0) -> AsyncIterator[None]:
+        """Bound a call in time and turn connection failures into ``BusUnavailable``."""
+        try:
+            async with asyncio.timeout(self._command_timeout_s + blocking_s):
+                yield
+        except _CONNECTION_ERRORS as exc:
+            raise BusUnavailable(
+                f"redis at {self._where} is unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _group_info(self) -> dict[str, Any] | None:
+        try:
+            rows = await self._redis.xinfo_groups(self.stream)
+        except ResponseError as exc:
+            if "no such key" in str(exc):
+                return None
+            raise
+        for row in rows:
+            info = {_text(k): v for k, v in row.items()}
+            if _text(info["name"]) == self.group:
+                return info
+        return None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create the stream and group (idempotent); ``BusUnavailable`` if Redis is down.
+
+        Optional: publish and read re-create the group themselves when it is missing.
+        """
+        async with self._guard():
+            await self._ensure_group()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._replies.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            async with self._guard():
+                return bool(await self._redis.ping())
+        except (BusUnavailable, ResponseError):
+            return False
+
+    # -- the stream --------------------------------------------------------------------------
+    async def publish(self, kind: str, stream_id: str, fields: dict[str, bytes]) -> str:
+        checked = validate_publish(kind, stream_id, fields)
+        args: list[Any] = [self.group, self.max_lag, self.maxlen, b"kind", kind, b"stream_id", stream_id]
+        for name, value in checked.items():
+            args += [name, value]
+        async with self._guard():
+            added, value = await self._publish_script(keys=[self.stream], args=args)
+        if not added:
+            raise BusFull(self.retry_after_s, lag=int(value), max_lag=self.max_lag)
+        return _text(value)
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[BusEntry]:
+        """Up to ``count`` new entries for ``consumer``; waits up to ``block_ms`` (<= 0: no wait)."""
+        _check_consumer(consumer, count)
+        block = block_ms if block_ms > 0 else None  # BLOCK 0 would wait forever
+        async with self._guard(blocking_s=max(block_ms, 0) / 1000):
+            try:
+                reply = await self._redis.xreadgroup(
+                    self.group, consumer, {self.stream: ">"}, count=count, block=block
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group()  # lost with a Redis restart: start over from the stream
+                return []
+        return [_decode_entry(eid, raw, 1) for _, entries in reply or [] for eid, raw in entries]
+
+    async def ack(self, ids: list[str]) -> None:
+        for entry_id in ids:
+            entry_id_key(entry_id)
+        if not ids:
+            return
+        async with self._guard():
+            try:
+                await self._redis.xack(self.stream, self.group, *ids)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):  # no group: nothing is pending any more
+                    raise
+
+    async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[BusEntry]:
+        """Entries pending for ``min_idle_ms`` or longer (any consumer), now owned by ``consumer``."""
+        _check_consumer(consumer, count)
+        raw_claimed: list[tuple[bytes, dict[bytes, bytes]]] = []
+        cursor: bytes | str = "0-0"
+        async with self._guard():
+            while len(raw_claimed) < count:
+                try:
+                    reply = await self._redis.xautoclaim(
+                        self.stream, self.group, consumer, max(int(min_idle_ms), 0),
+                        start_id=cursor, count=count - len(raw_claimed),
+                    )  # fmt: skip
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    return []
+                cursor, entries = reply[0], reply[1]
+                self.lost_pending += len(reply[2]) if len(reply) > 2 else 0  # Redis 7: trimmed ids
+                for entry_id, raw in entries:
+                    if raw is None:  # Redis 6.2 reports a trimmed entry this way
+                        self.lost_pending += 1
+                        await self._redis.xack(self.stream, self.group, entry_id)
+                    else:
+                        raw_claimed.append((entry_id, raw))
+                if _text(cursor) == "0-0":
+                    break
+            deliveries = await self._delivery_counts(consumer, [_text(eid) for eid, _ in raw_claimed])
+        return [_decode_entry(eid, raw, deliveries.get(_text(eid), 1)) for eid, raw in raw_claimed]
+
+    async def _delivery_counts(self, consumer: str, ids: list[str]) -> dict[str, int]:
+        """``times_delivered`` of ``ids`` (sorted) from ``consumer``'s pending list, paging XPENDING."""
+        wanted, counts = set(ids), {}
+        start = ids[0] if ids else None
+        while start is not None and len(counts) < len(wanted):
+            rows = await self._redis.xpending_range(
+                self.stream, self.group, min=start, max=ids[-1], count=len(wanted) - len(counts) + 16,
+                consumername=consumer,
+            )  # fmt: skip
+            for row in rows:
+                if _text(row["message_id"]) in wanted:
+                    counts[_text(row["message_id"])] = int(row["times_delivered"])
+            start = f"({_text(rows[-1]['message_id'])}" if rows else None
+        return counts
+
+    async def pending_count(self) -> int:
+        async with self._guard():
+            info = await self._group_info()
+        return 0 if info is None else int(info["pending"])
+
+    async def lag(self) -> int:
+        """Entries not yet acked: unread (``lag``, or XLEN when Redis cannot tell) + pending."""
+        async with self._guard():
+            info = await self._group_info()
+            if info is None:
+                return 0
+            unread = info.get("lag")
+            if unread is None:
+                unread = await self._redis.xlen(self.stream)
+        return int(unread) + int(info["pending"])
+
+    async def dead_letter(self, entry: BusEntry, error: str) -> None:
+        """XADD ``entry`` with ``error`` and ``original_id`` to ``<stream>:dead``, then XACK it (atomic)."""
+        entry_id_key(entry.id)
+        fields: dict[str, bytes | str] = {"kind": entry.kind, "stream_id": entry.stream_id, **entry.fields}
+        fields.update(error=str(error), original_id=entry.id)
+        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dead_stream, fields, maxlen=self.maxlen, approximate=True)
+            pipe.xack(self.stream, self.group, entry.id)
+            added, _ = await pipe.execute(raise_on_error=False)  # XACK fails harmlessly without a group
+        if isinstance(added, Exception):
+            raise added
+
+    async def dead_letters(self, count: int = 100) -> list[BusEntry]:
+        """The oldest ``count`` dead letters still kept, oldest first."""
+        async with self._guard():
+            rows = await self._redis.xrange(self.dead_stream, count=count)
+        return [_decode_entry(eid, raw, 1) for eid, raw in rows]
+
+    # -- replies and values --------------------------------------------------------------------
+    def _reply_key(self, request_id: str) -> str:
+        if not isinstance(request_id, str) or not request_id:
+            raise BusInputError(f"request_id {request_id!r} must be a non-empty string")
+        return f"{self.stream}:reply:{request_id}"
+
+    def _value_key(self, key: str) -> str:
+        if not isinstance(key, str) or not key:
+            raise BusInputError(f"key {key!r} must be a non-empty string")
+        return f"{self.stream}:value:{key}"
+
+    async def put_reply(self, request_id: str, payload: bytes, ttl_s: float) -> None:
+        key = self._reply_key(request_id)
+        if not ttl_s > 0:
+            raise BusInputError(f"ttl_s must be > 0, got {ttl_s!r}")
+        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, bytes(payload))
+            pipe.pexpire(key, max(int(ttl_s * 1000), 1))
+            await pipe.execute()
+
+    async def wait_reply(self, request_id: str, timeout_s: float) -> bytes | None:
+        """The next reply for ``request_id`` (BLPOP on the reply pool), or ``None`` after ``timeout_s``."""
+        key = self._reply_key(request_id)
+        async with self._guard(blocking_s=max(timeout_s, 0)):
+            if timeout_s <= 0:
+                return await self._replies.lpop(key)
+            popped = await self._replies.blpop([key], timeout=timeout_s)
+        return None if popped is None else popped[1]
+
+    async def set_value(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        name = self._value_key(key)
+        if ttl_s is not None and not ttl_s > 0:
+            raise BusInputError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
+        async with self._guard():
+            await self._redis.set(name, bytes(value), px=None if ttl_s is None else max(int(ttl_s * 1000), 1))
+
+    async def get_value(self, key: str) -> bytes | None:
+        name = self._value_key(key)
+        async with self._guard():
+            return await self._redis.get(name)
