@@ -1,0 +1,180 @@
+"""``make demo``: start ``ndot serve``, stream labelled N-MNIST through the client, watch accuracy rise.
+
+1. Start ``python -m service.cli serve`` in the background (embedded bus, a temporary checkpoint
+   folder, a free port) and wait for ``/readyz``.
+2. Pick the data: ``nmnist-small`` from the shared recordings (``$NDOT_SHARED_DATA`` or
+   ``../shared/data`` beside the repository) when present; else tonic's N-MNIST test split when its
+   host answers (downloaded once into ``runs/demo/data``); else the synthetic DVS camera.
+3. Replay ``--samples`` samples (shuffled, seeded) as fast as the service takes them, printing one
+   table row per ``--block`` samples: the online accuracy of that block, predicted before learning.
+4. Write ``runs/demo/online_accuracy.png`` and ``runs/demo/replay.json``; stop the service (SIGTERM,
+   wait, kill on timeout) whatever happens, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from clients.dvs_client import ClientConfig, replay
+from clients.local_service import LocalService, ServiceStartError
+from clients.scoreboard import SampleResult, Scoreboard, format_summary, plot_accuracy
+from clients.sources import Sequence, SequenceSource, open_source, synthetic_source
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir() -> Path:
+    """``$NDOT_SHARED_DATA``, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("NDOT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def tonic_nmnist(save_to: Path, timeout_s: float = 5.0) -> SequenceSource | None:
+    """N-MNIST's test split through tonic (downloads ~170 MB once), or None when its host is unreachable."""
+    from tonic.datasets import NMNIST
+
+    try:
+        httpx.head(NMNIST.test_url, timeout=timeout_s, follow_redirects=True).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    from ndot_core.events import from_tonic
+
+    dataset = NMNIST(save_to=str(save_to), train=False)
+    width, height = NMNIST.sensor_size[:2]
+
+    def loader(index: int):
+        def load() -> Sequence:
+            events, label = dataset[index]
+            return Sequence(f"nmnist-test-{index}", from_tonic(events, (width, height)), (width, height), int(label))
+
+        return load
+
+    return SequenceSource([(f"nmnist-test-{i}", loader(i)) for i in range(len(dataset))])
+
+
+def choose_source(kind: str, data_dir: Path, classes: int) -> tuple[str, str, SequenceSource]:
+    """``(name, description, source)``: the first of shared nmnist-small, tonic's N-MNIST, the synthetic camera."""
+    local = shared_data_dir() / "nmnist-small"
+    if kind in ("auto", "nmnist-small") and (local / "labels.txt").is_file():
+        return "N-MNIST subset", f"N-MNIST subset at {local}", open_source(local)
+    if kind == "nmnist-small":
+        raise SystemExit(f"demo: no N-MNIST subset at {local} (set NDOT_SHARED_DATA)")
+    if kind in ("auto", "tonic"):
+        source = tonic_nmnist(data_dir)
+        if source is not None:
+            return "N-MNIST test split", f"N-MNIST test split via tonic in {data_dir}", source
+        if kind == "tonic":
+            raise SystemExit("demo: N-MNIST download host unreachable")
+        print("demo: N-MNIST not found locally and its download host is unreachable: using the synthetic camera")
+    description = f"synthetic DVS camera ({classes} motion directions)"
+    return "synthetic camera", description, synthetic_source(100_000, num_classes=classes)
+
+
+class BlockTable:
+    """Prints a row after 10, 25, 50 and every ``block`` finished samples: accuracy since the last row, and so far."""
+
+    header = f"{'samples':>8} {'acc(since)':>11} {'step acc(since)':>16} {'acc(all)':>9} {'model v':>8} {'s':>7}"
+
+    def __init__(self, block: int) -> None:
+        self.block = block
+        self.rows: list[dict] = []
+        self._correct = self._labelled = self._steps = self._correct_steps = 0
+        self._started_s = time.perf_counter()
+
+    def __call__(self, sample: SampleResult, board: Scoreboard) -> None:
+        if sample.correct is not None:
+            self._labelled += 1
+            self._correct += sample.correct
+        self._steps += sample.steps
+        self._correct_steps += sample.correct_steps
+        done = len(board.samples)
+        if done % self.block and not (done in (10, 25, 50) and done < self.block):
+            return
+        version = board.step_records[-1]["model_version"] if board.step_records else 0
+        row = {
+            "samples": len(board.samples),
+            "block_accuracy": self._correct / max(self._labelled, 1),
+            "block_step_accuracy": self._correct_steps / max(self._steps, 1),
+            "accuracy": board.sample_accuracy or 0.0,
+            "model_version": version,
+            "elapsed_s": time.perf_counter() - self._started_s,
+        }
+        self.rows.append(row)
+        tqdm.write(f"{row['samples']:>8} {row['block_accuracy']:>11.1%} {row['block_step_accuracy']:>16.1%} "
+                   f"{row['accuracy']:>9.1%} {version:>8} {row['elapsed_s']:>7.1f}")  # fmt: skip
+        self._correct = self._labelled = self._steps = self._correct_steps = 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. from a supervisor) unwinds like Ctrl-C, so the service is still stopped."""
+    raise KeyboardInterrupt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("--samples", type=int, default=600, help="labelled samples to stream")
+    parser.add_argument("--block", type=int, default=100,
+                        help="samples per row of the accuracy table (plus rows at 10, 25, 50 when smaller)")
+    parser.add_argument("--streams", type=int, default=4, help="concurrent client streams (batched by the worker)")
+    parser.add_argument("--data", choices=("auto", "nmnist-small", "tonic", "synthetic"), default="auto",
+                        help="where the samples come from (auto: the first available, in this order)")
+    parser.add_argument("--classes", type=int, default=10, help="classes of the synthetic fallback")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/demo"),
+                        help="where the plot, the JSON records, the service log and downloads go")
+    parser.add_argument("--plot", type=Path, help="PNG path (default OUT_DIR/online_accuracy.png)")
+    parser.add_argument("--url", help="use this running service instead of starting `ndot serve`")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir: Path = args.out_dir
+    plot_path = args.plot or out_dir / "online_accuracy.png"
+    name, description, source = choose_source(args.data, out_dir / "data", args.classes)
+    source = source.select(limit=args.samples, shuffle=True, seed=args.seed)
+    service = None if args.url else LocalService(log_path=out_dir / "service.log")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if service is not None:
+            print(f"demo: starting ndot serve on {service.url} (log: {service.log_path}) ...")
+            url = service.start()
+        else:
+            url = args.url
+        print(f"demo: streaming {len(source)} samples of the {description} to {url}, "
+              f"{args.streams} streams, as fast as the service takes them")  # fmt: skip
+        print(f"demo: online accuracy, each prediction made before learning from its label\n{BlockTable.header}")
+        table = BlockTable(args.block)
+        config = ClientConfig(url=url, streams=args.streams, realtime=False, stream_prefix="demo")
+        board = asyncio.run(replay(source, config, total=len(source), on_sample=table))
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted", file=sys.stderr)
+        return 130
+    except ServiceStartError as error:
+        print(f"demo: the service did not start: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if service is not None:
+            code = service.stop()
+            state = "cleanly" if service.stopped_cleanly else ("killed" if service.killed else f"exit code {code}")
+            print(f"demo: service stopped ({state}; log: {service.log_path})")
+            service.close()
+    summary = board.summary()
+    print("demo summary\n" + format_summary(summary))
+    board.write_json(out_dir / "replay.json")
+    if plot_accuracy(board, plot_path, title=f"Online accuracy, {name} (predict, then learn)"):
+        print(f"demo: wrote {plot_path} and {out_dir / 'replay.json'}")
+    return 0 if summary["steps"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
