@@ -1,0 +1,266 @@
+"""The batcher: per-stream queues of frames -> one batched learner step per tick.
+
+Every live stream owns row ``r`` of one ``NetworkState`` (``capacity`` rows). Packets are framed
+as they arrive and their frames queue on their stream, in order, with ``reset`` markers where a
+sequence starts. A tick takes the head frame of every stream that has one, stacks them into one
+batch ``[B, C, H, W]`` and runs::
+
+    sub = state.select(rows); logits = learner.step(frames, labels, sub); state.assign(rows, sub)
+
+(labels -1 for unlabelled rows: they infer only; labelled rows predict first, then learn).
+``drain`` repeats ticks until no stream has a frame ready. The prediction of a step is
+``argmax readout_sum`` with ``probabilities = softmax(readout_sum / steps)``: the evidence summed
+over the sequence so far.
+
+Everything here is synchronous torch / numpy work, run off the event loop by the worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ndot_core import NetworkState, OnlineLearner
+from ndot_core.events import events_from_bytes
+from ndot_core.framing import StreamFramer
+from service.checkpoints import CheckpointError, check_like
+from service.metrics import ServiceMetrics
+from service.protocol import EventsPacket
+from service.streams import StreamRegistry, StreamSlot
+
+RESET, STEP = "reset", "step"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingStep:
+    """One frame waiting for its tick, with the packet it came from."""
+
+    frame: np.ndarray  # [C, H, W] float32
+    label: int | None
+    entry_id: str
+
+
+class Batcher:
+    """Streams' frame queues over one learner and one batched ``NetworkState``."""
+
+    def __init__(
+        self,
+        learner: OnlineLearner,
+        capacity: int,
+        window_us: int,
+        metrics: ServiceMetrics,
+        max_events: int | None = None,
+    ) -> None:
+        self.learner = learner
+        self.window_us = window_us
+        self.metrics = metrics
+        self.max_events = max_events
+        self.input_size: tuple[int, int] = tuple(learner.model.input_size)  # (H, W)
+        self.registry = StreamRegistry(capacity, self.new_framer)
+        self.state: NetworkState = learner.new_state(capacity)
+        #: Step results per bus entry id, filled by ticks, taken by the worker once the entry is done.
+        self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
+
+    def new_framer(self, width: int, height: int) -> StreamFramer:
+        return StreamFramer((width, height), window_us=self.window_us, output_size=self.input_size)
+
+    # --- streams ----------------------------------------------------------------------------------
+
+    def open(self, stream_id: str, width: int, height: int) -> tuple[StreamSlot, list[StreamSlot]]:
+        """The stream's slot (new ones start a fresh sequence); returns ``(slot, evicted)``."""
+        created = stream_id not in self.registry
+        if created and self.registry.full:
+            self.drain()  # the victim's queued steps run before it loses its row
+        slot, evicted = self.registry.open(stream_id, width, height, time.time())
+        if evicted is not None:
+            self.metrics.streams_evicted.inc()
+        if created:  # its row may hold an old stream's state
+            self._begin_sequence(slot)
+        self.metrics.active_streams.set(len(self.registry))
+        return slot, [] if evicted is None else [evicted]
+
+    def _begin_sequence(self, slot: StreamSlot) -> None:
+        """Fresh framer now, fresh neuron state at this point of the stream's queue."""
+        slot.framer = self.new_framer(slot.width, slot.height)
+        slot.pending.append((RESET, None))
+        slot.sequence_events = 0
+
+    def push_packet(self, entry_id: str, stream_id: str, packet: EventsPacket) -> list[StreamSlot]:
+        """Frame a packet's events onto its stream's queue; returns streams evicted to make room.
+
+        Raises ``EventError`` when the events are invalid (nothing is queued then).
+        """
+        events = events_from_bytes(packet.events, (packet.width, packet.height), self.max_events)
+        slot, evicted = self.open(stream_id, packet.width, packet.height)
+        if packet.start and slot.sequence_events:  # a sequence without events yet is already fresh
+            self._begin_sequence(slot)
+        late_before = slot.framer.late_events
+        frames = slot.framer.push(events)
+        if packet.end:
+            frames += slot.framer.flush()
+        if len(events) and not slot.sequence_events:
+            slot.sequences += 1
+        slot.sequence_events += len(events)
+        self.metrics.events.inc(len(events))
+        self.metrics.late_events.inc(slot.framer.late_events - late_before)
+        slot.pending.extend((STEP, PendingStep(f, packet.label, entry_id)) for f in frames)
+        if packet.end:  # the next packet begins a new sequence
+            self._begin_sequence(slot)
+        slot.last_entry_id = entry_id
+        self.results.setdefault(entry_id, [])
+        return evicted
+
+    def reset_stream(self, slot: StreamSlot) -> None:
+        """Fresh neuron and framer state for one stream (queue must be drained)."""
+        self.state.reset_rows([slot.row])
+        slot.framer = self.new_framer(slot.width, slot.height)
+        slot.sequence_step = 0
+        slot.sequence_events = 0
+
+    def remove(self, stream_id: str) -> StreamSlot | None:
+        slot = self.registry.remove(stream_id)
+        self.metrics.active_streams.set(len(self.registry))
+        return slot
+
+    def expire(self, ttl_s: float) -> list[StreamSlot]:
+        expired = self.registry.expire(time.time(), ttl_s)
+        if expired:
+            self.metrics.active_streams.set(len(self.registry))
+        return expired
+
+    def reset_model(self, seed: int) -> None:
+        """Fresh weights and optimizer; every stream's neuron state back to rest (framers kept)."""
+        self.learner.reset_weights(seed)
+        self.state.reset_rows(list(range(self.state.batch_size)))
+        for slot in self.registry:
+            slot.sequence_step = 0
+        self.metrics.model_version.set(self.learner.version)
+
+    # --- ticks ------------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return any(slot.pending for slot in self.registry)
+
+    def drain(self) -> int:
+        """Run ticks until no stream has a frame ready; returns the number of ticks."""
+        ticks = 0
+        while self.tick():
+            ticks += 1
+        return ticks
+
+    def tick(self) -> int:
+        """One batched step over every stream with a frame ready; returns the batch size."""
+        batch: list[tuple[StreamSlot, PendingStep]] = []
+        fresh_rows = []
+        for slot in self.registry:
+            while slot.pending and slot.pending[0][0] == RESET:
+                slot.pending.popleft()
+                fresh_rows.append(slot.row)
+                slot.sequence_step = 0
+            if slot.pending:
+                batch.append((slot, slot.pending.popleft()[1]))
+        if fresh_rows:
+            self.state.reset_rows(fresh_rows)
+        if not batch:
+            return 0
+        rows = [slot.row for slot, _ in batch]
+        frames = torch.from_numpy(np.stack([step.frame for _, step in batch]))
+        label_list = [-1 if step.label is None else step.label for _, step in batch]
+        labels = torch.tensor(label_list, dtype=torch.long) if max(label_list) >= 0 else None
+        sub = self.state.select(rows)
+        started = time.perf_counter()
+        self.learner.step(frames, labels, sub)
+        self.metrics.step_duration.observe(time.perf_counter() - started)
+        self.state.assign(rows, sub)
+        self._record(batch, sub)
+        return len(batch)
+
+    def _record(self, batch: list[tuple[StreamSlot, PendingStep]], sub: NetworkState) -> None:
+        predicted = OnlineLearner.predict(sub).tolist()
+        steps = sub.steps.clamp(min=1).to(sub.readout_sum.dtype).unsqueeze(1)
+        probabilities = torch.softmax(sub.readout_sum / steps, dim=1).tolist()
+        version = self.learner.version
+        learned = 0
+        for (slot, step), guess, probs in zip(batch, predicted, probabilities, strict=True):
+            correct = None if step.label is None else guess == step.label
+            self.results[step.entry_id].append({
+                "step": slot.sequence_step, "predicted": guess, "probabilities": probs,
+                "label": step.label, "learned": step.label is not None, "model_version": version,
+            })  # fmt: skip
+            slot.sequence_step += 1
+            slot.steps += 1
+            slot.last_prediction = guess
+            if correct is not None:
+                learned += 1
+                slot.labelled_steps += 1
+                slot.correct_steps += correct
+            self.metrics.record_prediction(correct)
+        self.metrics.steps.labels(kind="learn").inc(learned)
+        self.metrics.steps.labels(kind="infer").inc(len(batch) - learned)
+        self.metrics.model_version.set(version)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Learner, network state, streams (framers included) and RNG state; drains first."""
+        self.drain()
+        rng = {"cpu": torch.get_rng_state()}
+        if self.learner.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.learner.device)
+        return {
+            "learner": self.learner.state_dict(),
+            "network_state": self.state.select(self.registry.rows()).state_dict(),
+            "registry": self.registry.state_dict(),
+            "rng": rng,
+            "model_version": self.learner.version,
+        }
+
+    def load(self, tree: dict[str, Any]) -> None:
+        """Swap in a snapshot after checking it against the running model; on error nothing changes.
+
+        Raises ``CheckpointError`` naming the first mismatch (model, tensor shape / dtype, stream).
+        """
+        try:
+            saved_state = NetworkState.from_state_dict(tree["network_state"])
+            check_like(self.learner.new_state(saved_state.batch_size).state_dict(), tree["network_state"],
+                       "network_state")  # fmt: skip
+            check_like(self.learner.model.state_dict(), tree["learner"]["model"], "learner.model")
+            registry, rows = StreamRegistry.from_state_dict(
+                tree["registry"], self.registry.capacity, self.new_framer, StreamFramer.from_state_dict
+            )
+            if saved_state.batch_size != len(rows):
+                raise CheckpointError(f"checkpoint has {saved_state.batch_size} state rows for {len(rows)} streams")
+            for slot in registry:
+                if slot.framer.frame_shape != self.input_size:
+                    raise CheckpointError(f"stream {slot.stream_id!r}: frames {slot.framer.frame_shape}, "
+                                          f"the model takes {self.input_size}")  # fmt: skip
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise CheckpointError(f"checkpoint does not fit the running model: {err}") from err
+        state = self.learner.new_state(self.registry.capacity)
+        if rows:
+            state.assign(rows, saved_state.to(self.learner.device))
+        backup = copy.deepcopy(self.learner.state_dict())  # state_dict() shares storage with the weights
+        try:
+            self.learner.load_state_dict(tree["learner"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            self.learner.load_state_dict(backup)
+            raise CheckpointError(f"learner state refused: {err}") from err
+        now = time.time()
+        for slot in registry:  # time spent down does not count towards a stream's idle TTL
+            slot.last_active_s = now
+        self.state, self.registry = state, registry
+        rng = tree.get("rng", {})
+        if isinstance(rng.get("cpu"), torch.Tensor):
+            torch.set_rng_state(rng["cpu"])
+        if self.learner.device.type == "cuda" and isinstance(rng.get("cuda"), torch.Tensor):
+            torch.cuda.set_rng_state(rng["cuda"], self.learner.device)
+        self.metrics.active_streams.set(len(self.registry))
+        self.metrics.model_version.set(self.learner.version)

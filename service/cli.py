@@ -1,0 +1,206 @@
+"""``ndot``: run the service (``serve``, ``api``, ``worker``) or the offline commands (``train|eval|compare``).
+
+    ndot serve    API + worker in one process; the embedded bus unless REDIS_URL is set
+    ndot api      the HTTP API alone (needs REDIS_URL; workers run apart)
+    ndot worker   the worker alone (needs REDIS_URL); serves its own /metrics on --worker-metrics-port
+    ndot train|eval|compare ...   handed to ndot_core.cli
+
+Every setting of ``service.settings.Settings`` is a flag (``--max-streams 32``) and an env var
+(``NDOT_MAX_STREAMS=32``; ``REDIS_URL`` without prefix); flags win over env vars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import signal
+import sys
+import threading
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+OFFLINE_COMMANDS = ("train", "eval", "compare")
+log = logging.getLogger("ndot.cli")
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``ts=... level=INFO logger=ndot.worker event=...`` (messages are already key=value)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"ts={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} level={record.levelname} " \
+               f"logger={record.name} {record.getMessage()}"  # fmt: skip
+        return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (+ exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": record.created, "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+
+
+# --- flags generated from the settings -----------------------------------------------------------
+
+
+def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse ``type`` / ``choices`` for a settings annotation (Optional unwrapped)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, {"choices": list(args)}
+    if annotation is bool:
+        return bool, {}
+    if annotation in (int, float):
+        return annotation, {}
+    if annotation is Path:
+        return Path, {}
+    return str, {}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field; the help says its env var and default."""
+    group = parser.add_argument_group("settings (flag > env var > default)")
+    for name, info in Settings.model_fields.items():
+        kind, extra = _flag_type(info.annotation)
+        env = "REDIS_URL" if name == "redis_url" else f"NDOT_{name.upper()}"
+        help_text = f"{info.description} [env {env}; default {info.default!r}]".replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=help_text, **extra)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Env vars, overridden by the flags that were given."""
+    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ndot",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("serve", "API + worker in one process (embedded bus unless REDIS_URL is set)"),
+        ("api", "the HTTP API alone, publishing to Redis (REDIS_URL); run workers apart"),
+        ("worker", "the worker alone, reading from Redis (REDIS_URL); /metrics on --worker-metrics-port"),
+    ):
+        add_settings_flags(commands.add_parser(name, help=text, description=text))
+    for name in OFFLINE_COMMANDS:
+        commands.add_parser(name, help=f"offline {name} (ndot_core.cli; its own --help)", add_help=False)
+    return parser
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+
+def run_http(settings: Settings, run_worker: bool) -> None:
+    import uvicorn
+
+    from service.api import create_app
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown (exit code -15); after a clean
+        shutdown (worker stopped, checkpoint written) the service exits 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    app = create_app(settings, run_worker=run_worker)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=settings.access_log, timeout_graceful_shutdown=30)  # fmt: skip
+    Server(config).run()
+
+
+async def run_worker_apart(settings: Settings) -> None:
+    """The worker as its own process: Redis bus, own /metrics, checkpoint on SIGTERM / SIGINT."""
+    from prometheus_client import start_http_server
+
+    from service.bus import make_bus
+    from service.metrics import ServiceMetrics
+    from service.worker import Worker
+
+    metrics = ServiceMetrics(settings.accuracy_window)
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
+    bus = make_bus(settings)
+    await bus.start()
+    try:
+        worker = Worker(settings, bus, metrics)
+        await worker.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.request_stop)
+        await worker.run()
+    finally:
+        await bus.close()
+
+
+def run_offline(argv: list[str]) -> int:
+    try:
+        module = importlib.import_module("ndot_core.cli")
+    except ModuleNotFoundError as err:
+        if err.name != "ndot_core.cli":
+            raise
+        print(f"ndot {argv[0]}: the offline commands (ndot_core.cli) are not installed in this build", file=sys.stderr)
+        return 2
+    return int(module.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in OFFLINE_COMMANDS:
+        return run_offline(argv)
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    configure_logging(settings)
+    if args.command in ("api", "worker") and not settings.redis_url:
+        print(f"ndot {args.command}: needs REDIS_URL (or --redis-url): the embedded bus lives inside one "
+              "process, use `ndot serve` for it", file=sys.stderr)  # fmt: skip
+        return 2
+    log.info("event=starting command=%s bus=%s model=%s", args.command,
+             "redis" if settings.redis_url else "embedded", settings.model)  # fmt: skip
+    if args.command == "worker":
+        asyncio.run(run_worker_apart(settings))
+    else:
+        run_http(settings, run_worker=args.command == "serve")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Prometheus metrics of the service, defined in one place (names fixed by docs/design.md).
+
+Each ``ServiceMetrics`` owns its own ``CollectorRegistry`` (with the process and platform
+collectors, so ``process_resident_memory_bytes`` is there too) instead of the library's global
+one: an API and a worker built in the same process share one instance, and tests can build as
+many as they like. No stream ids appear as labels.
+
+Who increments what: the API counts packets ``accepted`` / ``rejected`` / ``throttled`` and the
+POST -> prediction latency; the worker counts everything it applies (events, steps, predictions,
+accuracy, streams, bus lag, memory, model version, step duration).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+#: Sub-millisecond to seconds: 50 µs .. 10 s.
+LATENCY_BUCKETS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01,
+    0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+PACKET_OUTCOMES = ("accepted", "rejected", "applied", "failed", "dead_lettered", "throttled")
+STEP_KINDS = ("learn", "infer")
+
+
+class ServiceMetrics:
+    """The metric objects of one process, in one registry."""
+
+    def __init__(self, accuracy_window: int = 500, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.events = Counter("ndot_events", "Events applied to stream framers.", registry=r)
+        self.packets = Counter("ndot_packets", "Event packets by outcome.", ["outcome"], registry=r)
+        self.steps = Counter("ndot_steps", "Network time-steps by kind (learn = labelled).", ["kind"], registry=r)
+        self.predictions = Counter("ndot_predictions", "Predictions returned.", registry=r)
+        self.correct_predictions = Counter(
+            "ndot_correct_predictions", "Predictions of labelled steps that matched the label.", registry=r
+        )
+        self.online_accuracy = Gauge(
+            "ndot_online_accuracy",
+            f"Accuracy over the last {accuracy_window} labelled predictions (predict first, then learn).",
+            registry=r,
+        )
+        self.active_streams = Gauge("ndot_active_streams", "Live streams held by the worker.", registry=r)
+        self.streams_evicted = Counter(
+            "ndot_streams_evicted", "Streams evicted (least recently used) to stay under the cap.", registry=r
+        )
+        self.late_events = Counter(
+            "ndot_late_events", "Events older than their stream's open frame window (dropped).", registry=r
+        )
+        self.bus_lag = Gauge("ndot_bus_lag", "Bus entries not yet applied.", registry=r)
+        self.device_memory_bytes = Gauge(
+            "ndot_device_memory_bytes", "Bytes held by the torch device allocator (0 on CPU).", registry=r
+        )
+        self.model_version = Gauge("ndot_model_version", "Optimizer steps taken by the model.", registry=r)
+        self.step_duration = Histogram(
+            "ndot_step_duration_seconds", "Duration of one batched learner step.",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.prediction_latency = Histogram(
+            "ndot_prediction_latency_seconds", "POST received -> its predictions returned.",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        for outcome in PACKET_OUTCOMES:
+            self.packets.labels(outcome=outcome)
+        for kind in STEP_KINDS:
+            self.steps.labels(kind=kind)
+        self._recent_correct: deque[bool] = deque(maxlen=accuracy_window)
+        self._recent_correct_count = 0
+
+    def record_prediction(self, correct: bool | None) -> None:
+        """Count one prediction; ``correct`` is None for an unlabelled step."""
+        self.predictions.inc()
+        if correct is None:
+            return
+        if correct:
+            self.correct_predictions.inc()
+        window = self._recent_correct
+        if len(window) == window.maxlen:
+            self._recent_correct_count -= window[0]
+        window.append(correct)
+        self._recent_correct_count += correct
+        self.online_accuracy.set(self._recent_correct_count / len(window))
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,104 @@
+"""What the API and the worker say to each other over the bus: entry kinds, fields, value keys, replies.
+
+    events entry   kind="events", stream_id, fields {events: WIRE_DTYPE bytes, width, height,
+                   label (absent = unlabelled), start, end, posted_s}
+    control entry  kind in CONTROL_KINDS, stream_id (MODEL_STREAM for model-wide ones), fields
+    reply          per entry id: JSON {"ok": true, ...result} or {"ok": false, "status": 4xx/5xx, "detail"}
+    values         {prefix}:sensor:{stream_id} = b"WxH" (b"" = closed), {prefix}:worker:heartbeat = unix s,
+                   {prefix}:worker:status = JSON snapshot (model, version, streams, checkpoints)
+
+``prefix`` is the bus stream name, so two deployments on one Redis do not mix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+EVENTS = "events"
+OPEN, RESET, DELETE = "open", "reset", "delete"
+CHECKPOINT, RESTORE, MODEL_RESET = "checkpoint", "restore", "model_reset"
+CONTROL_KINDS = (OPEN, RESET, DELETE, CHECKPOINT, RESTORE, MODEL_RESET)
+#: ``stream_id`` of the model-wide control entries (not a valid stream id: it has no effect on streams).
+MODEL_STREAM = "*"
+
+
+def sensor_key(prefix: str, stream_id: str) -> str:
+    return f"{prefix}:sensor:{stream_id}"
+
+
+def heartbeat_key(prefix: str) -> str:
+    return f"{prefix}:worker:heartbeat"
+
+
+def status_key(prefix: str) -> str:
+    return f"{prefix}:worker:status"
+
+
+def encode_sensor(width: int, height: int) -> bytes:
+    return f"{width}x{height}".encode()
+
+
+def decode_sensor(value: bytes | None) -> tuple[int, int] | None:
+    """``(width, height)`` of a sensor value; None when absent or closed (``b""``)."""
+    if not value:
+        return None
+    width, _, height = value.decode().partition("x")
+    return int(width), int(height)
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPacket:
+    """The fields of an events entry, decoded (``events`` stays wire bytes until the worker parses it)."""
+
+    events: bytes
+    width: int
+    height: int
+    label: int | None = None
+    start: bool = False
+    end: bool = False
+    posted_s: float = 0.0
+
+    def to_fields(self) -> dict[str, bytes]:
+        fields = {
+            "events": self.events,
+            "width": str(self.width).encode(),
+            "height": str(self.height).encode(),
+            "start": b"1" if self.start else b"0",
+            "end": b"1" if self.end else b"0",
+            "posted_s": repr(self.posted_s or time.time()).encode(),
+        }
+        if self.label is not None:
+            fields["label"] = str(self.label).encode()
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, bytes]) -> EventsPacket:
+        """Decode; raises ``ValueError`` naming the field when one is missing or malformed."""
+        try:
+            label = fields.get("label")
+            return cls(
+                events=fields["events"],
+                width=int(fields["width"]),
+                height=int(fields["height"]),
+                label=None if label is None else int(label),
+                start=fields.get("start") == b"1",
+                end=fields.get("end") == b"1",
+                posted_s=float(fields.get("posted_s", b"0")),
+            )
+        except KeyError as err:
+            raise ValueError(f"events entry lacks field {err.args[0]!r}") from err
+
+
+def ok_reply(**result: Any) -> bytes:
+    return json.dumps({"ok": True, **result}).encode()
+
+
+def error_reply(status: int, detail: str) -> bytes:
+    return json.dumps({"ok": False, "status": status, "detail": detail}).encode()
+
+
+def decode_reply(payload: bytes) -> dict[str, Any]:
+    return json.loads(payload)

@@ -1,0 +1,130 @@
+"""Every knob of the online service, read once from env vars (and CLI flags) and passed down.
+
+Env vars carry the prefix ``NDOT_`` (``NDOT_MAX_STREAMS=32``), except ``REDIS_URL``, which is read
+without a prefix as is customary (``NDOT_REDIS_URL`` works too). Nothing else in the service reads
+the environment: ``Settings`` is built once by ``service.cli`` (or a test) and handed to the API,
+the bus and the worker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of the API, the bus and the worker (env prefix ``NDOT_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NDOT_", extra="ignore", validate_default=True)
+
+    # --- bus -------------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "NDOT_REDIS_URL", "redis_url"),
+        description="Redis URL of the Redis Streams bus (env REDIS_URL); unset = the embedded in-process bus.",
+    )
+    bus_stream: str = Field("ndot:events", description="Redis stream key the packets travel on.")
+    bus_group: str = Field("ndot-workers", description="Consumer group the worker reads with.")
+    bus_max_lag: int = Field(
+        2000, ge=1, description="Entries not yet applied above which POSTs answer 503 + Retry-After."
+    )
+    bus_retry_after_s: float = Field(1.0, gt=0, description="Retry-After (s) advised when the bus pushes back.")
+    bus_maxlen: int = Field(
+        100_000, ge=1, description="Approximate MAXLEN the stream is trimmed to (applied entries only)."
+    )
+
+    # --- model and learning ---------------------------------------------------------------------
+    model: str = Field("stream_cnn", description="Model name for ndot_core.build_model.")
+    num_classes: int = Field(10, ge=2, description="Number of classes K; labels must lie in [0, K).")
+    in_channels: int = Field(2, ge=1, description="Input channels of a frame (2 = ON/OFF polarity).")
+    input_width: int = Field(34, ge=1, description="Frame width the model takes; sensors are resized to it.")
+    input_height: int = Field(34, ge=1, description="Frame height the model takes.")
+    rule: Literal["ndot", "ndot_reference", "ottt"] = Field(
+        "ndot", description="Temporal dependency rule of the online update."
+    )
+    mode: Literal["online", "accumulate"] = Field(
+        "online", description="NDOT_O (online: update every labelled step) or NDOT_A (accumulate)."
+    )
+    steps_per_sample: int = Field(
+        30, ge=1, description="Labelled steps per weight update in accumulate mode (NDOT_A)."
+    )
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Optimizer of the online learner.")
+    lr: float | None = Field(None, gt=0, description="Learning rate (unset = the learner's: 0.1 SGD, 1e-3 Adam).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    alpha: float = Field(0.1, ge=0, le=1, description="Weight of the per-step loss term (Eq. 13).")
+    seed: int = Field(0, description="Seed of the initial (and reset) weights.")
+    device: str = Field("auto", description='Torch device: "auto" = cuda when available, else cpu.')
+    torch_threads: int = Field(
+        1, ge=0, description="CPU threads of the learner's torch ops (0 = torch's default, one per core); "
+        "1 leaves the other cores to the API and is much faster on a busy machine.",
+    )
+
+    # --- streams and framing --------------------------------------------------------------------
+    window_us: int = Field(10_000, ge=1, description="Frame window in microseconds (one time-step per window).")
+    max_streams: int = Field(64, ge=1, description="Live streams the worker holds; the least recently used is evicted.")
+    stream_ttl_s: float = Field(300.0, gt=0, description="Idle seconds after which a stream expires.")
+    accuracy_window: int = Field(
+        500, ge=1, description="Labelled predictions the ndot_online_accuracy gauge averages over."
+    )
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="Folder the worker writes checkpoints to.")
+    checkpoint_interval_s: float = Field(
+        300.0, ge=0, description="Seconds between periodic checkpoints (0 = only on request and on shutdown)."
+    )
+    checkpoint_keep: int = Field(5, ge=1, description="Newest automatic checkpoints kept; older ones are deleted.")
+    restore_on_start: bool = Field(True, description="Restore the newest checkpoint when the worker starts.")
+
+    # --- API ------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP API.")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a request waits for the worker's reply before answering 504."
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=13, description="Largest request body accepted (413 above).")
+    max_events_per_packet: int = Field(1_000_000, ge=1, description="Most events one packet may carry.")
+    access_log: bool = Field(False, description="Log every HTTP request (uvicorn's access log).")
+    max_sensor_size: int = Field(4096, ge=1, description="Largest sensor width or height a stream may declare.")
+
+    # --- worker loop ----------------------------------------------------------------------------
+    worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Port of the worker's own /metrics when it runs apart (0 = off)."
+    )
+    read_count: int = Field(64, ge=1, description="Most bus entries the worker reads per call.")
+    read_block_ms: int = Field(100, ge=1, description="How long one bus read blocks when nothing is waiting.")
+    claim_idle_ms: int = Field(
+        30_000, ge=0, description="Pending entries idle this long are claimed from a dead consumer."
+    )
+    claim_interval_s: float = Field(10.0, gt=0, description="Seconds between claims of stale pending entries.")
+    heartbeat_timeout_s: float = Field(
+        5.0, gt=0, description="A worker heartbeat older than this makes /readyz answer 503."
+    )
+    max_deliveries: int = Field(
+        5, ge=1, description="An entry handed out more often than this (a crash loop) is dead-lettered."
+    )
+    reply_ttl_s: float = Field(60.0, gt=0, description="Seconds a reply waits on the bus for its request.")
+
+    # --- logs -----------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["kv", "json"] = Field("kv", description="Log lines as key=value or JSON.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Frame size the model takes, ``(H, W)``."""
+        return (self.input_height, self.input_width)
+
+    def torch_device(self) -> str:
+        """Resolve ``device``: "auto" is cuda when torch sees a GPU, else cpu."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,365 @@
+"""The worker: consume -> frame -> batch -> learn/predict -> reply -> ack, plus checkpoints.
+
+One loop iteration::
+
+    entries = claimed stale (periodically) + bus.read(consumer, COUNT, BLOCK)
+    in a thread: for each entry in bus order
+        events  -> frames onto its stream's queue (batcher.push_packet)
+        control -> drain queued steps, then apply (open, reset, delete, checkpoint, restore, model_reset)
+      drain (batched ticks until no frame is ready); periodic checkpoint when due
+    values (sensor sizes, status snapshot, heartbeat) -> replies -> ack
+
+A packet is acked only after all its steps ran and its reply is out. One worker owns the model:
+at start it restores the newest checkpoint and skips entries at or below the ids that checkpoint
+had applied (per stream, and overall for control entries), so no step is applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ndot_core import OnlineLearner, build_model
+from ndot_core.events import EventError
+from service import protocol
+from service.batcher import Batcher
+from service.bus import Bus, BusEntry, BusUnavailable, entry_id_key
+from service.checkpoints import CheckpointError, CheckpointStore
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.streams import StreamError
+
+log = logging.getLogger("ndot.worker")
+
+HOUSEKEEPING_INTERVAL_S = 1.0
+
+
+@dataclass
+class Applied:
+    """What one batch of entries produced, for the async side to send."""
+
+    replies: list[tuple[str, bytes]] = field(default_factory=list)
+    values: dict[str, bytes] = field(default_factory=dict)
+    dead: list[tuple[BusEntry, str]] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+
+
+class Worker:
+    """One persistent SNN fed by the bus; see the module docstring."""
+
+    def __init__(self, settings: Settings, bus: Bus, metrics: ServiceMetrics | None = None,
+                 consumer: str | None = None) -> None:  # fmt: skip
+        self.settings = settings
+        self.bus = bus
+        self.metrics = metrics or ServiceMetrics(settings.accuracy_window)
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.store = CheckpointStore(settings.checkpoint_dir)
+        self.prefix = settings.bus_stream
+        self.batcher: Batcher | None = None
+        self.last_entry_id: str | None = None  # newest entry applied, overall
+        self.restored_upto: tuple[int, int] | None = None  # entries at or below were applied before start
+        self.checkpoints: list[dict[str, Any]] = []
+        self._dirty = False
+        self._last_save_s = time.monotonic()
+        self._last_claim_s = 0.0
+        self._last_housekeeping_s = 0.0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def _model_descriptor(self) -> dict[str, Any]:
+        s = self.settings
+        return {"name": s.model, "num_classes": s.num_classes, "in_channels": s.in_channels,
+                "input_size": list(s.input_size)}  # fmt: skip
+
+    def _build(self) -> Batcher:
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        torch.manual_seed(s.seed)
+        model = build_model(s.model, in_channels=s.in_channels, num_classes=s.num_classes, input_size=s.input_size)
+        learner = OnlineLearner(model, rule=s.rule, mode=s.mode, optimizer=s.optimizer, lr=s.lr,
+                                momentum=s.momentum, alpha=s.alpha, steps_per_sample=s.steps_per_sample,
+                                device=s.torch_device())  # fmt: skip
+        return Batcher(learner, s.max_streams, s.window_us, self.metrics, s.max_events_per_packet)
+
+    def _restore_newest(self) -> None:
+        """Load the newest readable checkpoint (falling back to older ones), if any."""
+        for info in reversed(self.store.list()):
+            try:
+                tree = self._load(info.name)
+            except CheckpointError as err:
+                log.warning("event=checkpoint_refused name=%s error=%r", info.name, str(err))
+                continue
+            last = tree.get("last_entry_id")
+            self.restored_upto = entry_id_key(last) if last else None
+            self.last_entry_id = last
+            log.info("event=checkpoint_restored name=%s model_version=%d streams=%d", info.name,
+                     info.model_version, len(self.batcher.registry))  # fmt: skip
+            return
+
+    async def start(self) -> None:
+        """Build the model (restoring the newest checkpoint) and announce the worker on the bus."""
+        def build() -> None:
+            self.batcher = self._build()
+            if self.settings.restore_on_start:
+                self._restore_newest()
+            self.checkpoints = [i.as_dict() for i in self.store.list()]
+
+        await asyncio.to_thread(build)
+        self.metrics.model_version.set(self.batcher.learner.version)
+        await self._publish_state(Applied(values={
+            protocol.sensor_key(self.prefix, s.stream_id): protocol.encode_sensor(s.width, s.height)
+            for s in self.batcher.registry
+        }))  # fmt: skip
+        log.info("event=worker_started consumer=%s model=%s device=%s streams=%d", self.consumer,
+                 self.settings.model, self.batcher.learner.device, len(self.batcher.registry))  # fmt: skip
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run_in_background(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="ndot-worker")
+        self._task.add_done_callback(self._report_crash)
+
+    @staticmethod
+    def _report_crash(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:  # /readyz turns 503 as the heartbeat ages
+            log.error("event=worker_crashed error=%r", str(task.exception()), exc_info=task.exception())
+
+    async def stop(self) -> None:
+        """Stop the loop (it finishes the entries in hand and writes a last checkpoint)."""
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):  # a crash was logged when it happened
+                await self._task
+
+    async def run(self) -> None:
+        """Loop until stopped; claims what a previous incarnation left pending first."""
+        await self._claim_and_apply(min_idle_ms=0)
+        while not self._stop.is_set():
+            try:
+                await self.run_once()
+            except BusUnavailable as err:
+                log.warning("event=bus_unavailable error=%r", str(err))
+                await asyncio.sleep(1.0)
+        if self._dirty:
+            info = await asyncio.to_thread(self._save)
+            log.info("event=shutdown_checkpoint name=%s", info["name"])
+        with contextlib.suppress(BusUnavailable):  # readiness drops at once, not a heartbeat timeout later
+            await self.bus.set_value(protocol.heartbeat_key(self.prefix), b"")
+        log.info("event=worker_stopped consumer=%s", self.consumer)
+
+    async def run_once(self, block_ms: int | None = None) -> int:
+        """Read and apply one batch of entries; returns how many were handled."""
+        now = time.monotonic()
+        if now - self._last_claim_s >= self.settings.claim_interval_s:
+            await self._claim_and_apply(self.settings.claim_idle_ms)
+        block = self.settings.read_block_ms if block_ms is None else block_ms
+        entries = await self.bus.read(self.consumer, self.settings.read_count, block)
+        await self._handle(entries)
+        return len(entries)
+
+    async def _claim_and_apply(self, min_idle_ms: int) -> None:
+        self._last_claim_s = time.monotonic()
+        while claimed := await self.bus.claim_stale(self.consumer, min_idle_ms, self.settings.read_count):
+            log.info("event=claimed_stale entries=%d", len(claimed))
+            await self._handle(claimed)
+
+    async def _handle(self, entries: list[BusEntry]) -> None:
+        now = time.monotonic()
+        housekeeping = now - self._last_housekeeping_s >= HOUSEKEEPING_INTERVAL_S
+        if entries or housekeeping:
+            applied = await asyncio.to_thread(self._apply_safely, entries, housekeeping)
+        else:
+            applied = Applied()
+        if housekeeping:
+            self._last_housekeeping_s = now
+            self.metrics.bus_lag.set(await self.bus.lag())
+            if self.batcher.learner.device.type == "cuda":
+                self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(self.batcher.learner.device))
+        await self._publish_state(applied, changed=bool(entries) or bool(applied.values))
+        for entry, error in applied.dead:
+            await self.bus.dead_letter(entry, error)
+        for entry_id, payload in applied.replies:
+            await self.bus.put_reply(entry_id, payload, self.settings.reply_ttl_s)
+        if applied.acks:
+            await self.bus.ack(applied.acks)
+
+    async def _publish_state(self, applied: Applied, changed: bool = True) -> None:
+        """Sensor values and the status snapshot (before replies: a client that got its reply sees them)."""
+        for key, value in applied.values.items():
+            await self.bus.set_value(key, value)
+        if changed:
+            await self.bus.set_value(protocol.status_key(self.prefix), self.status_json())
+        await self.bus.set_value(protocol.heartbeat_key(self.prefix), repr(time.time()).encode(),
+                                 ttl_s=max(60.0, 10 * self.settings.heartbeat_timeout_s))  # fmt: skip
+
+    def status_json(self) -> bytes:
+        batcher = self.batcher
+        return json.dumps({
+            "time": time.time(), "consumer": self.consumer, "model": self.settings.model,
+            "model_version": batcher.learner.version, "device": str(batcher.learner.device),
+            "streams": batcher.registry.infos(), "checkpoints": self.checkpoints,
+        }).encode()  # fmt: skip
+
+    # --- applying entries (runs in a thread) ------------------------------------------------------
+
+    def _apply_safely(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
+        try:
+            return self._apply(entries, housekeeping)
+        except Exception as err:  # a failing learner step must not kill the loop; the batch is dropped
+            log.exception("event=batch_failed entries=%d", len(entries))
+            for slot in self.batcher.registry:
+                slot.pending.clear()
+            self.batcher.results.clear()
+            self.metrics.packets.labels(outcome="failed").inc(len(entries))
+            detail = f"worker failed on this batch: {type(err).__name__}: {err}"
+            return Applied(replies=[(e.id, protocol.error_reply(500, detail)) for e in entries],
+                           dead=[(e, detail) for e in entries])  # fmt: skip
+
+    def _already_applied(self, entry: BusEntry) -> bool:
+        key = entry_id_key(entry.id)
+        if self.restored_upto is not None and key <= self.restored_upto:
+            return True
+        slot = self.batcher.registry.get(entry.stream_id) if entry.kind == protocol.EVENTS else None
+        return bool(slot and slot.last_entry_id and key <= entry_id_key(slot.last_entry_id))
+
+    def _apply(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
+        batcher, out = self.batcher, Applied()
+        packets: list[str] = []
+        for entry in entries:
+            if entry.deliveries > self.settings.max_deliveries:
+                self._refuse(out, entry, 422, f"entry delivered {entry.deliveries} times; dead-lettered")
+                continue
+            if self._already_applied(entry):
+                out.replies.append((entry.id, protocol.ok_reply(steps=[], skipped=True)))
+                out.acks.append(entry.id)
+                continue
+            if entry.kind == protocol.EVENTS:
+                try:
+                    packet = protocol.EventsPacket.from_fields(entry.fields)
+                    created = entry.stream_id not in batcher.registry
+                    evicted = batcher.push_packet(entry.id, entry.stream_id, packet)
+                except (EventError, StreamError, ValueError) as err:
+                    self._refuse(out, entry, 409 if isinstance(err, StreamError) else 422, str(err))
+                    continue
+                if created:
+                    out.values[protocol.sensor_key(self.prefix, entry.stream_id)] = \
+                        protocol.encode_sensor(packet.width, packet.height)  # fmt: skip
+                for slot in evicted:
+                    out.values[protocol.sensor_key(self.prefix, slot.stream_id)] = b""
+                    log.info("event=stream_evicted stream=%s", slot.stream_id)
+                packets.append(entry.id)
+            elif entry.kind in protocol.CONTROL_KINDS:
+                batcher.drain()  # bus order: everything before the control entry is applied first
+                out.replies.append((entry.id, self._control(entry, out)))
+                out.acks.append(entry.id)
+            else:
+                self._refuse(out, entry, 400, f"unknown entry kind {entry.kind!r}")
+                continue
+            self.last_entry_id = entry.id
+            self._dirty = True
+        batcher.drain()
+        for entry_id in packets:
+            out.replies.append((entry_id, protocol.ok_reply(steps=batcher.results.pop(entry_id, []))))
+            out.acks.append(entry_id)
+        self.metrics.packets.labels(outcome="applied").inc(len(packets))
+        if housekeeping:
+            self._housekeeping(out)
+        return out
+
+    def _refuse(self, out: Applied, entry: BusEntry, status: int, detail: str) -> None:
+        log.warning("event=entry_refused id=%s kind=%s stream=%s status=%d error=%r", entry.id, entry.kind,
+                    entry.stream_id, status, detail)  # fmt: skip
+        out.dead.append((entry, detail))
+        out.replies.append((entry.id, protocol.error_reply(status, detail)))
+        self.metrics.packets.labels(outcome="dead_lettered").inc()
+
+    def _housekeeping(self, out: Applied) -> None:
+        for slot in self.batcher.expire(self.settings.stream_ttl_s):
+            out.values[protocol.sensor_key(self.prefix, slot.stream_id)] = b""
+            log.info("event=stream_expired stream=%s idle_s=%.0f", slot.stream_id, time.time() - slot.last_active_s)
+        interval = self.settings.checkpoint_interval_s
+        if interval > 0 and self._dirty and time.monotonic() - self._last_save_s >= interval:
+            info = self._save()
+            log.info("event=periodic_checkpoint name=%s", info["name"])
+
+    def _control(self, entry: BusEntry, out: Applied) -> bytes:
+        batcher, kind, stream_id = self.batcher, entry.kind, entry.stream_id
+        key = protocol.sensor_key(self.prefix, stream_id)
+        try:
+            if kind == protocol.OPEN:
+                width, height = int(entry.fields["width"]), int(entry.fields["height"])
+                slot, evicted = batcher.open(stream_id, width, height)
+                out.values[key] = protocol.encode_sensor(width, height)
+                for gone in evicted:
+                    out.values[protocol.sensor_key(self.prefix, gone.stream_id)] = b""
+                return protocol.ok_reply(stream=slot.info())
+            if kind == protocol.RESET:
+                slot = batcher.registry.get(stream_id)
+                if slot is None:
+                    return protocol.error_reply(404, f"stream {stream_id!r} is not live in the worker")
+                batcher.reset_stream(slot)
+                return protocol.ok_reply()
+            if kind == protocol.DELETE:
+                out.values[key] = b""
+                return protocol.ok_reply(was_live=batcher.remove(stream_id) is not None)
+            if kind == protocol.CHECKPOINT:
+                return protocol.ok_reply(checkpoint=self._save())
+            if kind == protocol.RESTORE:
+                return protocol.ok_reply(checkpoint=self._restore(entry.fields["name"].decode(), out))
+            if kind == protocol.MODEL_RESET:
+                batcher.reset_model(self.settings.seed)
+                return protocol.ok_reply(model=self.settings.model, model_version=batcher.learner.version)
+        except StreamError as err:
+            return protocol.error_reply(409, str(err))
+        except CheckpointError as err:
+            return protocol.error_reply(404 if "no checkpoint named" in str(err) else 422, str(err))
+        except (KeyError, ValueError, UnicodeDecodeError) as err:
+            return protocol.error_reply(422, f"malformed {kind} entry: {err}")
+        return protocol.error_reply(400, f"unknown control {kind!r}")
+
+    # --- checkpoints (run in a thread) ------------------------------------------------------------
+
+    def _save(self) -> dict[str, Any]:
+        tree = self.batcher.snapshot()
+        tree["model"] = self._model_descriptor()
+        tree["last_entry_id"] = self.last_entry_id
+        info = self.store.save(tree)
+        self.store.prune(self.settings.checkpoint_keep)
+        self.checkpoints = [i.as_dict() for i in self.store.list()]
+        self._dirty = False
+        self._last_save_s = time.monotonic()
+        return info.as_dict()
+
+    def _load(self, name: str) -> dict[str, Any]:
+        """Read, check and swap in checkpoint ``name``; ``CheckpointError`` leaves the model untouched."""
+        tree = self.store.load(name)
+        if tree.get("model") != self._model_descriptor():
+            raise CheckpointError(f"checkpoint {name!r} is for model {tree.get('model')}, "
+                                  f"the worker runs {self._model_descriptor()}")  # fmt: skip
+        self.batcher.load(tree)
+        return tree
+
+    def _restore(self, name: str, out: Applied) -> dict[str, Any]:
+        before = {slot.stream_id for slot in self.batcher.registry}
+        self._load(name)
+        for slot in self.batcher.registry:
+            out.values[protocol.sensor_key(self.prefix, slot.stream_id)] = protocol.encode_sensor(slot.width, slot.height)
+            before.discard(slot.stream_id)
+        for stream_id in before:
+            out.values[protocol.sensor_key(self.prefix, stream_id)] = b""
+        self._dirty = False
+        log.info("event=checkpoint_restored name=%s model_version=%d", name, self.batcher.learner.version)
+        return self.store.info(name).as_dict()
