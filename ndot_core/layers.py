@@ -1,0 +1,178 @@
+"""Trace-driven weighted layers (Linear, Conv2d) computed in one pass, and weight standardization.
+
+For a weighted layer fed by a neuron layer's spikes ``s`` with presynaptic trace ``a_hat``::
+
+    forward:   I = op(s, W) + b
+    backward:  dL/ds = op_input_grad(W, g)      (the usual input gradient)
+               dL/dW = op_weight_grad(a_hat, g) (the trace replaces the input)
+               dL/db = sum of g
+
+One forward of ``op`` on the spikes; the backward calls the op's own backward kernel once with the
+trace in place of the saved input. No doubled batch, no second forward. Without a trace (the first
+layer, whose input is data, or under ``bptt``) the layer is the plain op.
+
+Scaled weight standardization, per output channel (fan_in = weight[0].numel())::
+
+    W_hat = gain * (W - mean(W)) / sqrt(var_unbiased(W) * fan_in + eps),   eps = 1e-4, gain init 1
+
+computed from the raw weight inside autograd, so gradients reach ``W`` and ``gain`` through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WS_EPS = 1e-4
+
+
+def standardize_weight(weight: Tensor, gain: Tensor, eps: float = WS_EPS) -> Tensor:
+    """Scaled weight standardization of ``weight`` [out, ...] with per-output ``gain`` [out, 1, ...]."""
+    dims = tuple(range(1, weight.dim()))
+    fan_in = weight[0].numel()
+    mean = weight.mean(dim=dims, keepdim=True)
+    var = weight.var(dim=dims, keepdim=True, unbiased=True)
+    return gain * (weight - mean) / torch.sqrt(var * fan_in + eps)
+
+
+class TraceDrivenLinearFunction(torch.autograd.Function):
+    """``spikes @ W.T + b`` forward; weight gradient from ``trace`` (``g.T @ trace``)."""
+
+    @staticmethod
+    def forward(ctx, spikes: Tensor, trace: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(trace, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(spikes, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        trace, weight = ctx.saved_tensors
+        grad_input = grad_output @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_output.t() @ trace if ctx.needs_input_grad[2] else None
+        grad_bias = grad_output.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_input, None, grad_weight, grad_bias
+
+
+class TraceDrivenConv2dFunction(torch.autograd.Function):
+    """``conv2d(spikes, W) + b`` forward; one ``convolution_backward`` with ``trace`` as the input.
+
+    The input gradient of a convolution does not depend on the input's values, so the op's own
+    backward kernel, handed the trace where autograd would hand the input, returns exactly
+    ``(conv2d_input(W, g), conv2d_weight(trace, g), sum g)`` in one call.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        spikes: Tensor,
+        trace: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> Tensor:
+        ctx.save_for_backward(trace, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return F.conv2d(spikes, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        trace, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_bias = ctx.bias_sizes is not None and ctx.needs_input_grad[3]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output.contiguous(),
+            trace,
+            weight,
+            ctx.bias_sizes,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [need_input, need_weight, need_bias],
+        )
+        return grad_input, None, grad_weight, grad_bias, None, None, None, None
+
+
+class TraceLinear(nn.Linear):
+    """``nn.Linear`` whose weight gradient comes from a presynaptic trace; optional scaled WS."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, weight_standardization: bool = False
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.gain = nn.Parameter(torch.ones(out_features, 1)) if weight_standardization else None
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init for weight and bias; gain back to 1."""
+        super().reset_parameters()
+        if getattr(self, "gain", None) is not None:
+            nn.init.ones_(self.gain)
+
+    def effective_weight(self) -> Tensor:
+        """The weight the op uses: standardized when WS is on, else the raw weight."""
+        return self.weight if self.gain is None else standardize_weight(self.weight, self.gain)
+
+    def forward(self, x: Tensor, trace: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """``x @ W.T + b``; with ``trace`` the weight gradient is ``g.T @ trace``."""
+        weight = self.effective_weight()
+        if trace is None:
+            return F.linear(x, weight, self.bias)
+        return TraceDrivenLinearFunction.apply(x, trace, weight, self.bias)
+
+
+class TraceConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (zero padding) whose weight gradient comes from a trace; optional scaled WS."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        weight_standardization: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1)) if weight_standardization else None
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init for weight and bias; gain back to 1."""
+        super().reset_parameters()
+        if getattr(self, "gain", None) is not None:
+            nn.init.ones_(self.gain)
+
+    def effective_weight(self) -> Tensor:
+        """The weight the op uses: standardized when WS is on, else the raw weight."""
+        return self.weight if self.gain is None else standardize_weight(self.weight, self.gain)
+
+    def forward(self, x: Tensor, trace: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """``conv2d(x, W) + b``; with ``trace`` the weight gradient is ``conv2d_weight(trace, g)``."""
+        weight = self.effective_weight()
+        if trace is None:
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return TraceDrivenConv2dFunction.apply(
+            x, trace, weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class Scale(nn.Module):
+    """Multiply by a constant (the reference VGG's ``Scale(2.74)`` after every LIF)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
