@@ -1,7 +1,8 @@
 """``make demo``: start ``ndot serve``, stream labelled N-MNIST through the client, watch accuracy rise.
 
 1. Start ``python -m service.cli serve`` in the background (embedded bus, a temporary checkpoint
-   folder, a free port) and wait for ``/readyz``.
+   folder, a free port, random API keys of its own) and wait for ``/readyz``; the client gets the
+   ingest key. With ``--url`` the key comes from ``--api-key`` or ``NDOT_API_KEY``.
 2. Pick the data: ``nmnist-small`` from the shared recordings (``$NDOT_SHARED_DATA`` or
    ``../shared/data`` beside the repository) when present; else tonic's N-MNIST test split when its
    host answers (downloaded once into ``runs/demo/data``); else the synthetic DVS camera.
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import itertools
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -113,6 +117,24 @@ class BlockTable:
         self._correct = self._labelled = self._steps = self._correct_steps = 0
 
 
+def score_held_out(sequences: Iterable[Sequence], config: ClientConfig, total: int) -> tuple[int, int]:
+    """Stream ``sequences`` without their labels (inference only); ``(correct, scored)`` final predictions.
+
+    The honest figure beside the online table: a labelled sample's final prediction sums steps made
+    after the weights learned from its own earlier steps; these samples teach the model nothing.
+    """
+    labels: dict[int, int | None] = {}
+
+    def unlabelled() -> Iterator[Sequence]:
+        for index, sequence in enumerate(sequences):
+            labels[index] = sequence.label
+            yield dataclasses.replace(sequence, label=None)
+
+    board = asyncio.run(replay(unlabelled(), config, total=total))
+    scored = [s for s in board.samples if labels.get(s.index) is not None and s.final_prediction is not None]
+    return sum(s.final_prediction == labels[s.index] for s in scored), len(scored)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM (e.g. from a supervisor) unwinds like Ctrl-C, so the service is still stopped."""
     raise KeyboardInterrupt
@@ -122,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("--samples", type=int, default=600, help="labelled samples to stream")
+    parser.add_argument("--held-out", type=int, default=100,
+                        help="then stream this many further samples unlabelled and score the final weights on them")
     parser.add_argument("--block", type=int, default=100,
                         help="samples per row of the accuracy table (plus rows at 10, 25, 50 when smaller)")
     parser.add_argument("--streams", type=int, default=4, help="concurrent client streams (batched by the worker)")
@@ -133,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the plot, the JSON records, the service log and downloads go")
     parser.add_argument("--plot", type=Path, help="PNG path (default OUT_DIR/online_accuracy.png)")
     parser.add_argument("--url", help="use this running service instead of starting `ndot serve`")
+    parser.add_argument("--api-key", help="API key for --url (unset: $NDOT_API_KEY)")
     return parser
 
 
@@ -141,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir: Path = args.out_dir
     plot_path = args.plot or out_dir / "online_accuracy.png"
     name, description, source = choose_source(args.data, out_dir / "data", args.classes)
-    source = source.select(limit=args.samples, shuffle=True, seed=args.seed)
-    service = None if args.url else LocalService(log_path=out_dir / "service.log")
+    source = source.select(limit=args.samples + max(args.held_out, 0), shuffle=True, seed=args.seed)
+    sequences = iter(source)
+    labelled = min(args.samples, len(source))
+    held_out = None
+    service = None if args.url else LocalService(log_path=out_dir / "service.log", auth=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if service is not None:
@@ -150,12 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             url = service.start()
         else:
             url = args.url
-        print(f"demo: streaming {len(source)} samples of the {description} to {url}, "
+        print(f"demo: streaming {labelled} samples of the {description} to {url}, "
               f"{args.streams} streams, as fast as the service takes them")  # fmt: skip
-        print(f"demo: online accuracy, each prediction made before learning from its label\n{BlockTable.header}")
+        print("demo: online accuracy; each step predicts before learning from its label (a sample's final "
+              f"prediction follows learning on its own earlier steps)\n{BlockTable.header}")  # fmt: skip
         table = BlockTable(args.block)
-        config = ClientConfig(url=url, streams=args.streams, realtime=False, stream_prefix="demo")
-        board = asyncio.run(replay(source, config, total=len(source), on_sample=table))
+        api_key = service.ingest_key if service is not None else args.api_key or os.environ.get("NDOT_API_KEY")
+        config = ClientConfig(url=url, streams=args.streams, realtime=False, stream_prefix="demo", api_key=api_key)
+        board = asyncio.run(replay(itertools.islice(sequences, labelled), config, total=labelled, on_sample=table))
+        if len(source) > labelled:
+            print(f"demo: held-out check: {len(source) - labelled} further samples, unlabelled (nothing learned)")
+            held_out = score_held_out(sequences, config, len(source) - labelled)
     except KeyboardInterrupt:
         print("\ndemo: interrupted", file=sys.stderr)
         return 130
@@ -170,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             service.close()
     summary = board.summary()
     print("demo summary\n" + format_summary(summary))
+    if held_out is not None and held_out[1]:
+        print(f"demo: held-out accuracy {held_out[0] / held_out[1]:.1%} ({held_out[0]}/{held_out[1]} samples never "
+              "streamed before, predicted by the final weights without their labels)")  # fmt: skip
     board.write_json(out_dir / "replay.json")
     if plot_accuracy(board, plot_path, title=f"Online accuracy, {name} (predict, then learn)"):
         print(f"demo: wrote {plot_path} and {out_dir / 'replay.json'}")

@@ -10,6 +10,10 @@ Delivery: a packet is sent again only when the service certainly did not take it
 (backpressure / bus down; after ``Retry-After``), a connection that failed before anything was
 sent, or a 409 on a sequence's first packet (the stream id is open with another sensor size: the
 client DELETEs it once and reopens it). A timeout or broken connection after sending is counted, never resent (no duplicate steps).
+
+Auth: ``--api-key`` (or ``NDOT_API_KEY``) is sent as ``Authorization: Bearer <key>``; an ingest key
+suffices, except for that DELETE, which needs an admin key (without one the 409 is reported).
+A 429 (the key's rate limit) is waited out like a 503, after ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import email.utils
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -55,6 +60,11 @@ class ClientConfig:
     connect_backoff_s: float = 0.1
     window: int = 100
     progress: bool = True
+    api_key: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        """Headers every request carries: the API key, when there is one."""
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def __post_init__(self) -> None:
         if self.streams < 1:
@@ -108,7 +118,7 @@ async def post_packet(
             continue
         except httpx.HTTPError as error:  # sent: the service may have applied it, so never resend
             return _failed(board, "lost", f"{where}: {type(error).__name__} after sending: {error}")
-        if response.status_code == 503 and attempts <= config.max_retries:
+        if response.status_code in (429, 503) and attempts <= config.max_retries:  # not taken: send again
             board.retries += 1
             await asyncio.sleep(retry_after_s(response))
             continue
@@ -116,7 +126,10 @@ async def post_packet(
             # The stream id is open with another sensor size (an earlier run, or a folder of mixed
             # sensors): the packet was refused before the bus, so close the stream and send it again.
             reopened = True
-            await client.delete(f"/v1/streams/{stream_id}")
+            deleted = await client.delete(f"/v1/streams/{stream_id}")
+            if deleted.status_code in (401, 403):
+                return _failed(board, "rejected", f"{where}: HTTP 409: {_detail(response)}; closing the stream "
+                                                  f"needs an admin key (HTTP {deleted.status_code})")  # fmt: skip
             continue
         break
     latency_s = time.perf_counter() - sent_at
@@ -200,7 +213,8 @@ async def replay(
 
     limits = httpx.Limits(max_connections=config.streams, max_keepalive_connections=config.streams)
     try:
-        async with httpx.AsyncClient(base_url=config.url, timeout=config.timeout_s, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=config.url, timeout=config.timeout_s, limits=limits,
+                                     headers=config.headers()) as client:  # fmt: skip
             names = [f"{config.stream_prefix}-{i}" for i in range(config.streams)]
             await asyncio.gather(*(run_stream(client, name) for name in names))
     finally:
@@ -235,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="synthetic classes: direction of a moving disk, or orientation of a moving bar")
     parser.add_argument("--classes", type=int, default=10, help="number of synthetic classes")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the ndot API")
+    parser.add_argument("--api-key", help="API key sent as 'Authorization: Bearer KEY' (unset: $NDOT_API_KEY; "
+                        "an ingest key suffices)")  # fmt: skip
     parser.add_argument("--streams", type=int, default=1, help="concurrent streams (cam-0 .. cam-N-1)")
     parser.add_argument("--stream-prefix", default="cam", help="stream ids are PREFIX-0, PREFIX-1, ...")
     parser.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
@@ -280,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         speed=args.speed, packet_us=None if args.packet_events else args.packet_us,
         packet_events=args.packet_events, body_format=args.body_format, wait=args.wait,
         timeout_s=args.timeout, max_retries=args.max_retries, window=args.window, progress=not args.quiet,
+        api_key=args.api_key or os.environ.get("NDOT_API_KEY") or None,
     )  # fmt: skip
     try:
         board = asyncio.run(replay(source, config, total=len(source)))

@@ -5,11 +5,16 @@ Used by ``make demo`` and the client's end-to-end tests. The service gets its ow
 SIGTERM (the worker checkpoints and exits), waits, and kills the group if it does not exit in time.
 Settings go in as ``NDOT_*`` environment variables (service/settings.py); ``REDIS_URL`` is removed
 unless given, so the embedded bus is used.
+
+Auth: ``auth=True`` generates a random ingest key and admin key for this service alone
+(``.ingest_key``, ``.admin_key``, ``.headers(admin=...)``); ``auth=False`` (the default, for tests
+and benchmarks on loopback) starts it with ``NDOT_AUTH=off`` and is refused on any other address.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -41,8 +46,14 @@ class LocalService:
     def __init__(
         self, checkpoint_dir: Path | None = None, port: int | None = None, host: str = "127.0.0.1",
         env: dict[str, str] | None = None, log_path: Path | None = None, command: tuple[str, ...] = ("serve",),
+        auth: bool = False,
     ) -> None:  # fmt: skip
+        if not auth and host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"auth=False only on a loopback address, not {host!r}")
         self.host = host
+        self.auth = auth
+        self.ingest_key = secrets.token_urlsafe(32) if auth else None
+        self.admin_key = secrets.token_urlsafe(32) if auth else None
         self.port = port or free_port(host)
         self._tempdir = tempfile.TemporaryDirectory(prefix="ndot-service-")
         self.checkpoint_dir = checkpoint_dir or Path(self._tempdir.name) / "checkpoints"
@@ -56,9 +67,21 @@ class LocalService:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def headers(self, admin: bool = False) -> dict[str, str]:
+        """``Authorization`` with this service's ingest (or admin) key; empty when auth is off."""
+        key = self.admin_key if admin else self.ingest_key
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    def _auth_env(self) -> dict[str, str]:
+        if not self.auth:
+            return {"NDOT_AUTH": "off"}
+        return {"NDOT_AUTH": "on", "NDOT_INGEST_KEYS": self.ingest_key, "NDOT_ADMIN_KEYS": self.admin_key}
+
     def start(self, ready_timeout_s: float = 180.0) -> str:
         """Start the process and wait until ``/readyz`` answers 200; return the base URL."""
-        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "NDOT_REDIS_URL")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("REDIS_URL", "NDOT_REDIS_URL", "NDOT_AUTH", "NDOT_INGEST_KEYS", "NDOT_ADMIN_KEYS")}  # fmt: skip
+        env.update(self._auth_env())
         env.update({"NDOT_HOST": self.host, "NDOT_PORT": str(self.port),
                     "NDOT_CHECKPOINT_DIR": str(self.checkpoint_dir), "PYTHONUNBUFFERED": "1"})  # fmt: skip
         env.update(self.extra_env)

@@ -2,9 +2,10 @@
 
 ``create_app(settings, bus)`` builds an app whose lifespan starts the bus and, when the bus is the
 embedded one (or ``run_worker=True``, as ``ndot serve`` asks), the worker as a background task in
-the same process. Routes validate untrusted bytes (``events_from_bytes`` with the stream's sensor
-size) before anything reaches the bus, publish, and wait for the worker's reply. Errors become
-HTTP answers in one place, ``service.errors``.
+the same process. Every /v1 route first passes its key check and rate limit (``service.auth``);
+bodies are capped before they are read (``service.limits.BodyLimit``). Routes validate untrusted
+bytes (``events_from_bytes`` with the stream's sensor size) before anything reaches the bus,
+publish, and wait for the worker's reply. Errors become HTTP answers in one place, ``service.errors``.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from ndot_core.events import events_from_bytes, events_from_columns, events_to_bytes
 from service import protocol
-from service.bus import Bus, BusFull, make_bus
+from service.auth import Gate, KeyRing, require_admin, require_ingest
+from service.bus import Bus, BusFull, BusUnavailable, make_bus
 from service.errors import ApiError, install_error_handlers
+from service.limits import BodyLimit, RateLimiter
 from service.metrics import ServiceMetrics
+from service.packet_body import BINARY, EVENTS_BODY, JSON, LARGE_BODY_BYTES, parse_events, read_body
 from service.schemas import (
     CHECKPOINT_NAME_PATTERN,
     STREAM_ID_PATTERN,
     CheckpointInfo,
     CheckpointList,
     ErrorDetail,
-    EventColumns,
     ModelInfo,
     PacketAccepted,
     PacketResult,
@@ -46,18 +48,20 @@ from service.settings import Settings
 
 log = logging.getLogger("ndot.api")
 
-BINARY = "application/octet-stream"
-JSON = "application/json"
-LARGE_BODY_BYTES = 1 << 20
-REPLY_WAIT_SLICE_S = 2.0
+EVENTS_PATH_PREFIX, EVENTS_PATH_SUFFIX = "/v1/streams/", "/events"
+INGEST = [Depends(require_ingest)]  # route dependencies: the key check and rate limit (service.auth)
+ADMIN = [Depends(require_admin)]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorDetail, "description": text}
     for code, text in {
+        401: "No API key, or an unknown one (send `Authorization: Bearer <key>` or `X-API-Key`).",
+        403: "An ingest key on an admin route.",
         404: "Unknown stream or checkpoint.",
         409: "The stream is open with another sensor size.",
         413: "Body over the size limit.",
         415: "Content type is neither application/octet-stream nor application/json.",
         422: "Bad events, label or parameter; the message names the index and value.",
+        429: "Rate limit of the API key exceeded; retry after the Retry-After header.",
         503: "Backpressure or bus unreachable; retry after the Retry-After header.",
         504: "The worker did not reply in time; the packet stays on the bus and is still applied.",
     }.items()
@@ -110,16 +114,17 @@ class ServiceContext:
         return await self.reply(entry_id)
 
     async def reply(self, entry_id: str) -> dict[str, Any]:
-        """The worker's answer to entry ``entry_id``, waited for in slices of ``REPLY_WAIT_SLICE_S``.
+        """The worker's answer to entry ``entry_id`` (504 when none comes in time).
 
-        Slices, because one blocking wait longer than the Redis client's socket timeout (5 s in
-        redis-py) is cut off as a read timeout; a slice that ends without a reply simply waits again.
+        The entry is on the bus already, so a bus failure while waiting is a 504 too, never a 503:
+        a 503 tells the client to send again, which would apply the packet twice.
         """
         timeout_s = self.settings.request_timeout_s
-        deadline = time.monotonic() + timeout_s
-        payload = None
-        while payload is None and (left := deadline - time.monotonic()) > 0:
-            payload = await self.bus.wait_reply(entry_id, min(left, REPLY_WAIT_SLICE_S))
+        try:
+            payload = await self.bus.wait_reply(entry_id, timeout_s)
+        except BusUnavailable as err:
+            raise ApiError(504, f"entry {entry_id} was accepted, but the bus failed while waiting for its "
+                                f"reply ({err}); do not send it again") from err  # fmt: skip
         if payload is None:
             raise ApiError(504, f"no reply from the worker within {timeout_s:g} s; "
                                 f"entry {entry_id} stays on the bus and will be applied")  # fmt: skip
@@ -139,52 +144,11 @@ StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="Stream id
                                examples=["cam-1"])]  # fmt: skip
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_events(body: bytes, content_type: str, sensor: tuple[int, int], max_events: int) -> bytes:
-    """Validate a packet body; returns it as ``WIRE_DTYPE`` bytes (raises ``EventError`` / ``ApiError``)."""
-    if content_type == BINARY:
-        events_from_bytes(body, sensor_size=sensor, max_events=max_events)
-        return body
-    try:
-        columns = json.loads(body) if body else {"t": [], "x": [], "y": [], "p": []}
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"body is not valid JSON: {err}") from err
-    if not isinstance(columns, dict):
-        raise ApiError(422, f"JSON body must be an object of columns t, x, y, p, got {type(columns).__name__}")
-    return events_to_bytes(events_from_columns(columns, sensor_size=sensor, max_events=max_events))
-
-
-EVENTS_BODY = {
-    "required": False,
-    "description": "Event packet: packed little-endian 13-byte records `t:int64 µs, x:uint16, y:uint16, "
-    "p:uint8` (aedat's layout, `WIRE_DTYPE`), or JSON columns. Empty = no events (e.g. `end=true`).",
-    "content": {
-        BINARY: {"schema": {"type": "string", "format": "binary"},
-                 "example": "<13 bytes per event: e8 03 00 00 00 00 00 00 | 03 00 | 0a 00 | 01>"},
-        JSON: {"schema": EventColumns.model_json_schema(),
-               "example": {"t": [1000, 1005, 1020], "x": [3, 4, 4], "y": [10, 10, 11], "p": [1, 0, 1]}},
-    },
-}  # fmt: skip
-
-
 def build_router(app: FastAPI) -> None:
     """Attach every route of the API to ``app``."""
 
     @app.post(
-        "/v1/streams/{stream_id}/events", tags=["streams"], response_model=PacketResult,
+        "/v1/streams/{stream_id}/events", tags=["streams"], response_model=PacketResult, dependencies=INGEST,
         responses={202: {"model": PacketAccepted, "description": "wait=false: queued."}, **ERRORS},
         openapi_extra={"requestBody": EVENTS_BODY},
         summary="Post an event packet; get the predictions of the time-steps it completed",
@@ -237,18 +201,18 @@ def build_router(app: FastAPI) -> None:
         metrics.prediction_latency.observe(time.perf_counter() - received)
         return {"stream_id": stream_id, "packet_id": entry_id, "steps": answer.get("steps", [])}
 
-    @app.put("/v1/streams/{stream_id}", tags=["streams"], response_model=StreamInfo, responses=ERRORS,
+    @app.put("/v1/streams/{stream_id}", tags=["streams"], dependencies=INGEST, response_model=StreamInfo, responses=ERRORS,
              summary="Open a stream with its sensor size")  # fmt: skip
     async def open_stream(ctx: Context, stream_id: StreamId, sensor: SensorSize) -> Any:
         await ctx.open_sensor(stream_id, sensor.width, sensor.height)
         fields = {"width": str(sensor.width).encode(), "height": str(sensor.height).encode()}
         return (await ctx.request(protocol.OPEN, stream_id, fields))["stream"]
 
-    @app.get("/v1/streams", tags=["streams"], response_model=StreamList, summary="Live streams")
+    @app.get("/v1/streams", tags=["streams"], dependencies=INGEST, responses=ERRORS, response_model=StreamList, summary="Live streams")
     async def list_streams(ctx: Context) -> Any:
         return {"streams": (await ctx.status()).get("streams", [])}
 
-    @app.get("/v1/streams/{stream_id}", tags=["streams"], response_model=StreamInfo, responses=ERRORS,
+    @app.get("/v1/streams/{stream_id}", tags=["streams"], dependencies=INGEST, response_model=StreamInfo, responses=ERRORS,
              summary="One stream: steps, last prediction, online accuracy")  # fmt: skip
     async def get_stream(ctx: Context, stream_id: StreamId) -> Any:
         for info in (await ctx.status()).get("streams", []):
@@ -256,14 +220,14 @@ def build_router(app: FastAPI) -> None:
                 return info
         raise ApiError(404, f"unknown stream {stream_id!r}")
 
-    @app.post("/v1/streams/{stream_id}/reset", tags=["streams"], response_model=StreamAction, responses=ERRORS,
+    @app.post("/v1/streams/{stream_id}/reset", tags=["streams"], dependencies=INGEST, response_model=StreamAction, responses=ERRORS,
               summary="Fresh neuron and framer state for this stream only")  # fmt: skip
     async def reset_stream(ctx: Context, stream_id: StreamId) -> Any:
         await ctx.known_sensor(stream_id)
         await ctx.request(protocol.RESET, stream_id)
         return {"stream_id": stream_id, "action": "reset", "ok": True}
 
-    @app.delete("/v1/streams/{stream_id}", tags=["streams"], response_model=StreamAction, responses=ERRORS,
+    @app.delete("/v1/streams/{stream_id}", tags=["streams"], dependencies=ADMIN, response_model=StreamAction, responses=ERRORS,
                 summary="Close a stream and free its state slot")  # fmt: skip
     async def delete_stream(ctx: Context, stream_id: StreamId) -> Any:
         await ctx.known_sensor(stream_id)
@@ -271,16 +235,16 @@ def build_router(app: FastAPI) -> None:
         await ctx.request(protocol.DELETE, stream_id)
         return {"stream_id": stream_id, "action": "delete", "ok": True}
 
-    @app.post("/v1/checkpoints", tags=["model"], response_model=CheckpointInfo, responses=ERRORS,
+    @app.post("/v1/checkpoints", tags=["model"], dependencies=ADMIN, response_model=CheckpointInfo, responses=ERRORS,
               summary="Save a checkpoint now")  # fmt: skip
     async def save_checkpoint(ctx: Context) -> Any:
         return (await ctx.request(protocol.CHECKPOINT, protocol.MODEL_STREAM))["checkpoint"]
 
-    @app.get("/v1/checkpoints", tags=["model"], response_model=CheckpointList, summary="Checkpoints, oldest first")
+    @app.get("/v1/checkpoints", tags=["model"], dependencies=ADMIN, responses=ERRORS, response_model=CheckpointList, summary="Checkpoints, oldest first")
     async def list_checkpoints(ctx: Context) -> Any:
         return {"checkpoints": (await ctx.status()).get("checkpoints", [])}
 
-    @app.post("/v1/checkpoints/{name}/restore", tags=["model"], response_model=CheckpointInfo, responses=ERRORS,
+    @app.post("/v1/checkpoints/{name}/restore", tags=["model"], dependencies=ADMIN, response_model=CheckpointInfo, responses=ERRORS,
               summary="Restore weights, optimizer, stream states and bus offsets from a checkpoint")  # fmt: skip
     async def restore_checkpoint(
         ctx: Context, name: Annotated[str, Path(pattern=CHECKPOINT_NAME_PATTERN, examples=["ckpt-20250101T120000.000000-v120"])]
@@ -289,7 +253,7 @@ def build_router(app: FastAPI) -> None:
             raise ApiError(422, f"checkpoint name {name!r} may not contain '..' or start with '.'")
         return (await ctx.request(protocol.RESTORE, protocol.MODEL_STREAM, {"name": name.encode()}))["checkpoint"]
 
-    @app.post("/v1/model/reset", tags=["model"], response_model=ModelInfo, responses=ERRORS,
+    @app.post("/v1/model/reset", tags=["model"], dependencies=ADMIN, response_model=ModelInfo, responses=ERRORS,
               summary="Fresh weights and optimizer (every stream's neuron state is zeroed too)")  # fmt: skip
     async def reset_model(ctx: Context) -> Any:
         answer = await ctx.request(protocol.MODEL_RESET, protocol.MODEL_STREAM)
@@ -341,6 +305,7 @@ def create_app(
     metrics: ServiceMetrics | None = None,
 ) -> FastAPI:
     """The API app. ``run_worker``: None = run the worker in-process when the bus is embedded."""
+    keys = KeyRing.from_settings(settings)  # AuthConfigError: auth on without (usable) keys
     own_bus = bus is None
     bus = make_bus(settings) if bus is None else bus
     metrics = metrics or ServiceMetrics(settings.accuracy_window)
@@ -356,7 +321,11 @@ def create_app(
             worker = Worker(settings, bus, metrics)
             await worker.start()
             worker.run_in_background()
-        log.info("event=api_started bus=%s worker=%s", type(bus).__name__, "in-process" if worker else "apart")
+        if keys is None:
+            log.warning("event=auth_disabled message=%r", "NDOT_AUTH=off: no API key is required, anyone who can "
+                        "reach this port may post events and restore checkpoints; for local use only")  # fmt: skip
+        log.info("event=api_started bus=%s worker=%s auth=%s", type(bus).__name__,
+                 "in-process" if worker else "apart", "off" if keys is None else f"{len(keys.keys)} keys")  # fmt: skip
         try:
             yield
         finally:
@@ -373,6 +342,17 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = ServiceContext(settings, bus, metrics)
+    limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+    app.state.gate = Gate(keys, limiter, lambda reason: metrics.refused.labels(reason=reason).inc())
+    app.add_middleware(BodyLimit, limit_for=lambda path: body_limit(settings, path),
+                       on_refused=lambda: metrics.refused.labels(reason="too_large").inc())  # fmt: skip
     install_error_handlers(app)
     build_router(app)
     return app
+
+
+def body_limit(settings: Settings, path: str) -> int | None:
+    """Body cap of a path for ``BodyLimit``: None for the events route, which streams and caps its own."""
+    if path.startswith(EVENTS_PATH_PREFIX) and path.endswith(EVENTS_PATH_SUFFIX):
+        return None
+    return settings.max_control_body_bytes

@@ -12,12 +12,20 @@ batch ``[B, C, H, W]`` and runs::
 ``argmax readout_sum`` with ``probabilities = softmax(readout_sum / steps)``: the evidence summed
 over the sequence so far.
 
+Failures are confined to the packet that causes them. A tick whose learner step raises leaves the
+state untouched (``sub`` is a copy; ``assign`` runs only after the step) and is re-run row by row,
+so the other streams' steps still apply; a step that fails alone is retried up to ``max_failures``
+attempts in all, then its packet is given up (``poisoned``: its remaining steps are dropped, its
+stream goes on with the next packet). Framing a packet is undone on failure (the framer is rebuilt
+from its ``state_dict`` taken before) and retried the same way (``PacketFailed`` after the last).
+
 Everything here is synchronous torch / numpy work, run off the event loop by the worker.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,6 +43,11 @@ from service.protocol import EventsPacket
 from service.streams import StreamRegistry, StreamSlot
 
 RESET, STEP = "reset", "step"
+log = logging.getLogger("ndot.worker")
+
+
+class PacketFailed(Exception):
+    """Framing a packet failed on every attempt (``max_failures``); the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,16 +69,22 @@ class Batcher:
         window_us: int,
         metrics: ServiceMetrics,
         max_events: int | None = None,
+        max_failures: int = 3,
+        max_sensor_size: int = 65535,
     ) -> None:
         self.learner = learner
         self.window_us = window_us
         self.metrics = metrics
         self.max_events = max_events
+        self.max_failures = max_failures
+        self.max_sensor_size = max_sensor_size
         self.input_size: tuple[int, int] = tuple(learner.model.input_size)  # (H, W)
         self.registry = StreamRegistry(capacity, self.new_framer)
         self.state: NetworkState = learner.new_state(capacity)
         #: Step results per bus entry id, filled by ticks, taken by the worker once the entry is done.
         self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        #: Packets given up after ``max_failures`` failed steps: entry id -> error (taken by the worker).
+        self.poisoned: dict[str, str] = {}
 
     def new_framer(self, width: int, height: int) -> StreamFramer:
         return StreamFramer((width, height), window_us=self.window_us, output_size=self.input_size)
@@ -74,6 +93,9 @@ class Batcher:
 
     def open(self, stream_id: str, width: int, height: int) -> tuple[StreamSlot, list[StreamSlot]]:
         """The stream's slot (new ones start a fresh sequence); returns ``(slot, evicted)``."""
+        limit = self.max_sensor_size
+        if not (1 <= width <= limit and 1 <= height <= limit):
+            raise ValueError(f"sensor size {width}x{height} outside 1..{limit} pixels per side")
         created = stream_id not in self.registry
         if created and self.registry.full:
             self.drain()  # the victim's queued steps run before it loses its row
@@ -94,10 +116,30 @@ class Batcher:
     def push_packet(self, entry_id: str, stream_id: str, packet: EventsPacket) -> list[StreamSlot]:
         """Frame a packet's events onto its stream's queue; returns streams evicted to make room.
 
-        Raises ``EventError`` when the events are invalid (nothing is queued then).
+        Raises ``EventError`` when the events are invalid (nothing is queued then), ``PacketFailed``
+        when framing them failed ``max_failures`` times (each attempt undone).
         """
         events = events_from_bytes(packet.events, (packet.width, packet.height), self.max_events)
         slot, evicted = self.open(stream_id, packet.width, packet.height)
+        error: Exception | None = None
+        for attempt in range(1, self.max_failures + 1):
+            undo = (slot.framer.state_dict(), len(slot.pending), slot.sequences, slot.sequence_events)
+            try:
+                self._frame(entry_id, slot, packet, events)
+                return evicted
+            except Exception as err:  # the events were valid: undo the half-framed packet, then try again
+                error = err
+                framer_state, queued, slot.sequences, slot.sequence_events = undo
+                slot.framer = StreamFramer.from_state_dict(framer_state)
+                while len(slot.pending) > queued:
+                    slot.pending.pop()
+                self.metrics.packets.labels(outcome="failed").inc()
+                log.warning("event=framing_failed id=%s stream=%s attempt=%d error=%r", entry_id, stream_id,
+                            attempt, f"{type(err).__name__}: {err}")  # fmt: skip
+        raise PacketFailed(f"framing failed {self.max_failures} times on this packet: {type(error).__name__}: {error}")
+
+    def _frame(self, entry_id: str, slot: StreamSlot, packet: EventsPacket, events: np.ndarray) -> None:
+        """Frame one packet's (valid) events onto ``slot``'s queue."""
         if packet.start and slot.sequence_events:  # a sequence without events yet is already fresh
             self._begin_sequence(slot)
         late_before = slot.framer.late_events
@@ -114,7 +156,6 @@ class Batcher:
             self._begin_sequence(slot)
         slot.last_entry_id = entry_id
         self.results.setdefault(entry_id, [])
-        return evicted
 
     def reset_stream(self, slot: StreamSlot) -> None:
         """Fresh neuron and framer state for one stream (queue must be drained)."""
@@ -155,7 +196,11 @@ class Batcher:
         return ticks
 
     def tick(self) -> int:
-        """One batched step over every stream with a frame ready; returns the batch size."""
+        """One batched step over every stream with a frame ready; returns the batch size.
+
+        When the batched step raises, each row is run alone (``_run_alone``), so one bad packet
+        never holds back the other streams.
+        """
         batch: list[tuple[StreamSlot, PendingStep]] = []
         fresh_rows = []
         for slot in self.registry:
@@ -169,6 +214,47 @@ class Batcher:
             self.state.reset_rows(fresh_rows)
         if not batch:
             return 0
+        try:
+            self._step(batch)
+        except Exception as err:
+            if len(batch) == 1:
+                self._run_alone(batch[0], err)
+            else:
+                log.warning("event=batch_step_failed rows=%d error=%r; running each row alone", len(batch),
+                            f"{type(err).__name__}: {err}")  # fmt: skip
+                for item in batch:
+                    self._run_alone(item, None)
+        return len(batch)
+
+    def _run_alone(self, item: tuple[StreamSlot, PendingStep], failure: Exception | None) -> None:
+        """Run one row's step, with up to ``max_failures`` attempts in all; give its packet up after that.
+
+        ``failure``: the error of a first attempt already made alone (it counts as one attempt).
+        """
+        slot, step = item
+        attempts = 0 if failure is None else 1
+        while failure is None or attempts < self.max_failures:
+            if failure is not None:
+                self.metrics.packets.labels(outcome="failed").inc()
+                log.warning("event=step_failed id=%s stream=%s attempt=%d error=%r", step.entry_id, slot.stream_id,
+                            attempts, f"{type(failure).__name__}: {failure}")  # fmt: skip
+                if self.learner.device.type == "cuda":  # a transient out-of-memory may pass once the cache is freed
+                    torch.cuda.empty_cache()
+            try:
+                self._step([item])
+                return
+            except Exception as err:
+                failure, attempts = err, attempts + 1
+        self.metrics.packets.labels(outcome="failed").inc()
+        self.poisoned[step.entry_id] = (f"learner step failed {attempts} times on this packet: "
+                                        f"{type(failure).__name__}: {failure}")  # fmt: skip
+        slot.pending = type(slot.pending)(
+            work for work in slot.pending if not (work[0] == STEP and work[1].entry_id == step.entry_id)
+        )
+        self.results.pop(step.entry_id, None)
+
+    def _step(self, batch: list[tuple[StreamSlot, PendingStep]]) -> None:
+        """``select`` -> ``learner.step`` -> ``assign`` -> record; the state changes only if the step succeeds."""
         rows = [slot.row for slot, _ in batch]
         frames = torch.from_numpy(np.stack([step.frame for _, step in batch]))
         label_list = [-1 if step.label is None else step.label for _, step in batch]
@@ -179,7 +265,6 @@ class Batcher:
         self.metrics.step_duration.observe(time.perf_counter() - started)
         self.state.assign(rows, sub)
         self._record(batch, sub)
-        return len(batch)
 
     def _record(self, batch: list[tuple[StreamSlot, PendingStep]], sub: NetworkState) -> None:
         predicted = OnlineLearner.predict(sub).tolist()

@@ -169,6 +169,19 @@ class LocalBus:
                 claimed.append(record.entry)
         return claimed
 
+    async def replay(self, after_id: str | None, count: int) -> list[BusEntry]:
+        """Up to ``count`` held entries (pending or unread) with ids above ``after_id``, in id order.
+
+        Acked entries are dropped at once here, so the history is only what is still held; the
+        embedded bus lives and dies with its process, so there is no older history to recover.
+        """
+        _check_positive("count", count)
+        self._check_open()
+        floor = (-1, -1) if after_id is None else entry_id_key(after_id)
+        held = [p.entry for p in self._pending.values()] + list(self._unread)
+        held = sorted((e for e in held if entry_id_key(e.id) > floor), key=lambda e: entry_id_key(e.id))
+        return [replace(e, deliveries=0) for e in held[:count]]
+
     async def pending_count(self) -> int:
         self._check_open()
         return len(self._pending)

@@ -7,6 +7,7 @@ Redis commands per method::
     ack          XACK s g id...
     claim_stale  XAUTOCLAIM s g c min_idle cursor COUNT n (loop on the cursor) + XPENDING for deliveries
     dead_letter  MULTI XADD s:dead … ; XACK s g id EXEC
+    replay       XRANGE s (after_id + COUNT n                      (history, read or not, acked or not)
     put_reply    MULTI RPUSH s:reply:<id> payload ; PEXPIRE EXEC        wait_reply  BLPOP s:reply:<id> t
     set_value    SET s:value:<key> v PX ttl                                get_value   GET
 
@@ -20,6 +21,11 @@ XAUTOCLAIM then reports it deleted (counted in ``lost_pending``).
 Blocking reply waits (BLPOP) use their own connection pool (``max_reply_waiters`` connections), so
 hundreds of waiting requests never starve publish, read or ack on the main pool. The group is
 created on ``start`` and re-created on demand (after a Redis restart without persistence).
+
+Time bounds: every call runs under one ``asyncio.timeout(command_timeout_s + its blocking time)``
+(``_guard``). The sockets themselves have no read timeout (``socket_timeout=None``): redis-py's
+default of 5 s would cut a blocking XREADGROUP / BLPOP longer than that into a spurious
+``BusUnavailable``; the guard still turns a dead or silent server into ``BusUnavailable`` in time.
 """
 
 from __future__ import annotations
@@ -152,6 +158,9 @@ class RedisStreamBus:
             "decode_responses": False,
             "protocol": 2,
             "socket_connect_timeout": connect_timeout_s,
+            # No socket read timeout: blocking commands may wait longer than redis-py's default 5 s;
+            # ``_guard`` bounds every call (command time + its blocking time) instead.
+            "socket_timeout": None,
             # No retries: fail fast into BusUnavailable; the pool replaces stale sockets on checkout.
             "retry": Retry(NoBackoff(), 0),
             "timeout": command_timeout_s,  # wait for a free pooled connection
@@ -299,6 +308,20 @@ class RedisStreamBus:
                     counts[_text(row["message_id"])] = int(row["times_delivered"])
             start = f"({_text(rows[-1]['message_id'])}" if rows else None
         return counts
+
+    async def replay(self, after_id: str | None, count: int) -> list[BusEntry]:
+        """Up to ``count`` entries with ids above ``after_id`` (None: from the oldest kept), in id order.
+
+        The stream's history, whatever each entry's state in the group (unread, pending or acked):
+        what a restarted worker re-applies after restoring a checkpoint. Entries trimmed by
+        ``maxlen`` are gone. Delivery state is untouched (``deliveries`` reads 0).
+        """
+        if not isinstance(count, int) or count < 1:
+            raise BusInputError(f"count must be an int >= 1, got {count!r}")
+        start = "-" if after_id is None else "({}-{}".format(*entry_id_key(after_id))  # exclusive
+        async with self._guard():
+            rows = await self._redis.xrange(self.stream, min=start, max="+", count=count)
+        return [_decode_entry(eid, raw, 0) for eid, raw in rows]
 
     async def pending_count(self) -> int:
         async with self._guard():

@@ -2,6 +2,7 @@
 
     ndot serve    API + worker in one process; the embedded bus unless REDIS_URL is set
     ndot api      the HTTP API alone (needs REDIS_URL; workers run apart)
+                  both need API keys (NDOT_INGEST_KEYS / NDOT_ADMIN_KEYS) or --insecure-local
     ndot worker   the worker alone (needs REDIS_URL); serves its own /metrics on --worker-metrics-port
     ndot train|eval|compare ...   handed to ndot_core.cli
 
@@ -94,8 +95,10 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Env vars, overridden by the flags that were given."""
+    """Env vars, overridden by the flags that were given (``--insecure-local`` = ``--auth off``)."""
     given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    if getattr(args, "insecure_local", False):
+        given["auth"] = "off"
     return Settings(**given)
 
 
@@ -111,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("api", "the HTTP API alone, publishing to Redis (REDIS_URL); run workers apart"),
         ("worker", "the worker alone, reading from Redis (REDIS_URL); /metrics on --worker-metrics-port"),
     ):
-        add_settings_flags(commands.add_parser(name, help=text, description=text))
+        sub = commands.add_parser(name, help=text, description=text)
+        if name != "worker":
+            sub.add_argument("--insecure-local", action="store_true",
+                             help="no API keys (same as --auth off / NDOT_AUTH=off): for a service only you can "
+                             "reach; the server logs a warning at start")  # fmt: skip
+        add_settings_flags(sub)
     for name in OFFLINE_COMMANDS:
         commands.add_parser(name, help=f"offline {name} (ndot_core.cli; its own --help)", add_help=False)
     return parser
@@ -197,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
              "redis" if settings.redis_url else "embedded", settings.model)  # fmt: skip
     if args.command == "worker":
         asyncio.run(run_worker_apart(settings))
-    else:
+        return 0
+    from service.auth import AuthConfigError
+
+    try:
         run_http(settings, run_worker=args.command == "serve")
+    except AuthConfigError as err:
+        print(f"ndot {args.command}: refusing to start: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,9 +5,12 @@ collectors, so ``process_resident_memory_bytes`` is there too) instead of the li
 one: an API and a worker built in the same process share one instance, and tests can build as
 many as they like. No stream ids appear as labels.
 
-Who increments what: the API counts packets ``accepted`` / ``rejected`` / ``throttled`` and the
-POST -> prediction latency; the worker counts everything it applies (events, steps, predictions,
-accuracy, streams, bus lag, memory, model version, step duration).
+Who increments what: the API counts packets ``accepted`` / ``rejected`` / ``throttled`` (bus
+backpressure or the per-key rate limit), requests refused before their route
+(``ndot_requests_refused_total{reason}``) and the POST -> prediction latency; the worker counts
+everything it applies (events, steps, predictions, accuracy, streams, bus lag, memory, model
+version, step duration), each failed attempt at a packet (``failed``) and each packet moved to the
+dead-letter stream (``dead_lettered``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ LATENCY_BUCKETS_S = (
 
 PACKET_OUTCOMES = ("accepted", "rejected", "applied", "failed", "dead_lettered", "throttled")
 STEP_KINDS = ("learn", "infer")
+#: Why the API refused a request before it reached a route's own checks (auth, rate limit, body size).
+REFUSAL_REASONS = ("unauthenticated", "forbidden", "rate_limited", "too_large")
 
 
 class ServiceMetrics:
@@ -45,6 +50,10 @@ class ServiceMetrics:
         r = self.registry
         self.events = Counter("ndot_events", "Events applied to stream framers.", registry=r)
         self.packets = Counter("ndot_packets", "Event packets by outcome.", ["outcome"], registry=r)
+        self.refused = Counter(
+            "ndot_requests_refused", "HTTP requests refused by auth, the rate limit or the body limit.", ["reason"],
+            registry=r,
+        )
         self.steps = Counter("ndot_steps", "Network time-steps by kind (learn = labelled).", ["kind"], registry=r)
         self.predictions = Counter("ndot_predictions", "Predictions returned.", registry=r)
         self.correct_predictions = Counter(
@@ -79,6 +88,8 @@ class ServiceMetrics:
             self.packets.labels(outcome=outcome)
         for kind in STEP_KINDS:
             self.steps.labels(kind=kind)
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason=reason)
         self._recent_correct: deque[bool] = deque(maxlen=accuracy_window)
         self._recent_correct_count = 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,10 +49,18 @@ class Settings(BaseSettings):
         "online", description="NDOT_O (online: update every labelled step) or NDOT_A (accumulate)."
     )
     steps_per_sample: int = Field(
-        30, ge=1, description="Labelled steps per weight update in accumulate mode (NDOT_A)."
+        15, ge=1, description="T of the loss (each step's loss is divided by it) and labelled steps per weight "
+        "update in accumulate mode (NDOT_A); ~ steps in one sample: a 0.3 s N-MNIST digit at 20 ms windows.",
     )
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Optimizer of the online learner.")
-    lr: float | None = Field(None, gt=0, description="Learning rate (unset = the learner's: 0.1 SGD, 1e-3 Adam).")
+    optimizer: Literal["sgd", "adam"] = Field(
+        "adam", description="Optimizer of the online learner. Adam learns N-MNIST online from a few hundred "
+        "samples; SGD at one step per frame and 1-4 rows a batch mostly chases the current label "
+        "(benchmarks/online_nmnist.py).",
+    )
+    lr: float | None = Field(
+        2e-4, gt=0, description="Learning rate, tuned for Adam (benchmarks/online_nmnist.py); None = the learner's "
+        "(0.1 SGD, 1e-3 Adam). With sgd set it too (~0.03).",
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     alpha: float = Field(0.1, ge=0, le=1, description="Weight of the per-step loss term (Eq. 13).")
     seed: int = Field(0, description="Seed of the initial (and reset) weights.")
@@ -63,7 +71,10 @@ class Settings(BaseSettings):
     )
 
     # --- streams and framing --------------------------------------------------------------------
-    window_us: int = Field(10_000, ge=1, description="Frame window in microseconds (one time-step per window).")
+    window_us: int = Field(
+        20_000, ge=1, description="Frame window in microseconds (one time-step per window). 20 ms: 10 ms frames "
+        "of N-MNIST hold ~130 events and learn markedly worse online (benchmarks/online_nmnist.py).",
+    )
     max_streams: int = Field(64, ge=1, description="Live streams the worker holds; the least recently used is evicted.")
     stream_ttl_s: float = Field(300.0, gt=0, description="Idle seconds after which a stream expires.")
     accuracy_window: int = Field(
@@ -74,6 +85,10 @@ class Settings(BaseSettings):
     checkpoint_dir: Path = Field(Path("checkpoints"), description="Folder the worker writes checkpoints to.")
     checkpoint_interval_s: float = Field(
         300.0, ge=0, description="Seconds between periodic checkpoints (0 = only on request and on shutdown)."
+    )
+    checkpoint_max_entries: int = Field(
+        20_000, ge=0, description="Also checkpoint once this many bus entries were applied since the last one "
+        "(0 = by time only); bounds what a restarted worker replays, keep it below bus_maxlen.",
     )
     checkpoint_keep: int = Field(5, ge=1, description="Newest automatic checkpoints kept; older ones are deleted.")
     restore_on_start: bool = Field(True, description="Restore the newest checkpoint when the worker starts.")
@@ -87,7 +102,33 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=13, description="Largest request body accepted (413 above).")
     max_events_per_packet: int = Field(1_000_000, ge=1, description="Most events one packet may carry.")
     access_log: bool = Field(False, description="Log every HTTP request (uvicorn's access log).")
-    max_sensor_size: int = Field(4096, ge=1, description="Largest sensor width or height a stream may declare.")
+    max_sensor_size: int = Field(
+        1280, ge=1, description="Largest sensor width or height a stream may declare. Each live stream's framer "
+        "holds a width x height int64 pixel map (7 MiB at 1280x720), so this bounds what one key can make the "
+        "worker allocate (x max_streams).",
+    )
+    max_control_body_bytes: int = Field(
+        64 * 1024, ge=64, description="Largest body of any route but POST .../events (413 above)."
+    )
+
+    # --- security ------------------------------------------------------------------------------
+    auth: Literal["on", "off"] = Field(
+        "on", description="API keys on every /v1 route; 'off' only for local use (the server warns at start). "
+        "With 'on' and no key configured the API refuses to start.",
+    )
+    ingest_keys: SecretStr | None = Field(
+        None, description="Comma-separated ingest keys: post events, open / list / reset streams. "
+        "Prefer the env var to the flag (flags show in the process list).",
+    )
+    admin_keys: SecretStr | None = Field(
+        None, description="Comma-separated admin keys: everything, plus checkpoints, restore, model reset and "
+        "stream delete.",
+    )
+    rate_limit_rps: float = Field(
+        2000.0, ge=0, description="Requests per second one API key (one client address with auth off) may make, "
+        "per API process (token bucket; 0 = no limit).",
+    )
+    rate_limit_burst: int = Field(4000, ge=1, description="Token bucket size: requests one key may make at once.")
 
     # --- worker loop ----------------------------------------------------------------------------
     worker_metrics_port: int = Field(
@@ -104,6 +145,10 @@ class Settings(BaseSettings):
     )
     max_deliveries: int = Field(
         5, ge=1, description="An entry handed out more often than this (a crash loop) is dead-lettered."
+    )
+    max_failures: int = Field(
+        3, ge=1, description="Attempts at a packet's framing or learner step that may fail before the packet "
+        "is dead-lettered (its stream goes on).",
     )
     reply_ttl_s: float = Field(60.0, gt=0, description="Seconds a reply waits on the bus for its request.")
 

@@ -10,8 +10,12 @@ One loop iteration::
     values (sensor sizes, status snapshot, heartbeat) -> replies -> ack
 
 A packet is acked only after all its steps ran and its reply is out. One worker owns the model:
-at start it restores the newest checkpoint and skips entries at or below the ids that checkpoint
-had applied (per stream, and overall for control entries), so no step is applied twice.
+at start it restores the newest checkpoint, re-applies the bus history after it
+(``service.recovery``) and from then on skips every entry at or below the newest id it applied,
+so each step is applied exactly once across crashes. A packet whose framing or learner step keeps
+failing is retried ``max_failures`` times, then dead-lettered with its error (``service.batcher``);
+its stream and the others go on. SIGTERM: the batch in hand is finished, replied and acked, then a
+checkpoint is written.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ import torch
 from ndot_core import OnlineLearner, build_model
 from ndot_core.events import EventError
 from service import protocol
-from service.batcher import Batcher
+from service.batcher import Batcher, PacketFailed
 from service.bus import Bus, BusEntry, BusUnavailable, entry_id_key
 from service.checkpoints import CheckpointError, CheckpointStore
 from service.metrics import ServiceMetrics
+from service.recovery import recover
 from service.settings import Settings
 from service.streams import StreamError
 
@@ -65,10 +70,11 @@ class Worker:
         self.store = CheckpointStore(settings.checkpoint_dir)
         self.prefix = settings.bus_stream
         self.batcher: Batcher | None = None
-        self.last_entry_id: str | None = None  # newest entry applied, overall
-        self.restored_upto: tuple[int, int] | None = None  # entries at or below were applied before start
+        self.last_entry_id: str | None = None  # the watermark: newest entry applied (entries come in id order)
         self.checkpoints: list[dict[str, Any]] = []
         self._dirty = False
+        self._applied_since_save = 0
+        self._resync_values = False  # after a bus outage: publish every stream's sensor value again
         self._last_save_s = time.monotonic()
         self._last_claim_s = 0.0
         self._last_housekeeping_s = 0.0
@@ -91,7 +97,8 @@ class Worker:
         learner = OnlineLearner(model, rule=s.rule, mode=s.mode, optimizer=s.optimizer, lr=s.lr,
                                 momentum=s.momentum, alpha=s.alpha, steps_per_sample=s.steps_per_sample,
                                 device=s.torch_device())  # fmt: skip
-        return Batcher(learner, s.max_streams, s.window_us, self.metrics, s.max_events_per_packet)
+        return Batcher(learner, s.max_streams, s.window_us, self.metrics, s.max_events_per_packet,
+                       max_failures=s.max_failures, max_sensor_size=s.max_sensor_size)  # fmt: skip
 
     def _restore_newest(self) -> None:
         """Load the newest readable checkpoint (falling back to older ones), if any."""
@@ -101,9 +108,7 @@ class Worker:
             except CheckpointError as err:
                 log.warning("event=checkpoint_refused name=%s error=%r", info.name, str(err))
                 continue
-            last = tree.get("last_entry_id")
-            self.restored_upto = entry_id_key(last) if last else None
-            self.last_entry_id = last
+            self.last_entry_id = tree.get("last_entry_id")
             log.info("event=checkpoint_restored name=%s model_version=%d streams=%d", info.name,
                      info.model_version, len(self.batcher.registry))  # fmt: skip
             return
@@ -118,10 +123,7 @@ class Worker:
 
         await asyncio.to_thread(build)
         self.metrics.model_version.set(self.batcher.learner.version)
-        await self._publish_state(Applied(values={
-            protocol.sensor_key(self.prefix, s.stream_id): protocol.encode_sensor(s.width, s.height)
-            for s in self.batcher.registry
-        }))  # fmt: skip
+        await self._publish_state(Applied(values=self._sensor_values()))
         log.info("event=worker_started consumer=%s model=%s device=%s streams=%d", self.consumer,
                  self.settings.model, self.batcher.learner.device, len(self.batcher.registry))  # fmt: skip
 
@@ -145,14 +147,19 @@ class Worker:
                 await self._task
 
     async def run(self) -> None:
-        """Loop until stopped; claims what a previous incarnation left pending first."""
-        await self._claim_and_apply(min_idle_ms=0)
+        """Loop until stopped; first recovers what a previous incarnation applied or left pending."""
+        recovered = False
         while not self._stop.is_set():
             try:
+                if not recovered:
+                    await self.recover()
+                    recovered = True
                 await self.run_once()
             except BusUnavailable as err:
                 log.warning("event=bus_unavailable error=%r", str(err))
-                await asyncio.sleep(1.0)
+                self._resync_values = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
         if self._dirty:
             info = await asyncio.to_thread(self._save)
             log.info("event=shutdown_checkpoint name=%s", info["name"])
@@ -169,6 +176,14 @@ class Worker:
         entries = await self.bus.read(self.consumer, self.settings.read_count, block)
         await self._handle(entries)
         return len(entries)
+
+    async def recover(self) -> int:
+        """Re-apply the bus history after the restored checkpoint (see ``service.recovery``)."""
+        if not self.settings.restore_on_start:  # a fresh model: what came before is not its history
+            await self._claim_and_apply(min_idle_ms=0)
+            return 0
+        return await recover(self.bus, self.consumer, lambda: self.last_entry_id, self._handle,
+                             self.settings.read_count)  # fmt: skip
 
     async def _claim_and_apply(self, min_idle_ms: int) -> None:
         self._last_claim_s = time.monotonic()
@@ -188,7 +203,10 @@ class Worker:
             self.metrics.bus_lag.set(await self.bus.lag())
             if self.batcher.learner.device.type == "cuda":
                 self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(self.batcher.learner.device))
+        if self._resync_values:
+            applied.values = {**self._sensor_values(), **applied.values}
         await self._publish_state(applied, changed=bool(entries) or bool(applied.values))
+        self._resync_values = False
         for entry, error in applied.dead:
             await self.bus.dead_letter(entry, error)
         for entry_id, payload in applied.replies:
@@ -205,6 +223,11 @@ class Worker:
         await self.bus.set_value(protocol.heartbeat_key(self.prefix), repr(time.time()).encode(),
                                  ttl_s=max(60.0, 10 * self.settings.heartbeat_timeout_s))  # fmt: skip
 
+    def _sensor_values(self) -> dict[str, bytes]:
+        """The sensor value of every live stream (what the API checks packets against)."""
+        return {protocol.sensor_key(self.prefix, s.stream_id): protocol.encode_sensor(s.width, s.height)
+                for s in self.batcher.registry}  # fmt: skip
+
     def status_json(self) -> bytes:
         batcher = self.batcher
         return json.dumps({
@@ -218,7 +241,7 @@ class Worker:
     def _apply_safely(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
         try:
             return self._apply(entries, housekeeping)
-        except Exception as err:  # a failing learner step must not kill the loop; the batch is dropped
+        except Exception as err:  # a bug outside a packet's framing / step (those the batcher confines)
             log.exception("event=batch_failed entries=%d", len(entries))
             for slot in self.batcher.registry:
                 slot.pending.clear()
@@ -229,22 +252,20 @@ class Worker:
                            dead=[(e, detail) for e in entries])  # fmt: skip
 
     def _already_applied(self, entry: BusEntry) -> bool:
-        key = entry_id_key(entry.id)
-        if self.restored_upto is not None and key <= self.restored_upto:
-            return True
-        slot = self.batcher.registry.get(entry.stream_id) if entry.kind == protocol.EVENTS else None
-        return bool(slot and slot.last_entry_id and key <= entry_id_key(slot.last_entry_id))
+        """At or below the watermark: applied before (by this worker or the checkpoint it restored)."""
+        return self.last_entry_id is not None and entry_id_key(entry.id) <= entry_id_key(self.last_entry_id)
 
     def _apply(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
         batcher, out = self.batcher, Applied()
-        packets: list[str] = []
+        packets: list[BusEntry] = []
         for entry in entries:
-            if entry.deliveries > self.settings.max_deliveries:
-                self._refuse(out, entry, 422, f"entry delivered {entry.deliveries} times; dead-lettered")
-                continue
             if self._already_applied(entry):
                 out.replies.append((entry.id, protocol.ok_reply(steps=[], skipped=True)))
                 out.acks.append(entry.id)
+                continue
+            if entry.deliveries > self.settings.max_deliveries:
+                self._refuse(out, entry, 500, f"entry delivered {entry.deliveries} times (a crash loop?); "
+                                              f"dead-lettered after max_deliveries={self.settings.max_deliveries}")  # fmt: skip
                 continue
             if entry.kind == protocol.EVENTS:
                 try:
@@ -254,13 +275,16 @@ class Worker:
                 except (EventError, StreamError, ValueError) as err:
                     self._refuse(out, entry, 409 if isinstance(err, StreamError) else 422, str(err))
                     continue
+                except PacketFailed as err:
+                    self._refuse(out, entry, 500, str(err))
+                    continue
                 if created:
                     out.values[protocol.sensor_key(self.prefix, entry.stream_id)] = \
                         protocol.encode_sensor(packet.width, packet.height)  # fmt: skip
                 for slot in evicted:
                     out.values[protocol.sensor_key(self.prefix, slot.stream_id)] = b""
                     log.info("event=stream_evicted stream=%s", slot.stream_id)
-                packets.append(entry.id)
+                packets.append(entry)
             elif entry.kind in protocol.CONTROL_KINDS:
                 batcher.drain()  # bus order: everything before the control entry is applied first
                 out.replies.append((entry.id, self._control(entry, out)))
@@ -270,13 +294,21 @@ class Worker:
                 continue
             self.last_entry_id = entry.id
             self._dirty = True
+            self._applied_since_save += 1
         batcher.drain()
-        for entry_id in packets:
-            out.replies.append((entry_id, protocol.ok_reply(steps=batcher.results.pop(entry_id, []))))
-            out.acks.append(entry_id)
-        self.metrics.packets.labels(outcome="applied").inc(len(packets))
+        applied = 0
+        for entry in packets:
+            poisoned = batcher.poisoned.pop(entry.id, None)
+            if poisoned is not None:
+                self._refuse(out, entry, 500, poisoned)
+                continue
+            out.replies.append((entry.id, protocol.ok_reply(steps=batcher.results.pop(entry.id, []))))
+            out.acks.append(entry.id)
+            applied += 1
+        self.metrics.packets.labels(outcome="applied").inc(applied)
         if housekeeping:
             self._housekeeping(out)
+        self._checkpoint_if_due()
         return out
 
     def _refuse(self, out: Applied, entry: BusEntry, status: int, detail: str) -> None:
@@ -290,10 +322,20 @@ class Worker:
         for slot in self.batcher.expire(self.settings.stream_ttl_s):
             out.values[protocol.sensor_key(self.prefix, slot.stream_id)] = b""
             log.info("event=stream_expired stream=%s idle_s=%.0f", slot.stream_id, time.time() - slot.last_active_s)
-        interval = self.settings.checkpoint_interval_s
-        if interval > 0 and self._dirty and time.monotonic() - self._last_save_s >= interval:
-            info = self._save()
-            log.info("event=periodic_checkpoint name=%s", info["name"])
+
+    def _checkpoint_if_due(self) -> None:
+        """Periodic checkpoint: every ``checkpoint_interval_s`` or ``checkpoint_max_entries`` applied entries."""
+        s = self.settings
+        by_time = s.checkpoint_interval_s > 0 and time.monotonic() - self._last_save_s >= s.checkpoint_interval_s
+        by_count = 0 < s.checkpoint_max_entries <= self._applied_since_save
+        if self._dirty and (by_time or by_count):
+            try:
+                info = self._save()
+            except (OSError, CheckpointError) as err:  # a full disk must not stop the stream; retried when due
+                self._last_save_s = time.monotonic()
+                log.error("event=checkpoint_failed error=%r", str(err))
+                return
+            log.info("event=periodic_checkpoint name=%s entries=%d", info["name"], self._applied_since_save)
 
     def _control(self, entry: BusEntry, out: Applied) -> bytes:
         batcher, kind, stream_id = self.batcher, entry.kind, entry.stream_id
@@ -326,6 +368,8 @@ class Worker:
             return protocol.error_reply(409, str(err))
         except CheckpointError as err:
             return protocol.error_reply(404 if "no checkpoint named" in str(err) else 422, str(err))
+        except OSError as err:
+            return protocol.error_reply(500, f"checkpoint folder unusable: {err}")
         except (KeyError, ValueError, UnicodeDecodeError) as err:
             return protocol.error_reply(422, f"malformed {kind} entry: {err}")
         return protocol.error_reply(400, f"unknown control {kind!r}")
@@ -340,6 +384,7 @@ class Worker:
         self.store.prune(self.settings.checkpoint_keep)
         self.checkpoints = [i.as_dict() for i in self.store.list()]
         self._dirty = False
+        self._applied_since_save = 0
         self._last_save_s = time.monotonic()
         return info.as_dict()
 

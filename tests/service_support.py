@@ -22,6 +22,15 @@ from ndot_core.readers import read_events
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BINARY = {"content-type": "application/octet-stream"}
+#: The API keys every test service runs with (auth is on by default).
+INGEST_KEY = "test-ingest-key-0123456789"
+ADMIN_KEY = "test-admin-key-0123456789ab"
+AUTH_SETTINGS = {"ingest_keys": INGEST_KEY, "admin_keys": ADMIN_KEY}
+AUTH_ENV = {"NDOT_INGEST_KEYS": INGEST_KEY, "NDOT_ADMIN_KEYS": ADMIN_KEY}
+
+
+def auth(key: str = ADMIN_KEY) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
 
 
 def free_port() -> int:
@@ -60,7 +69,9 @@ class ServiceProcess:
     def __init__(self, command: str, env: dict[str, str], log_path: Path) -> None:
         self.command, self.log_path = command, log_path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NDOT_") and k != "REDIS_URL"}
-        self.env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), **env})
+        # 10 ms windows: the tests cut their packets and count their expected frames at 10 ms
+        self.env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), "NDOT_WINDOW_US": "10000",
+                         **AUTH_ENV, **env})  # fmt: skip
         self.process: subprocess.Popen | None = None
 
     def start(self) -> ServiceProcess:
@@ -148,6 +159,7 @@ def clear_redis(url: str, prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def http(url: str, timeout_s: float = 30) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=timeout_s) as client:
+def http(url: str, timeout_s: float = 30, key: str | None = ADMIN_KEY) -> Iterator[httpx.Client]:
+    """An httpx client for ``url`` sending ``key`` (the admin key by default; None = no key)."""
+    with httpx.Client(base_url=url, timeout=timeout_s, headers=auth(key) if key else {}) as client:
         yield client

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_support import BINARY, ServerThread, clear_redis, http
+from service_support import AUTH_SETTINGS, BINARY, ServerThread, clear_redis, http
 
 from ndot_core.events import WIRE_DTYPE
 from service.api import create_app
@@ -35,8 +35,9 @@ TWO_FRAMES = body(np.arange(0, 25_000, 500))
 
 
 def settings_for(tmp: Path, redis_url: str | None, **overrides) -> Settings:
+    knobs = {**AUTH_SETTINGS, "window_us": 10_000, **overrides}  # the packets here are cut at 10 ms
     return Settings(redis_url=redis_url, bus_stream=f"test-api-{uuid.uuid4().hex[:8]}", checkpoint_dir=tmp / "ckpt",
-                    max_body_bytes=13 * LIMIT_EVENTS, checkpoint_interval_s=0, **overrides)  # fmt: skip
+                    max_body_bytes=13 * LIMIT_EVENTS, checkpoint_interval_s=0, **knobs)  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis"])

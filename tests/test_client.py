@@ -259,7 +259,7 @@ def test_help_explains_every_flag() -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[str]:
     """`python -m service.cli serve` on the embedded bus, a free port and a temporary checkpoint dir."""
-    service = LocalService(checkpoint_dir=tmp_path_factory.mktemp("checkpoints"))
+    service = LocalService(checkpoint_dir=tmp_path_factory.mktemp("checkpoints"), env={"NDOT_WINDOW_US": "10000"})
     service.start()
     yield service.url
     code = service.stop()

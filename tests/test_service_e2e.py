@@ -49,9 +49,11 @@ def assert_same_model_and_streams(one: dict[str, Any], other: dict[str, Any]) ->
     assert one["model_version"] == other["model_version"]
     for name, tensor in one["learner"]["model"].items():
         assert torch.equal(tensor, other["learner"]["model"][name]), name
-    momentum = one["learner"]["optimizer"]["state"]
-    for index, state in momentum.items():
-        assert torch.equal(state["momentum_buffer"], other["learner"]["optimizer"]["state"][index]["momentum_buffer"])
+    optimizer_state = one["learner"]["optimizer"]["state"]  # momentum (SGD) or moments (Adam)
+    assert optimizer_state and optimizer_state.keys() == other["learner"]["optimizer"]["state"].keys()
+    for index, state in optimizer_state.items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other["learner"]["optimizer"]["state"][index][name]))
     rows_one, rows_other = stream_rows(one), stream_rows(other)
     assert rows_one.keys() == rows_other.keys()
     for sid, tensors in rows_one.items():
@@ -64,7 +66,8 @@ def test_embedded_serve_predicts_and_resumes_identically_after_stop_and_start(
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"NDOT_PORT": str(port), "NDOT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "NDOT_CHECKPOINT_INTERVAL_S": "0"}
+    env = {"NDOT_PORT": str(port), "NDOT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "NDOT_CHECKPOINT_INTERVAL_S": "0",
+           "NDOT_WINDOW_US": "10000"}
     samples = nmnist_samples(nmnist_small, 4)
     serve = ServiceProcess("serve", env, tmp_path / "serve.log").start()
     try:

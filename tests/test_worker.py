@@ -36,7 +36,7 @@ TWO_FRAMES = list(range(0, 25_000, 250))
 def run(tmp_path: Path, scenario: Callable[[LocalBus, Callable[..., Awaitable[Worker]]], Awaitable[Any]],
         **overrides: Any) -> Any:  # fmt: skip
     """Run ``scenario(bus, new_worker)`` on a fresh embedded bus; ``new_worker(consumer)`` starts a worker."""
-    knobs = {"max_streams": 4, "checkpoint_interval_s": 0, "read_block_ms": 1, **overrides}
+    knobs = {"max_streams": 4, "checkpoint_interval_s": 0, "read_block_ms": 1, "window_us": 10_000, **overrides}
     settings = Settings(redis_url=None, checkpoint_dir=tmp_path / "ckpt", **knobs)
 
     async def main() -> Any:
