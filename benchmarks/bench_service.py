@@ -98,7 +98,7 @@ def bench_latency(duration_s: float, threads: int = 0) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "NDOT_PORT": str(port), "NDOT_CHECKPOINT_DIR": tmp, "NDOT_LOG_LEVEL": "WARNING",
-               "NDOT_TORCH_THREADS": str(threads)}
+               "NDOT_TORCH_THREADS": str(threads), "NDOT_AUTH": "off"}  # loopback benchmark
         env.pop("REDIS_URL", None)
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -238,8 +238,9 @@ def plot(results: list[dict[str, Any]], path: Path, window: int) -> None:
     for result in results:
         frozen = np.asarray(result["frozen_correct"], dtype=float)
         seen = np.arange(1, frozen.size + 1)
-        line, = axes.plot(seen, rolling(frozen), label=result["label"], linewidth=1.2)
-        axes.plot(seen, rolling(np.asarray(result["correct"], dtype=float)), color=line.get_color(),
+        shown = seen >= 10  # a mean over fewer samples is noise
+        line, = axes.plot(seen[shown], rolling(frozen)[shown], label=result["label"], linewidth=1.2)
+        axes.plot(seen[shown], rolling(np.asarray(result["correct"], dtype=float))[shown], color=line.get_color(),
                   linestyle="--", linewidth=0.8)  # fmt: skip
     axes.set(xlabel="samples streamed", ylabel=f"sample accuracy, last {window}", ylim=(0, 1),
              title="Online accuracy on N-MNIST: frozen (solid) and as the service reports it (dashed)")  # fmt: skip

@@ -90,7 +90,7 @@ def sink_server(port: int, redis_url: str | None) -> None:
     from service.settings import Settings
 
     settings = Settings(redis_url=redis_url, bus_stream=f"bench-{uuid.uuid4().hex[:8]}", port=port,
-                        bus_max_lag=256, bus_maxlen=512, log_level="WARNING")  # fmt: skip
+                        bus_max_lag=256, bus_maxlen=512, log_level="WARNING", auth="off")  # fmt: skip  (loopback benchmark)
     bus = make_bus(settings)
     app = create_app(settings, bus=bus, run_worker=False)
 
