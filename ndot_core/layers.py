@@ -101,7 +101,24 @@ class TraceDrivenConv2dFunction(torch.autograd.Function):
         return grad_input, None, grad_weight, grad_bias, None, None, None, None
 
 
-class TraceLinear(nn.Linear):
+class _StandardizedWeight:
+    """Shared by the trace-driven layers: an optional per-output ``gain`` and the weight the op uses."""
+
+    weight: Tensor
+    gain: nn.Parameter | None
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init for weight and bias; gain back to 1."""
+        super().reset_parameters()  # type: ignore[misc]
+        if getattr(self, "gain", None) is not None:
+            nn.init.ones_(self.gain)
+
+    def effective_weight(self) -> Tensor:
+        """The weight the op uses: standardized when WS is on, else the raw weight."""
+        return self.weight if self.gain is None else standardize_weight(self.weight, self.gain)
+
+
+class TraceLinear(_StandardizedWeight, nn.Linear):
     """``nn.Linear`` whose weight gradient comes from a presynaptic trace; optional scaled WS."""
 
     def __init__(
@@ -109,16 +126,6 @@ class TraceLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.gain = nn.Parameter(torch.ones(out_features, 1)) if weight_standardization else None
-
-    def reset_parameters(self) -> None:
-        """PyTorch's default init for weight and bias; gain back to 1."""
-        super().reset_parameters()
-        if getattr(self, "gain", None) is not None:
-            nn.init.ones_(self.gain)
-
-    def effective_weight(self) -> Tensor:
-        """The weight the op uses: standardized when WS is on, else the raw weight."""
-        return self.weight if self.gain is None else standardize_weight(self.weight, self.gain)
 
     def forward(self, x: Tensor, trace: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``x @ W.T + b``; with ``trace`` the weight gradient is ``g.T @ trace``."""
@@ -128,7 +135,7 @@ class TraceLinear(nn.Linear):
         return TraceDrivenLinearFunction.apply(x, trace, weight, self.bias)
 
 
-class TraceConv2d(nn.Conv2d):
+class TraceConv2d(_StandardizedWeight, nn.Conv2d):
     """``nn.Conv2d`` (zero padding) whose weight gradient comes from a trace; optional scaled WS."""
 
     def __init__(
@@ -143,16 +150,6 @@ class TraceConv2d(nn.Conv2d):
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1)) if weight_standardization else None
-
-    def reset_parameters(self) -> None:
-        """PyTorch's default init for weight and bias; gain back to 1."""
-        super().reset_parameters()
-        if getattr(self, "gain", None) is not None:
-            nn.init.ones_(self.gain)
-
-    def effective_weight(self) -> Tensor:
-        """The weight the op uses: standardized when WS is on, else the raw weight."""
-        return self.weight if self.gain is None else standardize_weight(self.weight, self.gain)
 
     def forward(self, x: Tensor, trace: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``conv2d(x, W) + b``; with ``trace`` the weight gradient is ``conv2d_weight(trace, g)``."""
