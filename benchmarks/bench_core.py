@@ -6,7 +6,7 @@ Measured (CPU; the machine has no accelerator):
   * peak memory of one training sequence (``learn_sequence``) vs T in {1, 2, 4, 8, 16, 32} for
     NDOT_A, OTTT_A and BPTT on ``vgg11_ws`` (batch 8, 3x32x32) and on ``stream_cnn`` (2x34x34,
     batch 1 and 8). Measure: the rise of the process's resident set size over one steady-state
-    sequence (VmHWM reset through /proc/self/clear_refs, ``ndot_core.peak_memory``), each
+    sequence (VmHWM reset through /proc/self/clear_refs, ``ndot_core.experiments.memory``), each
     configuration in a fresh subprocess with glibc's mmap threshold pinned at 4 KiB and heap trim at
     0, so RSS follows live tensor bytes rather than allocator slack (the CPU allocator is not tracked
     by torch; tracemalloc does not see it). vgg11_ws is also measured with glibc's defaults at the
@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ndot_core import OnlineLearner, build_model  # noqa: E402
-from ndot_core.peak_memory import PeakMemory  # noqa: E402
+from ndot_core.experiments.memory import PeakMemory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY_TOLERANCE = 0.05  # NDOT/OTTT peak at T=32 within 5% of T=1 ...

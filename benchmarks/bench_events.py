@@ -30,9 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ndot_core.events import events_from_bytes, events_to_bytes, to_tonic  # noqa: E402
-from ndot_core.framing import StreamFramer, flat_pixel_index, to_frames  # noqa: E402
-from ndot_core.readers import read_events  # noqa: E402
+from ndot_core.events.framing import StreamFramer, flat_pixel_index, to_frames  # noqa: E402
+from ndot_core.events.layout import events_from_bytes, events_to_bytes, to_tonic  # noqa: E402
+from ndot_core.events.readers import read_events  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("NDOT_SHARED_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))

@@ -128,10 +128,10 @@ def bench_worker(duration_s: float, threads: int = 0) -> dict[str, Any]:
     import torch
 
     from ndot_core import OnlineLearner, build_model
-    from service.batcher import Batcher
+    from service.bus.messages import EventsPacket
     from service.metrics import ServiceMetrics
-    from service.protocol import EventsPacket
     from service.settings import Settings
+    from service.worker.batcher import Batcher
 
     device = Settings().torch_device()
     if threads:

@@ -78,10 +78,10 @@ def serve(settings: Any, holder: dict[str, Any], stop: threading.Event) -> None:
     """API + worker on one event loop in this thread (the worker object is kept in ``holder``)."""
     import uvicorn
 
-    from service.api import create_app
+    from service.app import create_app
     from service.bus import LocalBus
     from service.metrics import ServiceMetrics
-    from service.worker import Worker
+    from service.worker.loop import Worker
 
     async def main() -> None:
         bus, metrics = LocalBus(max_lag=settings.bus_max_lag), ServiceMetrics(settings.accuracy_window)

@@ -46,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clients.packets import encode_body, packetize  # noqa: E402
 from clients.sources import Sequence, open_source  # noqa: E402
 from ndot_core import OnlineLearner, build_model  # noqa: E402
-from ndot_core.framing import StreamFramer  # noqa: E402
-from service.batcher import Batcher  # noqa: E402
+from ndot_core.events.framing import StreamFramer  # noqa: E402
+from service.bus.messages import EventsPacket  # noqa: E402
 from service.metrics import ServiceMetrics  # noqa: E402
-from service.protocol import EventsPacket  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from service.worker.batcher import Batcher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ def camera_process(url: str, key: str, streams: list[str], duration_s: float, se
 async def _drive(url: str, key: str, streams: list[str], duration_s: float, seed: int) -> dict[str, Any]:
     from clients.packets import encode_body, packetize
     from clients.sources import open_source, synthetic_source
-    from ndot_core.framing import StreamFramer
+    from ndot_core.events.framing import StreamFramer
 
     local = DATA / "nmnist-small"
     source = open_source(local) if (local / "labels.txt").is_file() else synthetic_source(500)

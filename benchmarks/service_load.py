@@ -28,8 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ndot_core.events import WIRE_DTYPE, events_to_bytes  # noqa: E402
-from ndot_core.readers import read_events  # noqa: E402
+from ndot_core.events.layout import WIRE_DTYPE, events_to_bytes  # noqa: E402
+from ndot_core.events.readers import read_events  # noqa: E402
 
 DATA = Path(os.environ.get("NDOT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -85,7 +85,7 @@ def sink_server(port: int, redis_url: str | None) -> None:
     """The API (no worker) on ``port``; on the embedded bus a sink task acks every entry in-process."""
     import uvicorn
 
-    from service.api import create_app
+    from service.app import create_app
     from service.bus import make_bus
     from service.settings import Settings
 

@@ -49,7 +49,7 @@ def tonic_nmnist(save_to: Path, timeout_s: float = 5.0) -> SequenceSource | None
         httpx.head(NMNIST.test_url, timeout=timeout_s, follow_redirects=True).raise_for_status()
     except httpx.HTTPError:
         return None
-    from ndot_core.events import from_tonic
+    from ndot_core.events.layout import from_tonic
 
     dataset = NMNIST(save_to=str(save_to), train=False)
     width, height = NMNIST.sensor_size[:2]

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ndot-client recording.aedat4 --speed 0.5; ndot-client --synthetic 100 --streams 4",
     )  # fmt: skip
     parser.add_argument("source", nargs="?", type=Path,
-                        help="a recording file (any format ndot_core.readers reads), a folder of recordings, "
+                        help="a recording file (any format ndot_core.events.readers reads), a folder of recordings, "
                         "or a labelled dataset folder (labels.txt + train/{id}.bs2)")  # fmt: skip
     parser.add_argument("--synthetic", type=int, metavar="N",
                         help="instead of SOURCE, replay N labelled samples of the synthetic DVS camera")

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from ndot_core.events import WIRE_DTYPE, events_to_bytes
+from ndot_core.events.layout import WIRE_DTYPE, events_to_bytes
 
 __all__ = ["WIRE_DTYPE", "Packet", "PacketError", "encode_body", "packetize"]
 

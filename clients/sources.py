@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ndot_core.events import EVENT_DTYPE
+from ndot_core.events.layout import EVENT_DTYPE
 
 LABELS_FILE = "labels.txt"
 
@@ -60,7 +60,7 @@ class SequenceSource:
 
 
 def _read_recording(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    from ndot_core.readers import read_events
+    from ndot_core.events.readers import read_events
 
     events, sensor_size = read_events(path)
     return events, (int(sensor_size[0]), int(sensor_size[1]))

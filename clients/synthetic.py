@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ndot_core.events import EVENT_DTYPE
+from ndot_core.events.layout import EVENT_DTYPE
 
 PATTERNS = ("directions", "bars")
 

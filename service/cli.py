@@ -4,7 +4,7 @@
     ndot api      the HTTP API alone (needs REDIS_URL; workers run apart)
                   both need API keys (NDOT_INGEST_KEYS / NDOT_ADMIN_KEYS) or --insecure-local
     ndot worker   the worker alone (needs REDIS_URL); serves its own /metrics on --worker-metrics-port
-    ndot train|eval|compare ...   handed to ndot_core.cli
+    ndot train|eval|compare ...   handed to ndot_core.experiments.cli
 
 Every setting of ``service.settings.Settings`` is a flag (``--max-streams 32``) and an env var
 (``NDOT_MAX_STREAMS=32``; ``REDIS_URL`` without prefix); flags win over env vars.
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "reach; the server logs a warning at start")  # fmt: skip
         add_settings_flags(sub)
     for name in OFFLINE_COMMANDS:
-        commands.add_parser(name, help=f"offline {name} (ndot_core.cli; its own --help)", add_help=False)
+        commands.add_parser(name, help=f"offline {name} (ndot_core.experiments.cli; its own --help)", add_help=False)
     return parser
 
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_http(settings: Settings, run_worker: bool) -> None:
     import uvicorn
 
-    from service.api import create_app
+    from service.app import create_app
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown (exit code -15); after a clean
@@ -161,7 +161,7 @@ async def run_worker_apart(settings: Settings) -> None:
 
     from service.bus import make_bus
     from service.metrics import ServiceMetrics
-    from service.worker import Worker
+    from service.worker.loop import Worker
 
     metrics = ServiceMetrics(settings.accuracy_window)
     if settings.worker_metrics_port:
@@ -181,11 +181,11 @@ async def run_worker_apart(settings: Settings) -> None:
 
 def run_offline(argv: list[str]) -> int:
     try:
-        module = importlib.import_module("ndot_core.cli")
+        module = importlib.import_module("ndot_core.experiments.cli")
     except ModuleNotFoundError as err:
-        if err.name != "ndot_core.cli":
+        if err.name != "ndot_core.experiments.cli":
             raise
-        print(f"ndot {argv[0]}: the offline commands (ndot_core.cli) are not installed in this build", file=sys.stderr)
+        print(f"ndot {argv[0]}: the offline commands (ndot_core.experiments.cli) are not installed in this build", file=sys.stderr)
         return 2
     return int(module.main(argv) or 0)
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         asyncio.run(run_worker_apart(settings))
         return 0
-    from service.auth import AuthConfigError
+    from service.api.auth import AuthConfigError
 
     try:
         run_http(settings, run_worker=args.command == "serve")

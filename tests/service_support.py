@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import uvicorn
 
-from ndot_core.events import events_to_bytes
-from ndot_core.readers import read_events
+from ndot_core.events.layout import events_to_bytes
+from ndot_core.events.readers import read_events
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BINARY = {"content-type": "application/octet-stream"}

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from service_support import AUTH_SETTINGS, BINARY, ServerThread, clear_redis, http
 
-from ndot_core.events import WIRE_DTYPE
-from service.api import create_app
+from ndot_core.events.layout import WIRE_DTYPE
+from service.app import create_app
 from service.bus import LocalBus
 from service.settings import Settings
-from service.worker import Worker
+from service.worker.loop import Worker
 
 LIMIT_EVENTS = 2000
 

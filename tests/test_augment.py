@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ndot_core.augment import augment, cutout, random_crop, random_flip
+from ndot_core.experiments.augment import augment, cutout, random_crop, random_flip
 
 
 def frames_batch(count=6, steps=3, size=8, seed=0):

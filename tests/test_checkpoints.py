@@ -7,11 +7,18 @@ import pytest
 import torch
 
 from ndot_core import OnlineLearner, build_model
-from ndot_core.events import EVENT_DTYPE
-from service.batcher import Batcher
-from service.checkpoints import CheckpointError, CheckpointStore, check_like, decode, encode, validate_name
+from ndot_core.events.layout import EVENT_DTYPE
+from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
-from service.protocol import EventsPacket
+from service.worker.batcher import Batcher
+from service.worker.checkpoints import (
+    CheckpointError,
+    CheckpointStore,
+    check_like,
+    decode,
+    encode,
+    validate_name,
+)
 
 
 def nested_tree() -> dict:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ndot_core.cifar import load_cifar, normalize_images, read_cifar_binary
-from ndot_core.datasets import DatasetError, DatasetNotFoundError, load_frames
+from ndot_core.events.datasets import DatasetError, DatasetNotFoundError
+from ndot_core.experiments.cifar import load_cifar, normalize_images, read_cifar_binary
+from ndot_core.experiments.data import load_frames
 
 
 def write_records(path, labels, label_bytes=1, seed=0):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ndot_core.cli import build_parser, main
-from ndot_core.run_files import read_records
+from ndot_core.experiments.cli import build_parser, main
+from ndot_core.experiments.run_files import read_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "mlp", "--model-arg", "hidden=[32,32]", "--limit", "100", "--batch-size", "16",
@@ -96,7 +96,7 @@ def test_train_then_resume_then_eval(nmnist_small: Path, tmp_path: Path, capsys:
 
 
 def test_module_entry_point_runs() -> None:
-    done = subprocess.run([sys.executable, "-m", "ndot_core.cli", "compare", "--help"], cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, "-m", "ndot_core.experiments.cli", "compare", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--runs" in done.stdout

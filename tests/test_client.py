@@ -29,7 +29,7 @@ from clients.dvs_client import main as client_main
 from clients.local_service import LocalService, free_port
 from clients.packets import WIRE_DTYPE, Packet, PacketError, encode_body, packetize
 from clients.sources import Sequence, SourceError, open_source, read_labels, synthetic_source
-from ndot_core.events import EVENT_DTYPE, events_from_bytes
+from ndot_core.events.layout import EVENT_DTYPE, events_from_bytes
 
 
 def make_events(times_us: list[int], width: int = 34) -> np.ndarray:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ndot_core.datasets import (
+from ndot_core.events.datasets import (
     DatasetError,
     DatasetNotFoundError,
     NMNISTFolder,
-    load_frames,
     stratified_split_indices,
     tonic_dataset,
 )
-from ndot_core.events import EVENT_DTYPE
+from ndot_core.events.layout import EVENT_DTYPE
+from ndot_core.experiments.data import load_frames
 
 
 @pytest.fixture(scope="module")

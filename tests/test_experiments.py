@@ -15,8 +15,20 @@ import torch
 from safetensors.torch import load_file
 
 from ndot_core import OnlineLearner, build_model
-from ndot_core.compare import RunSpec, format_table, parse_runs
-from ndot_core.experiments import (
+from ndot_core.experiments.compare import RunSpec, format_table, parse_runs
+from ndot_core.experiments.frame_sets import FrameSet
+from ndot_core.experiments.memory import MEASURE_RSS_HWM, MEASURE_RU_MAXRSS, SavedTensorsPeak
+from ndot_core.experiments.plots import plot_training_curves
+from ndot_core.experiments.run_files import (
+    CheckpointError,
+    flatten_state,
+    load_checkpoint,
+    read_records,
+    save_checkpoint,
+    unflatten_state,
+    write_records,
+)
+from ndot_core.experiments.runs import (
     ExperimentError,
     RunConfig,
     cosine_lr,
@@ -25,18 +37,6 @@ from ndot_core.experiments import (
     load_run_data,
     run_display_name,
     train,
-)
-from ndot_core.frame_sets import FrameSet
-from ndot_core.peak_memory import MEASURE_RSS_HWM, MEASURE_RU_MAXRSS, SavedTensorsPeak
-from ndot_core.plots import plot_training_curves
-from ndot_core.run_files import (
-    CheckpointError,
-    flatten_state,
-    load_checkpoint,
-    read_records,
-    save_checkpoint,
-    unflatten_state,
-    write_records,
 )
 
 
@@ -160,7 +160,7 @@ def test_cosine_schedule_runs_from_base_towards_zero() -> None:
 
 _PEAK_PROBE = """
 import json, torch
-from ndot_core.peak_memory import PeakMemory
+from ndot_core.experiments.memory import PeakMemory
 with PeakMemory("cpu") as meter:
     block = torch.ones(32 << 20, dtype=torch.uint8)  # 32 MiB, every page touched
     del block

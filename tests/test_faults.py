@@ -30,13 +30,12 @@ import pytest
 from service_support import BINARY, ServiceProcess, auth, clear_redis, free_port, http, wait_ready
 from test_bus_redis_faults import OwnRedis
 
-from ndot_core.events import WIRE_DTYPE, events_from_bytes
-from ndot_core.framing import StreamFramer
-from service import protocol
-from service.bus import RedisStreamBus
-from service.checkpoints import CheckpointStore
+from ndot_core.events.framing import StreamFramer
+from ndot_core.events.layout import WIRE_DTYPE, events_from_bytes
+from service.bus import RedisStreamBus, messages
 from service.settings import Settings
-from service.worker import Worker
+from service.worker.checkpoints import CheckpointStore
+from service.worker.loop import Worker
 
 pytestmark = pytest.mark.redis
 
@@ -264,8 +263,8 @@ def test_a_poison_packet_is_retried_then_dead_lettered_and_its_stream_goes_on(re
                         max_failures=3, read_block_ms=10, window_us=10_000)  # fmt: skip
 
     async def publish(bus: RedisStreamBus, name: str, index: int, label: int) -> str:
-        events = protocol.EventsPacket(packet(index, 0), 34, 34, label=label, start=index == 0)
-        return await bus.publish(protocol.EVENTS, name, events.to_fields())
+        events = messages.EventsPacket(packet(index, 0), 34, 34, label=label, start=index == 0)
+        return await bus.publish(messages.EVENTS, name, events.to_fields())
 
     async def scenario() -> None:
         bus = RedisStreamBus(redis_url, stream=stream, max_lag=1000)

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from ndot_core.events import EVENT_DTYPE, EventError, to_tonic
-from ndot_core.framing import StreamFramer, flat_pixel_index, to_frames
-from ndot_core.readers import read_events
+from ndot_core.events.framing import StreamFramer, flat_pixel_index, to_frames
+from ndot_core.events.layout import EVENT_DTYPE, EventError, to_tonic
+from ndot_core.events.readers import read_events
 
 
 def make_events(t, x, y, p) -> np.ndarray:

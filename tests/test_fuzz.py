@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service_support import ADMIN_KEY, AUTH_SETTINGS, auth
 
-from ndot_core.events import EVENT_DTYPE, WIRE_DTYPE, EventError, events_from_bytes, events_to_bytes
-from ndot_core.framing import StreamFramer
-from service.api import create_app
+from ndot_core.events.framing import StreamFramer
+from ndot_core.events.layout import EVENT_DTYPE, WIRE_DTYPE, EventError, events_from_bytes, events_to_bytes
+from service.app import create_app
 from service.settings import Settings
 
 CASES_PER_OPERATION = 90

@@ -7,8 +7,8 @@ import torch
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 from ndot_core import RULES, accumulated_gradients, build_model
-from ndot_core.network import SpikingNetwork
-from ndot_core.state import NetworkState
+from ndot_core.engine.network import SpikingNetwork
+from ndot_core.engine.state import NetworkState
 
 W2 = "blocks.1.weighted.weight"
 

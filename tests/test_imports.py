@@ -15,18 +15,18 @@ def _modules_after(statement: str) -> set[str]:
 
 
 def test_event_modules_do_not_import_torch() -> None:
-    loaded = _modules_after("import ndot_core.events, ndot_core.framing")
+    loaded = _modules_after("import ndot_core.events.layout, ndot_core.events.framing")
     assert "torch" not in loaded
 
 
 def test_engine_names_load_on_first_use() -> None:
     loaded = _modules_after("from ndot_core import OnlineLearner, NetworkState, build_model, RULES")
-    assert "ndot_core.learner" in loaded and "torch" in loaded
+    assert "ndot_core.engine.learner" in loaded and "torch" in loaded
 
 
 def test_core_never_imports_service_or_clients() -> None:
     loaded = _modules_after(
-        "import ndot_core, ndot_core.learner, ndot_core.models, ndot_core.framing, ndot_core.readers, "
-        "ndot_core.datasets, ndot_core.experiments, ndot_core.cli"
+        "import ndot_core, ndot_core.engine.learner, ndot_core.engine.models, ndot_core.events.framing, ndot_core.events.readers, "
+        "ndot_core.events.datasets, ndot_core.experiments.runs, ndot_core.experiments.cli"
     )
     assert not {m for m in loaded if m.split(".")[0] in {"service", "clients"}}

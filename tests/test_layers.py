@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
 from torch import nn
 
-from ndot_core.layers import Scale, TraceConv2d, TraceLinear, standardize_weight
-from ndot_core.network import SpikingBlock
-from ndot_core.neuron import LIFParameters, LIFState
+from ndot_core.engine.layers import Scale, TraceConv2d, TraceLinear, standardize_weight
+from ndot_core.engine.network import SpikingBlock
+from ndot_core.engine.neuron import LIFParameters, LIFState
 
 torch.manual_seed(0)
 

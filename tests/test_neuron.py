@@ -6,7 +6,7 @@ import pytest
 import torch
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
 
-from ndot_core.neuron import LIFParameters, LIFState, lif_step, spike
+from ndot_core.engine.neuron import LIFParameters, LIFState, lif_step, spike
 
 P = LIFParameters()
 

@@ -17,10 +17,10 @@ from engine_support import single_torch_thread  # noqa: F401  (autouse: one torc
 from clients.packets import encode_body
 from clients.sources import Sequence, open_source
 from ndot_core import OnlineLearner, build_model
-from service.batcher import Batcher
+from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
-from service.protocol import EventsPacket
 from service.settings import Settings
+from service.worker.batcher import Batcher
 
 STREAMS = 4
 STREAMED = 240  # labelled samples, one pass

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ndot_core.events import EVENT_DTYPE, TONIC_DTYPE, EventError, as_event_array
-from ndot_core.readers import detect_format, prophesee_sensor_size, read_events
+from ndot_core.events.layout import EVENT_DTYPE, TONIC_DTYPE, EventError, as_event_array
+from ndot_core.events.readers import detect_format, prophesee_sensor_size, read_events
 
 # file, format, events, sensor (W, H) -- from ../shared/data/README.md
 RECORDINGS = [

@@ -11,8 +11,8 @@ import pytest
 import torch
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
 
-from ndot_core.neuron import LIFParameters, LIFState, lif_step
-from ndot_core.rules import (
+from ndot_core.engine.neuron import LIFParameters, LIFState, lif_step
+from ndot_core.engine.rules import (
     RULES,
     advance_trace,
     check_rule,

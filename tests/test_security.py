@@ -16,12 +16,12 @@ import pytest
 import torch
 from service_support import ADMIN_KEY, AUTH_SETTINGS, BINARY, INGEST_KEY, REPO_ROOT, ServerThread, auth, http
 
-from ndot_core.events import WIRE_DTYPE
-from service.api import create_app
-from service.auth import AuthConfigError
+from ndot_core.events.layout import WIRE_DTYPE
+from service.app import create_app
+from service.api.auth import AuthConfigError
 from service.bus import LocalBus
-from service.checkpoints import CheckpointStore, encode
 from service.settings import Settings
+from service.worker.checkpoints import CheckpointStore, encode
 
 MAX_EVENTS = 100
 

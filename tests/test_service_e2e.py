@@ -27,9 +27,9 @@ from service_support import (
     wait_ready,
 )
 
-from ndot_core.events import events_from_bytes
-from ndot_core.framing import StreamFramer
-from service.checkpoints import CheckpointStore
+from ndot_core.events.framing import StreamFramer
+from ndot_core.events.layout import events_from_bytes
+from service.worker.checkpoints import CheckpointStore
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ndot_core.events import EVENT_DTYPE
-from ndot_core.framing import StreamFramer
-from service.streams import StreamError, StreamRegistry
+from ndot_core.events.framing import StreamFramer
+from ndot_core.events.layout import EVENT_DTYPE
+from service.worker.streams import StreamError, StreamRegistry
 
 
 def new_framer(width: int, height: int) -> StreamFramer:

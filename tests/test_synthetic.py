@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clients.synthetic import PATTERNS, SyntheticCamera, SyntheticError
-from ndot_core.events import EVENT_DTYPE
+from ndot_core.events.layout import EVENT_DTYPE
 
 
 def count_map(events: np.ndarray, camera: SyntheticCamera) -> np.ndarray:

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ndot_core.events import WIRE_DTYPE
-from service import protocol
-from service.bus import LocalBus
+from ndot_core.events.layout import WIRE_DTYPE
+from service.bus import LocalBus, messages
 from service.settings import Settings
-from service.worker import Worker
+from service.worker.loop import Worker
 
 
 def wire(t_us: list[int], seed: int = 0, size: int = 34) -> bytes:
@@ -57,9 +56,9 @@ def run(tmp_path: Path, scenario: Callable[[LocalBus, Callable[..., Awaitable[Wo
 
 
 async def post(bus: LocalBus, stream_id: str, events: bytes, label: int | None = None, **flags: bool) -> str:
-    packet = protocol.EventsPacket(events, 34, 34, label=label, start=flags.get("start", False),
+    packet = messages.EventsPacket(events, 34, 34, label=label, start=flags.get("start", False),
                                    end=flags.get("end", False))  # fmt: skip
-    return await bus.publish(protocol.EVENTS, stream_id, packet.to_fields())
+    return await bus.publish(messages.EVENTS, stream_id, packet.to_fields())
 
 
 async def reply(bus: LocalBus, entry_id: str) -> dict[str, Any]:
@@ -135,7 +134,7 @@ def test_resetting_one_stream_leaves_the_others_bit_identical(tmp_path: Path) ->
         rows = {name: worker.batcher.registry.get(name).row for name in "ab"}
         before = {k: v[rows["b"]].clone() for k, v in worker.batcher.state.state_dict().items()}
         assert worker.batcher.state.steps[rows["a"]] == 2
-        entry_id = await bus.publish(protocol.RESET, "a", {})
+        entry_id = await bus.publish(messages.RESET, "a", {})
         await worker.run_once(block_ms=0)
         assert (await reply(bus, entry_id))["ok"]
         after = worker.batcher.state.state_dict()
@@ -154,8 +153,8 @@ def test_the_live_stream_cap_evicts_the_least_recently_used_and_counts_it(tmp_pa
             await worker.run_once(block_ms=0)
         assert sorted(s.stream_id for s in worker.batcher.registry) == ["mid", "new"]
         assert worker.metrics.registry.get_sample_value("ndot_streams_evicted_total") == 1
-        assert await bus.get_value(protocol.sensor_key("ndot:events", "old")) == b""
-        assert await bus.get_value(protocol.sensor_key("ndot:events", "new")) == b"34x34"
+        assert await bus.get_value(messages.sensor_key("ndot:events", "old")) == b""
+        assert await bus.get_value(messages.sensor_key("ndot:events", "new")) == b"34x34"
 
     run(tmp_path, scenario, max_streams=2)
 
@@ -169,8 +168,8 @@ def test_idle_streams_expire_after_their_ttl(tmp_path: Path) -> None:
         await asyncio.sleep(1.1)  # past the TTL and the housekeeping interval
         await worker.run_once(block_ms=0)
         assert "idle" not in worker.batcher.registry
-        assert await bus.get_value(protocol.sensor_key("ndot:events", "idle")) == b""
-        status = json.loads(await bus.get_value(protocol.status_key("ndot:events")))
+        assert await bus.get_value(messages.sensor_key("ndot:events", "idle")) == b""
+        status = json.loads(await bus.get_value(messages.status_key("ndot:events")))
         assert status["streams"] == []
 
     run(tmp_path, scenario, stream_ttl_s=0.5)
@@ -211,7 +210,7 @@ def test_after_a_crash_entries_the_checkpoint_covers_are_not_applied_twice(tmp_p
 def test_a_malformed_entry_is_dead_lettered_and_the_rest_applied(tmp_path: Path) -> None:
     async def scenario(bus: LocalBus, new_worker) -> None:
         worker = await new_worker()
-        bad = await bus.publish(protocol.EVENTS, "a", {"events": b"\x00" * 13})  # no sensor size
+        bad = await bus.publish(messages.EVENTS, "a", {"events": b"\x00" * 13})  # no sensor size
         good = await post(bus, "a", wire(TWO_FRAMES))
         await worker.run_once(block_ms=0)
         refused = await reply(bus, bad)
@@ -230,7 +229,7 @@ def test_model_reset_gives_fresh_weights_and_rests_every_stream(tmp_path: Path) 
         await post(bus, "a", wire(TWO_FRAMES), label=2)
         await worker.run_once(block_ms=0)
         assert worker.batcher.learner.version == 2
-        entry_id = await bus.publish(protocol.MODEL_RESET, protocol.MODEL_STREAM, {})
+        entry_id = await bus.publish(messages.MODEL_RESET, messages.MODEL_STREAM, {})
         await worker.run_once(block_ms=0)
         assert (await reply(bus, entry_id))["model_version"] == 0
         for name, tensor in worker.batcher.learner.model.state_dict().items():

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ndot_core.loss import FTRLRegulariser, ndot_loss
-from ndot_core.models import SpikingNetwork
-from ndot_core.rules import check_rule
-from ndot_core.state import NetworkState
+from ndot_core.engine.loss import FTRLRegulariser, ndot_loss
+from ndot_core.engine.models import SpikingNetwork
+from ndot_core.engine.rules import check_rule
+from ndot_core.engine.state import NetworkState
 
 MODES = ("online", "accumulate")
 OPTIMIZERS = ("sgd", "adam")

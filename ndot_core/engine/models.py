@@ -3,7 +3,7 @@
 ``vgg11_ws`` is the paper's VGG-11 with scaled weight standardization, ``mlp`` a flatten and two
 spiking hidden layers, ``stream_cnn`` the service default, sized for 2-polarity event frames of
 34x34 to 48x48 that learns N-MNIST on a CPU in seconds. The blocks and the time-step itself live in
-``ndot_core.network``.
+``ndot_core.engine.network``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ndot_core.layers import Scale, TraceConv2d, TraceLinear
-from ndot_core.network import SpikingBlock, SpikingNetwork
-from ndot_core.neuron import LIFParameters
+from ndot_core.engine.layers import Scale, TraceConv2d, TraceLinear
+from ndot_core.engine.network import SpikingBlock, SpikingNetwork
+from ndot_core.engine.neuron import LIFParameters
 
 __all__ = ["MODELS", "SpikingBlock", "SpikingNetwork", "build_model", "mlp", "stream_cnn", "vgg11_ws"]
 

@@ -3,7 +3,7 @@
 A network is a chain of spiking blocks and a linear readout::
 
     block l:  I^l[t] = W^l * x^l[t]          (TraceConv2d / TraceLinear; weight grad from the trace)
-              s^l[t] = LIF(I^l[t])           (ndot_core.neuron; e and a_hat by the rule)
+              s^l[t] = LIF(I^l[t])           (ndot_core.engine.neuron; e and a_hat by the rule)
               x^{l+1}[t] = post(m * s^l[t]),  a_hat_in^{l+1}[t] = post(m * a_hat^l[t])
     readout:  o[t] = W_o * x^{L+1}[t] + b    (logits; weight grad from the last trace)
 
@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ndot_core.layers import TraceConv2d, TraceLinear
-from ndot_core.neuron import LIFParameters, LIFState, lif_step
-from ndot_core.rules import check_rule
-from ndot_core.state import NetworkState
+from ndot_core.engine.layers import TraceConv2d, TraceLinear
+from ndot_core.engine.neuron import LIFParameters, LIFState, lif_step
+from ndot_core.engine.rules import check_rule
+from ndot_core.engine.state import NetworkState
 
 
 class SpikingBlock(nn.Module):

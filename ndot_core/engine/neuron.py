@@ -9,7 +9,7 @@ One time-step of a layer of LIF neurons driven by the input current ``I[t]``::
 with ``v[0] = s[0] = 0``. Under the online rules ``v[t-1]`` enters detached (no graph through time);
 under ``bptt`` it keeps its graph through the leak. Alongside the membrane, each layer carries the
 temporal dependency ``e`` and the presynaptic trace ``a_hat`` of its own output spikes (see
-``ndot_core.rules``); both are data without gradient.
+``ndot_core.engine.rules``); both are data without gradient.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ndot_core.rules import advance_trace, check_rule
+from ndot_core.engine.rules import advance_trace, check_rule
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Temporal-dependency rules: how a layer's presynaptic trace a_hat follows its spikes.
 
-With ``r[t] = u[t] - Vth * s[t]`` the post-reset membrane (``v[t]`` in ``ndot_core.neuron``):
+With ``r[t] = u[t] - Vth * s[t]`` the post-reset membrane (``v[t]`` in ``ndot_core.engine.neuron``):
 
 ``ndot`` (the paper, Eq. 8 with its footnote and Eq. 12)::
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ndot_core.neuron import LIFState
+from ndot_core.engine.neuron import LIFState
 
 Rows = Sequence[int] | Tensor
 _NEURON_KEY = re.compile(r"^neurons\.(\d+)\.(v|s|e|trace)$")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ndot_core.events import (
+from ndot_core.events.layout import (
     EVENT_DTYPE,
     WIRE_DTYPE,
     EventError,

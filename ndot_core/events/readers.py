@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ndot_core.events import (
+from ndot_core.events.layout import (
     EVENT_DTYPE,
     EventError,
     SensorSize,
@@ -114,7 +114,7 @@ def detect_format(path: str | Path) -> str:
 def _read_nmnist(path: Path) -> tuple[np.ndarray, SensorSize | None]:
     from tonic.io import read_mnist_file
 
-    from ndot_core.events import TONIC_DTYPE
+    from ndot_core.events.layout import TONIC_DTYPE
 
     events = as_event_array(read_mnist_file(str(path), dtype=TONIC_DTYPE))
     if len(events) == 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ndot_core.datasets import DatasetError, DatasetNotFoundError
+from ndot_core.events.datasets import DatasetError, DatasetNotFoundError
 
 IMAGE_BYTES = 3 * 32 * 32
 

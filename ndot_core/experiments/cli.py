@@ -2,7 +2,7 @@
 
 ``main(argv) -> int`` never calls ``sys.exit`` itself: 0 on success, 2 for bad flags (argparse's
 usage error), 1 when the run cannot proceed (missing dataset, mismatched checkpoint, ...).
-``service.cli`` mounts these subcommands under its ``ndot`` script; ``python -m ndot_core.cli``
+``service.cli`` mounts these subcommands under its ``ndot`` script; ``python -m ndot_core.experiments.cli``
 works too.
 """
 
@@ -17,14 +17,22 @@ from typing import Any
 
 import torch
 
-from ndot_core.compare import DEFAULT_RUNS, RunSpec, compare, format_table, parse_runs, write_table
-from ndot_core.datasets import DATASETS, DatasetError
-from ndot_core.events import EventError
-from ndot_core.experiments import ExperimentError, RunConfig, evaluate_checkpoint, train
-from ndot_core.learner import MODES, OPTIMIZERS
-from ndot_core.models import MODELS
-from ndot_core.rules import RULES
-from ndot_core.run_files import CheckpointError
+from ndot_core.engine.learner import MODES, OPTIMIZERS
+from ndot_core.engine.models import MODELS
+from ndot_core.engine.rules import RULES
+from ndot_core.events.datasets import DatasetError
+from ndot_core.events.layout import EventError
+from ndot_core.experiments.compare import (
+    DEFAULT_RUNS,
+    RunSpec,
+    compare,
+    format_table,
+    parse_runs,
+    write_table,
+)
+from ndot_core.experiments.data import DATASETS
+from ndot_core.experiments.run_files import CheckpointError
+from ndot_core.experiments.runs import ExperimentError, RunConfig, evaluate_checkpoint, train
 
 PROG = "ndot"
 EPILOG = """examples:

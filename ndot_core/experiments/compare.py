@@ -1,7 +1,7 @@
 """``ndot compare``: the same data, seed and budget under several rules/modes and values of T.
 
 Each (run, T) trains in a fresh child process (``multiprocessing`` spawn), so its peak-memory figure
-(:mod:`ndot_core.peak_memory`) is not flattered or spoiled by memory an earlier run left in the
+(:mod:`ndot_core.experiments.memory`) is not flattered or spoiled by memory an earlier run left in the
 allocator. The parent reads each run's ``summary.json`` / ``metrics.json`` and writes
 ``compare.json``, ``compare.csv`` and ``compare.png`` under ``--out``.
 """
@@ -15,19 +15,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ndot_core.experiments import (
+from ndot_core.engine.learner import MODES
+from ndot_core.engine.rules import RULES
+from ndot_core.experiments.frame_sets import FrameSet
+from ndot_core.experiments.memory import MEASURE_CUDA, MEASURE_RSS_HWM, MEASURE_RU_MAXRSS
+from ndot_core.experiments.plots import plot_comparison
+from ndot_core.experiments.run_files import CheckpointError, read_records, write_records
+from ndot_core.experiments.runs import (
     ExperimentError,
     RunConfig,
     load_run_data,
     run_display_name,
     train,
 )
-from ndot_core.frame_sets import FrameSet
-from ndot_core.learner import MODES
-from ndot_core.peak_memory import MEASURE_CUDA, MEASURE_RSS_HWM, MEASURE_RU_MAXRSS
-from ndot_core.plots import plot_comparison
-from ndot_core.rules import RULES
-from ndot_core.run_files import CheckpointError, read_records, write_records
 
 DEFAULT_RUNS = "ndot:online,ndot:accumulate,ottt:accumulate,bptt"
 MEMORY_MEANING = {

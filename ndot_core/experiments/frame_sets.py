@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ndot_core.datasets import load_frames, stratified_split_indices
+from ndot_core.events.datasets import stratified_split_indices
+from ndot_core.experiments.data import load_frames
 
 
 @dataclass

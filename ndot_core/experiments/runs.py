@@ -8,7 +8,7 @@ One epoch of ``train``::
     held-out accuracy = mean(argmax_k sum_t o_k[t] == y)     # eval mode, no grad, fresh state per batch
 
 and, under ``--out``: ``metrics.json`` / ``metrics.csv`` (one record per epoch), ``curves.png``,
-``checkpoint.safetensors`` + ``checkpoint.json`` (see :mod:`ndot_core.run_files`) and ``summary.json``.
+``checkpoint.safetensors`` + ``checkpoint.json`` (see :mod:`ndot_core.experiments.run_files`) and ``summary.json``.
 The shuffle and any randomness in an epoch are seeded from ``(seed, epoch)``, so a run resumed from
 its checkpoint sees the same batches it would have seen without stopping.
 """
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ndot_core.frame_sets import FrameSet, load_frame_sets
-from ndot_core.learner import OnlineLearner
-from ndot_core.models import build_model
-from ndot_core.peak_memory import PeakMemory, SavedTensorsPeak
-from ndot_core.plots import plot_training_curves
-from ndot_core.run_files import (
+from ndot_core.engine.learner import OnlineLearner
+from ndot_core.engine.models import build_model
+from ndot_core.experiments.frame_sets import FrameSet, load_frame_sets
+from ndot_core.experiments.memory import PeakMemory, SavedTensorsPeak
+from ndot_core.experiments.plots import plot_training_curves
+from ndot_core.experiments.run_files import (
     CheckpointError,
     checkpoint_paths,
     load_checkpoint,

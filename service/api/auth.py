@@ -27,8 +27,8 @@ from typing import Annotated
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import ApiError
-from service.limits import RateLimiter, retry_after_header
+from service.api.errors import ApiError
+from service.api.limits import RateLimiter, retry_after_header
 from service.settings import Settings
 
 log = logging.getLogger("ndot.auth")

@@ -12,9 +12,9 @@ import json
 
 from fastapi import Request
 
-from ndot_core.events import events_from_bytes, events_from_columns, events_to_bytes
-from service.errors import ApiError
-from service.schemas import EventColumns
+from ndot_core.events.layout import events_from_bytes, events_from_columns, events_to_bytes
+from service.api.errors import ApiError
+from service.api.schemas import EventColumns
 
 BINARY = "application/octet-stream"
 JSON = "application/json"

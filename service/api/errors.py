@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from ndot_core.events import EventError
+from ndot_core.events.layout import EventError
 from service.bus import BusFull, BusUnavailable
 
 #: Retry-After (s) when the bus is unreachable.

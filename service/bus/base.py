@@ -23,11 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from service.bus_local import LocalBus
-    from service.bus_redis import RedisStreamBus
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "RESERVED_FIELDS",
@@ -38,10 +34,7 @@ __all__ = [
     "BusFull",
     "BusInputError",
     "BusUnavailable",
-    "LocalBus",
-    "RedisStreamBus",
     "entry_id_key",
-    "make_bus",
     "validate_publish",
 ]
 
@@ -143,41 +136,3 @@ class Bus(Protocol):
     async def wait_reply(self, request_id: str, timeout_s: float) -> bytes | None: ...
     async def set_value(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
     async def get_value(self, key: str) -> bytes | None: ...
-
-
-def make_bus(settings: Any) -> Bus:
-    """The bus the settings ask for: Redis Streams when ``redis_url`` is set, else the embedded bus.
-
-    Reads ``redis_url``, ``bus_stream``, ``bus_group``, ``bus_max_lag``, ``bus_maxlen`` and
-    ``bus_retry_after_s`` from ``settings`` (any object; missing attributes take the defaults).
-    """
-    from service.bus_local import LocalBus
-    from service.bus_redis import RedisStreamBus
-
-    max_lag = int(getattr(settings, "bus_max_lag", 1_000))
-    retry_after_s = float(getattr(settings, "bus_retry_after_s", 1.0))
-    redis_url = getattr(settings, "redis_url", None)
-    if not redis_url:
-        return LocalBus(max_lag=max_lag, retry_after_s=retry_after_s)
-    maxlen = getattr(settings, "bus_maxlen", None)
-    return RedisStreamBus(
-        str(redis_url),
-        stream=str(getattr(settings, "bus_stream", "ndot:events")),
-        group=str(getattr(settings, "bus_group", "ndot-workers")),
-        max_lag=max_lag,
-        maxlen=int(maxlen) if maxlen else None,
-        retry_after_s=retry_after_s,
-    )
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy re-export of the two implementations (they import this module, so no import cycle)."""
-    if name == "LocalBus":
-        from service.bus_local import LocalBus
-
-        return LocalBus
-    if name == "RedisStreamBus":
-        from service.bus_redis import RedisStreamBus
-
-        return RedisStreamBus
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

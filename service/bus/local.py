@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
-from service.bus import BusEntry, BusFull, BusInputError, BusUnavailable, entry_id_key, validate_publish
+from service.bus.base import BusEntry, BusFull, BusInputError, BusUnavailable, entry_id_key, validate_publish
 
 __all__ = ["LocalBus"]
 

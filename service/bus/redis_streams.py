@@ -42,7 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.bus import (
+from service.bus.base import (
     MALFORMED_KIND,
     BusEntry,
     BusFull,

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from ndot_core import NetworkState, OnlineLearner
-from ndot_core.events import events_from_bytes
-from ndot_core.framing import StreamFramer
-from service.checkpoints import CheckpointError, check_like
+from ndot_core.events.framing import StreamFramer
+from ndot_core.events.layout import events_from_bytes
+from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
-from service.protocol import EventsPacket
-from service.streams import StreamRegistry, StreamSlot
+from service.worker.checkpoints import CheckpointError, check_like
+from service.worker.streams import StreamRegistry, StreamSlot
 
 RESET, STEP = "reset", "step"
 log = logging.getLogger("ndot.worker")

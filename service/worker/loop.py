@@ -11,9 +11,9 @@ One loop iteration::
 
 A packet is acked only after all its steps ran and its reply is out. One worker owns the model:
 at start it restores the newest checkpoint, re-applies the bus history after it
-(``service.recovery``) and from then on skips every entry at or below the newest id it applied,
+(``service.worker.recovery``) and from then on skips every entry at or below the newest id it applied,
 so each step is applied exactly once across crashes. A packet whose framing or learner step keeps
-failing is retried ``max_failures`` times, then dead-lettered with its error (``service.batcher``);
+failing is retried ``max_failures`` times, then dead-lettered with its error (``service.worker.batcher``);
 its stream and the others go on. SIGTERM: the batch in hand is finished, replied and acked, then a
 checkpoint is written.
 """
@@ -33,15 +33,14 @@ from typing import Any
 import torch
 
 from ndot_core import OnlineLearner, build_model
-from ndot_core.events import EventError
-from service import protocol
-from service.batcher import Batcher, PacketFailed
-from service.bus import Bus, BusEntry, BusUnavailable, entry_id_key
-from service.checkpoints import CheckpointError, CheckpointStore
+from ndot_core.events.layout import EventError
+from service.bus import Bus, BusEntry, BusUnavailable, entry_id_key, messages
 from service.metrics import ServiceMetrics
-from service.recovery import recover
 from service.settings import Settings
-from service.streams import StreamError
+from service.worker.batcher import Batcher, PacketFailed
+from service.worker.checkpoints import CheckpointError, CheckpointStore
+from service.worker.recovery import recover
+from service.worker.streams import StreamError
 
 log = logging.getLogger("ndot.worker")
 
@@ -164,7 +163,7 @@ class Worker:
             info = await asyncio.to_thread(self._save)
             log.info("event=shutdown_checkpoint name=%s", info["name"])
         with contextlib.suppress(BusUnavailable):  # readiness drops at once, not a heartbeat timeout later
-            await self.bus.set_value(protocol.heartbeat_key(self.prefix), b"")
+            await self.bus.set_value(messages.heartbeat_key(self.prefix), b"")
         log.info("event=worker_stopped consumer=%s", self.consumer)
 
     async def run_once(self, block_ms: int | None = None) -> int:
@@ -178,7 +177,7 @@ class Worker:
         return len(entries)
 
     async def recover(self) -> int:
-        """Re-apply the bus history after the restored checkpoint (see ``service.recovery``)."""
+        """Re-apply the bus history after the restored checkpoint (see ``service.worker.recovery``)."""
         if not self.settings.restore_on_start:  # a fresh model: what came before is not its history
             await self._claim_and_apply(min_idle_ms=0)
             return 0
@@ -219,13 +218,13 @@ class Worker:
         for key, value in applied.values.items():
             await self.bus.set_value(key, value)
         if changed:
-            await self.bus.set_value(protocol.status_key(self.prefix), self.status_json())
-        await self.bus.set_value(protocol.heartbeat_key(self.prefix), repr(time.time()).encode(),
+            await self.bus.set_value(messages.status_key(self.prefix), self.status_json())
+        await self.bus.set_value(messages.heartbeat_key(self.prefix), repr(time.time()).encode(),
                                  ttl_s=max(60.0, 10 * self.settings.heartbeat_timeout_s))  # fmt: skip
 
     def _sensor_values(self) -> dict[str, bytes]:
         """The sensor value of every live stream (what the API checks packets against)."""
-        return {protocol.sensor_key(self.prefix, s.stream_id): protocol.encode_sensor(s.width, s.height)
+        return {messages.sensor_key(self.prefix, s.stream_id): messages.encode_sensor(s.width, s.height)
                 for s in self.batcher.registry}  # fmt: skip
 
     def status_json(self) -> bytes:
@@ -248,7 +247,7 @@ class Worker:
             self.batcher.results.clear()
             self.metrics.packets.labels(outcome="failed").inc(len(entries))
             detail = f"worker failed on this batch: {type(err).__name__}: {err}"
-            return Applied(replies=[(e.id, protocol.error_reply(500, detail)) for e in entries],
+            return Applied(replies=[(e.id, messages.error_reply(500, detail)) for e in entries],
                            dead=[(e, detail) for e in entries])  # fmt: skip
 
     def _already_applied(self, entry: BusEntry) -> bool:
@@ -260,16 +259,16 @@ class Worker:
         packets: list[BusEntry] = []
         for entry in entries:
             if self._already_applied(entry):
-                out.replies.append((entry.id, protocol.ok_reply(steps=[], skipped=True)))
+                out.replies.append((entry.id, messages.ok_reply(steps=[], skipped=True)))
                 out.acks.append(entry.id)
                 continue
             if entry.deliveries > self.settings.max_deliveries:
                 self._refuse(out, entry, 500, f"entry delivered {entry.deliveries} times (a crash loop?); "
                                               f"dead-lettered after max_deliveries={self.settings.max_deliveries}")  # fmt: skip
                 continue
-            if entry.kind == protocol.EVENTS:
+            if entry.kind == messages.EVENTS:
                 try:
-                    packet = protocol.EventsPacket.from_fields(entry.fields)
+                    packet = messages.EventsPacket.from_fields(entry.fields)
                     created = entry.stream_id not in batcher.registry
                     evicted = batcher.push_packet(entry.id, entry.stream_id, packet)
                 except (EventError, StreamError, ValueError) as err:
@@ -279,13 +278,13 @@ class Worker:
                     self._refuse(out, entry, 500, str(err))
                     continue
                 if created:
-                    out.values[protocol.sensor_key(self.prefix, entry.stream_id)] = \
-                        protocol.encode_sensor(packet.width, packet.height)  # fmt: skip
+                    out.values[messages.sensor_key(self.prefix, entry.stream_id)] = \
+                        messages.encode_sensor(packet.width, packet.height)  # fmt: skip
                 for slot in evicted:
-                    out.values[protocol.sensor_key(self.prefix, slot.stream_id)] = b""
+                    out.values[messages.sensor_key(self.prefix, slot.stream_id)] = b""
                     log.info("event=stream_evicted stream=%s", slot.stream_id)
                 packets.append(entry)
-            elif entry.kind in protocol.CONTROL_KINDS:
+            elif entry.kind in messages.CONTROL_KINDS:
                 batcher.drain()  # bus order: everything before the control entry is applied first
                 out.replies.append((entry.id, self._control(entry, out)))
                 out.acks.append(entry.id)
@@ -302,7 +301,7 @@ class Worker:
             if poisoned is not None:
                 self._refuse(out, entry, 500, poisoned)
                 continue
-            out.replies.append((entry.id, protocol.ok_reply(steps=batcher.results.pop(entry.id, []))))
+            out.replies.append((entry.id, messages.ok_reply(steps=batcher.results.pop(entry.id, []))))
             out.acks.append(entry.id)
             applied += 1
         self.metrics.packets.labels(outcome="applied").inc(applied)
@@ -315,12 +314,12 @@ class Worker:
         log.warning("event=entry_refused id=%s kind=%s stream=%s status=%d error=%r", entry.id, entry.kind,
                     entry.stream_id, status, detail)  # fmt: skip
         out.dead.append((entry, detail))
-        out.replies.append((entry.id, protocol.error_reply(status, detail)))
+        out.replies.append((entry.id, messages.error_reply(status, detail)))
         self.metrics.packets.labels(outcome="dead_lettered").inc()
 
     def _housekeeping(self, out: Applied) -> None:
         for slot in self.batcher.expire(self.settings.stream_ttl_s):
-            out.values[protocol.sensor_key(self.prefix, slot.stream_id)] = b""
+            out.values[messages.sensor_key(self.prefix, slot.stream_id)] = b""
             log.info("event=stream_expired stream=%s idle_s=%.0f", slot.stream_id, time.time() - slot.last_active_s)
 
     def _checkpoint_if_due(self) -> None:
@@ -339,40 +338,40 @@ class Worker:
 
     def _control(self, entry: BusEntry, out: Applied) -> bytes:
         batcher, kind, stream_id = self.batcher, entry.kind, entry.stream_id
-        key = protocol.sensor_key(self.prefix, stream_id)
+        key = messages.sensor_key(self.prefix, stream_id)
         try:
-            if kind == protocol.OPEN:
+            if kind == messages.OPEN:
                 width, height = int(entry.fields["width"]), int(entry.fields["height"])
                 slot, evicted = batcher.open(stream_id, width, height)
-                out.values[key] = protocol.encode_sensor(width, height)
+                out.values[key] = messages.encode_sensor(width, height)
                 for gone in evicted:
-                    out.values[protocol.sensor_key(self.prefix, gone.stream_id)] = b""
-                return protocol.ok_reply(stream=slot.info())
-            if kind == protocol.RESET:
+                    out.values[messages.sensor_key(self.prefix, gone.stream_id)] = b""
+                return messages.ok_reply(stream=slot.info())
+            if kind == messages.RESET:
                 slot = batcher.registry.get(stream_id)
                 if slot is None:
-                    return protocol.error_reply(404, f"stream {stream_id!r} is not live in the worker")
+                    return messages.error_reply(404, f"stream {stream_id!r} is not live in the worker")
                 batcher.reset_stream(slot)
-                return protocol.ok_reply()
-            if kind == protocol.DELETE:
+                return messages.ok_reply()
+            if kind == messages.DELETE:
                 out.values[key] = b""
-                return protocol.ok_reply(was_live=batcher.remove(stream_id) is not None)
-            if kind == protocol.CHECKPOINT:
-                return protocol.ok_reply(checkpoint=self._save())
-            if kind == protocol.RESTORE:
-                return protocol.ok_reply(checkpoint=self._restore(entry.fields["name"].decode(), out))
-            if kind == protocol.MODEL_RESET:
+                return messages.ok_reply(was_live=batcher.remove(stream_id) is not None)
+            if kind == messages.CHECKPOINT:
+                return messages.ok_reply(checkpoint=self._save())
+            if kind == messages.RESTORE:
+                return messages.ok_reply(checkpoint=self._restore(entry.fields["name"].decode(), out))
+            if kind == messages.MODEL_RESET:
                 batcher.reset_model(self.settings.seed)
-                return protocol.ok_reply(model=self.settings.model, model_version=batcher.learner.version)
+                return messages.ok_reply(model=self.settings.model, model_version=batcher.learner.version)
         except StreamError as err:
-            return protocol.error_reply(409, str(err))
+            return messages.error_reply(409, str(err))
         except CheckpointError as err:
-            return protocol.error_reply(404 if "no checkpoint named" in str(err) else 422, str(err))
+            return messages.error_reply(404 if "no checkpoint named" in str(err) else 422, str(err))
         except OSError as err:
-            return protocol.error_reply(500, f"checkpoint folder unusable: {err}")
+            return messages.error_reply(500, f"checkpoint folder unusable: {err}")
         except (KeyError, ValueError, UnicodeDecodeError) as err:
-            return protocol.error_reply(422, f"malformed {kind} entry: {err}")
-        return protocol.error_reply(400, f"unknown control {kind!r}")
+            return messages.error_reply(422, f"malformed {kind} entry: {err}")
+        return messages.error_reply(400, f"unknown control {kind!r}")
 
     # --- checkpoints (run in a thread) ------------------------------------------------------------
 
@@ -401,10 +400,10 @@ class Worker:
         before = {slot.stream_id for slot in self.batcher.registry}
         self._load(name)
         for slot in self.batcher.registry:
-            out.values[protocol.sensor_key(self.prefix, slot.stream_id)] = protocol.encode_sensor(slot.width, slot.height)
+            out.values[messages.sensor_key(self.prefix, slot.stream_id)] = messages.encode_sensor(slot.width, slot.height)
             before.discard(slot.stream_id)
         for stream_id in before:
-            out.values[protocol.sensor_key(self.prefix, stream_id)] = b""
+            out.values[messages.sensor_key(self.prefix, stream_id)] = b""
         self._dirty = False
         log.info("event=checkpoint_restored name=%s model_version=%d", name, self.batcher.learner.version)
         return self.store.info(name).as_dict()

@@ -1,0 +1,124 @@
+"""What every route needs, injected by FastAPI: the ``ServiceContext`` and shared route parameters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Path, Request
+
+from service.api.auth import require_admin, require_ingest
+from service.api.errors import ApiError
+from service.api.schemas import STREAM_ID_PATTERN, ErrorDetail
+from service.bus import Bus, BusUnavailable, messages
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+INGEST = [Depends(require_ingest)]  # route dependencies: the key check and rate limit (service.api.auth)
+ADMIN = [Depends(require_admin)]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorDetail, "description": text}
+    for code, text in {
+        401: "No API key, or an unknown one (send `Authorization: Bearer <key>` or `X-API-Key`).",
+        403: "An ingest key on an admin route.",
+        404: "Unknown stream or checkpoint.",
+        409: "The stream is open with another sensor size.",
+        413: "Body over the size limit.",
+        415: "Content type is neither application/octet-stream nor application/json.",
+        422: "Bad events, label or parameter; the message names the index and value.",
+        429: "Rate limit of the API key exceeded; retry after the Retry-After header.",
+        503: "Backpressure or bus unreachable; retry after the Retry-After header.",
+        504: "The worker did not reply in time; the packet stays on the bus and is still applied.",
+    }.items()
+}
+
+
+@dataclass
+class ServiceContext:
+    """The settings, bus and metrics of one app, and the bus conversations routes share."""
+
+    settings: Settings
+    bus: Bus
+    metrics: ServiceMetrics
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.bus_stream
+
+    async def sensor(self, stream_id: str) -> tuple[int, int] | None:
+        return messages.decode_sensor(await self.bus.get_value(messages.sensor_key(self.prefix, stream_id)))
+
+    async def known_sensor(self, stream_id: str) -> tuple[int, int]:
+        sensor = await self.sensor(stream_id)
+        if sensor is None:
+            raise ApiError(
+                404,
+                f"unknown stream {stream_id!r}: open it with PUT /v1/streams/{stream_id} "
+                "or width/height query parameters on its first packet",
+            )
+        return sensor
+
+    async def open_sensor(self, stream_id: str, width: int, height: int) -> tuple[int, int]:
+        """Declare a stream's sensor size (returned); 409 when it is open with another one."""
+        limit = self.settings.max_sensor_size
+        if not (1 <= width <= limit and 1 <= height <= limit):
+            raise ApiError(422, f"sensor size {width}x{height} outside 1..{limit} pixels per side")
+        sensor = await self.sensor(stream_id)
+        if sensor is not None and sensor != (width, height):
+            raise ApiError(
+                409,
+                f"stream {stream_id!r} is open with sensor {sensor[0]}x{sensor[1]}, "
+                f"not {width}x{height}; DELETE it first",
+            )
+        if sensor is None:
+            key = messages.sensor_key(self.prefix, stream_id)
+            await self.bus.set_value(key, messages.encode_sensor(width, height))
+        return width, height
+
+    async def status(self) -> dict[str, Any]:
+        """The worker's latest status snapshot (empty before the worker first wrote one)."""
+        raw = await self.bus.get_value(messages.status_key(self.prefix))
+        return json.loads(raw) if raw else {}
+
+    async def request(self, kind: str, stream_id: str, fields: dict[str, bytes] | None = None) -> dict[str, Any]:
+        """Publish a control entry and wait for the worker's answer (504 on timeout)."""
+        entry_id = await self.bus.publish(kind, stream_id, fields or {})
+        return await self.reply(entry_id)
+
+    async def reply(self, entry_id: str) -> dict[str, Any]:
+        """The worker's answer to entry ``entry_id`` (504 when none comes in time).
+
+        The entry is on the bus already, so a bus failure while waiting is a 504 too, never a 503:
+        a 503 tells the client to send again, which would apply the packet twice.
+        """
+        timeout_s = self.settings.request_timeout_s
+        try:
+            payload = await self.bus.wait_reply(entry_id, timeout_s)
+        except BusUnavailable as err:
+            raise ApiError(
+                504,
+                f"entry {entry_id} was accepted, but the bus failed while waiting for its "
+                f"reply ({err}); do not send it again",
+            ) from err
+        if payload is None:
+            raise ApiError(
+                504,
+                f"no reply from the worker within {timeout_s:g} s; "
+                f"entry {entry_id} stays on the bus and will be applied",
+            )
+        answer = messages.decode_reply(payload)
+        if not answer.get("ok"):
+            raise ApiError(int(answer.get("status", 500)), str(answer.get("detail", "worker error")))
+        return answer
+
+
+async def get_context(request: Request) -> ServiceContext:
+    """The app's ``ServiceContext`` (async: a sync dependency would cost a thread hop per request)."""
+    return request.app.state.service
+
+
+Context = Annotated[ServiceContext, Depends(get_context)]
+StreamId = Annotated[
+    str, Path(pattern=STREAM_ID_PATTERN, description="Stream id, [A-Za-z0-9_.-]{1,64}.", examples=["cam-1"])
+]

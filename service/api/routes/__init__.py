@@ -1,0 +1,1 @@
+"""One ``APIRouter`` per resource: streams, checkpoints, model, operations (FastAPI's bigger-applications layout)."""

@@ -1,0 +1,116 @@
+"""Streams: post event packets, open, list, inspect, reset and delete a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from service.api.body import BINARY, EVENTS_BODY, JSON, LARGE_BODY_BYTES, parse_events, read_body
+from service.api.context import ADMIN, ERRORS, INGEST, Context, StreamId
+from service.api.errors import ApiError
+from service.api.schemas import PacketAccepted, PacketResult, SensorSize, StreamAction, StreamInfo, StreamList
+from service.bus import BusFull, messages
+
+router = APIRouter(prefix="/v1/streams", tags=["streams"], responses=ERRORS)
+
+#: The events route streams and caps its own body; ``BodyLimit`` leaves paths like this one alone.
+EVENTS_PATH_PREFIX, EVENTS_PATH_SUFFIX = "/v1/streams/", "/events"
+
+
+@router.post(
+    "/{stream_id}/events",
+    dependencies=INGEST,
+    response_model=PacketResult,
+    responses={202: {"model": PacketAccepted, "description": "wait=false: queued."}},
+    openapi_extra={"requestBody": EVENTS_BODY},
+    summary="Post an event packet; get the predictions of the time-steps it completed",
+)
+async def post_events(
+    request: Request,
+    ctx: Context,
+    stream_id: StreamId,
+    label: Annotated[int | None, Query(description="Class of every step this packet completes.")] = None,
+    start: Annotated[bool, Query(description="Begin a new sequence: fresh neuron and framer state.")] = False,
+    end: Annotated[bool, Query(description="Close the sequence: flush the open window as a last frame.")] = False,
+    wait: Annotated[bool, Query(description="Wait for the predictions (200) or not (202).")] = True,
+    width: Annotated[int | None, Query(description="Sensor width, to open the stream.")] = None,
+    height: Annotated[int | None, Query(description="Sensor height, to open the stream.")] = None,
+) -> Any:
+    posted_s = time.time()
+    received = time.perf_counter()
+    settings, metrics = ctx.settings, ctx.metrics
+    try:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in (BINARY, JSON):
+            raise ApiError(415, f"content type {content_type or '(none)'!r} not accepted; send {BINARY} or {JSON}")
+        if label is not None and not 0 <= label < settings.num_classes:
+            raise ApiError(422, f"label {label} outside [0, {settings.num_classes})")
+        if (width is None) != (height is None):
+            raise ApiError(422, "give both width and height, or neither")
+        if width is not None and height is not None:
+            sensor = await ctx.open_sensor(stream_id, width, height)
+        else:
+            sensor = await ctx.known_sensor(stream_id)
+        body = await read_body(request, settings.max_body_bytes)
+        parse_args = (body, content_type, sensor, settings.max_events_per_packet)
+        if len(body) > LARGE_BODY_BYTES:  # keep the event loop free while a big packet is checked
+            events = await asyncio.to_thread(parse_events, *parse_args)
+        else:
+            events = parse_events(*parse_args)
+        packet = messages.EventsPacket(events, sensor[0], sensor[1], label, start, end, posted_s)
+        entry_id = await ctx.bus.publish(messages.EVENTS, stream_id, packet.to_fields())
+    except BusFull:
+        metrics.packets.labels(outcome="throttled").inc()
+        raise
+    except Exception:
+        metrics.packets.labels(outcome="rejected").inc()
+        raise
+    metrics.packets.labels(outcome="accepted").inc()
+    if not wait:
+        return JSONResponse({"stream_id": stream_id, "packet_id": entry_id}, status_code=202)
+    answer = await ctx.reply(entry_id)
+    metrics.prediction_latency.observe(time.perf_counter() - received)
+    return {"stream_id": stream_id, "packet_id": entry_id, "steps": answer.get("steps", [])}
+
+
+@router.put("/{stream_id}", dependencies=INGEST, response_model=StreamInfo, summary="Open a stream with its sensor size")
+async def open_stream(ctx: Context, stream_id: StreamId, sensor: SensorSize) -> Any:
+    await ctx.open_sensor(stream_id, sensor.width, sensor.height)
+    fields = {"width": str(sensor.width).encode(), "height": str(sensor.height).encode()}
+    return (await ctx.request(messages.OPEN, stream_id, fields))["stream"]
+
+
+@router.get("", dependencies=INGEST, response_model=StreamList, summary="Live streams")
+async def list_streams(ctx: Context) -> Any:
+    return {"streams": (await ctx.status()).get("streams", [])}
+
+
+@router.get("/{stream_id}", dependencies=INGEST, response_model=StreamInfo, summary="One stream: steps, last prediction, online accuracy")
+async def get_stream(ctx: Context, stream_id: StreamId) -> Any:
+    for info in (await ctx.status()).get("streams", []):
+        if info["stream_id"] == stream_id:
+            return info
+    raise ApiError(404, f"unknown stream {stream_id!r}")
+
+
+@router.post(
+    "/{stream_id}/reset", dependencies=INGEST, response_model=StreamAction, summary="Fresh neuron and framer state for this stream only"
+)
+async def reset_stream(ctx: Context, stream_id: StreamId) -> Any:
+    await ctx.known_sensor(stream_id)
+    await ctx.request(messages.RESET, stream_id)
+    return {"stream_id": stream_id, "action": "reset", "ok": True}
+
+
+@router.delete(
+    "/{stream_id}", dependencies=ADMIN, response_model=StreamAction, summary="Close a stream and free its state slot"
+)
+async def delete_stream(ctx: Context, stream_id: StreamId) -> Any:
+    await ctx.known_sensor(stream_id)
+    await ctx.bus.set_value(messages.sensor_key(ctx.prefix, stream_id), b"")
+    await ctx.request(messages.DELETE, stream_id)
+    return {"stream_id": stream_id, "action": "delete", "ok": True}

@@ -1,0 +1,47 @@
+"""The service in one process: the API plus, when asked, the worker beside it.
+
+``create_app`` is what ``ndot serve`` and ``ndot api`` run. The API package never imports the
+worker; this module, above both, wires them together as a lifespan companion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.app import Companion, create_api
+from service.bus import Bus
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.worker import Worker
+
+
+def worker_companion(settings: Settings) -> Companion:
+    """A lifespan companion that runs a ``Worker`` in the app's event loop."""
+
+    @asynccontextmanager
+    async def run(bus: Bus, metrics: ServiceMetrics) -> AsyncIterator[Worker]:
+        worker = Worker(settings, bus, metrics)
+        await worker.start()
+        worker.run_in_background()
+        try:
+            yield worker
+        finally:
+            await worker.stop()
+
+    return run
+
+
+def create_app(
+    settings: Settings,
+    bus: Bus | None = None,
+    *,
+    run_worker: bool | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> FastAPI:
+    """The API app; ``run_worker``: None = run the worker in-process when the bus is embedded."""
+    with_worker = (settings.redis_url is None) if run_worker is None else run_worker
+    companions = [worker_companion(settings)] if with_worker else []
+    return create_api(settings, bus, metrics=metrics, companions=companions)
