@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+SOURCES := ndot_core service clients tests benchmarks
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint format bench clean
 
 install: $(STAMP)
 
@@ -20,7 +21,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ndot_core service clients tests benchmarks
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format $(SOURCES)
+	$(VENV)/bin/ruff check --fix $(SOURCES)
 
 demo: $(STAMP)
 	$(PY) -m clients.demo

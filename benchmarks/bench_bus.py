@@ -119,8 +119,11 @@ async def measure(name: str, bus: Bus, packets: int) -> dict[str, Any]:
         replies = await reply_latency(bus, 60)
     finally:
         await bus.close()
-    result["hop_ms"] = {"p50": _percentile_ms(hops, 50), "p99": _percentile_ms(hops, 99),
-                        "mean": statistics.fmean(hops) * 1000}  # fmt: skip
+    result["hop_ms"] = {
+        "p50": _percentile_ms(hops, 50),
+        "p99": _percentile_ms(hops, 99),
+        "mean": statistics.fmean(hops) * 1000,
+    }
     result["reply_ms"] = {"p50": _percentile_ms(replies, 50), "p99": _percentile_ms(replies, 99)}
     result["pass"] = (
         result["throughput"]["packets_per_s"] >= TARGET_PACKETS_PER_S
@@ -177,16 +180,22 @@ def main() -> None:
         raw.delete(*raw.scan_iter(match=f"{stream}*"))
         raw.close()
 
-    print(f"{'bus':<7}{'packets/s':>11}{'Mevents/s':>11}{'MB/s':>8}{'BusFull':>9}"
-          f"{'hop p50 ms':>12}{'hop p99 ms':>12}{'reply p50 ms':>14}{'reply p99 ms':>14}  verdict")  # fmt: skip
+    print(
+        f"{'bus':<7}{'packets/s':>11}{'Mevents/s':>11}{'MB/s':>8}{'BusFull':>9}"
+        f"{'hop p50 ms':>12}{'hop p99 ms':>12}{'reply p50 ms':>14}{'reply p99 ms':>14}  verdict"
+    )
     for r in results:
         t = r["throughput"]
-        print(f"{r['bus']:<7}{t['packets_per_s']:>11.0f}{t['events_per_s'] / 1e6:>11.2f}{t['mb_per_s']:>8.0f}"
-              f"{t['busfull_retries']:>9}{r['hop_ms']['p50']:>12.3f}{r['hop_ms']['p99']:>12.3f}"
-              f"{r['reply_ms']['p50']:>14.3f}{r['reply_ms']['p99']:>14.3f}  {'PASS' if r['pass'] else 'FAIL'}")  # fmt: skip
+        print(
+            f"{r['bus']:<7}{t['packets_per_s']:>11.0f}{t['events_per_s'] / 1e6:>11.2f}{t['mb_per_s']:>8.0f}"
+            f"{t['busfull_retries']:>9}{r['hop_ms']['p50']:>12.3f}{r['hop_ms']['p99']:>12.3f}"
+            f"{r['reply_ms']['p50']:>14.3f}{r['reply_ms']['p99']:>14.3f}  {'PASS' if r['pass'] else 'FAIL'}"
+        )
     verdict = "PASS" if all(r["pass"] for r in results) else "FAIL"
-    print(f"verdict: {verdict} (targets: >= {TARGET_PACKETS_PER_S} packets/s of {EVENTS_PER_PACKET} events, "
-          f"hop p99 <= {TARGET_HOP_P99_MS} ms)")  # fmt: skip
+    print(
+        f"verdict: {verdict} (targets: >= {TARGET_PACKETS_PER_S} packets/s of {EVENTS_PER_PACKET} events, "
+        f"hop p99 <= {TARGET_HOP_P99_MS} ms)"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
     (RESULTS / "bench_bus.json").write_text(

@@ -71,8 +71,14 @@ def bench_synthetic(samples: int = 20) -> dict:
     events = sum(len(camera.sample(i)[0]) for i in range(samples))
     seconds = time.perf_counter() - start
     camera_s = samples * camera.duration_us * 1e-6
-    return {"samples": samples, "events": events, "seconds": seconds, "samples_per_s": samples / seconds,
-            "events_per_s": events / seconds, "realtime_factor": camera_s / seconds}  # fmt: skip
+    return {
+        "samples": samples,
+        "events": events,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "events_per_s": events / seconds,
+        "realtime_factor": camera_s / seconds,
+    }
 
 
 def bench_end_to_end(url: str, source_args: list[str], streams: int, samples: int, workdir: Path) -> dict:
@@ -80,22 +86,45 @@ def bench_end_to_end(url: str, source_args: list[str], streams: int, samples: in
     processes = []
     for i in range(streams):
         out = workdir / f"client-{i}.json"
-        command = [sys.executable, "-m", "clients.dvs_client", *source_args, "--url", url, "--limit", str(samples),
-                   "--shuffle", "--seed", str(i), "--stream-prefix", f"bench{i}", "--quiet", "--out", str(out)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "clients.dvs_client",
+            *source_args,
+            "--url",
+            url,
+            "--limit",
+            str(samples),
+            "--shuffle",
+            "--seed",
+            str(i),
+            "--stream-prefix",
+            f"bench{i}",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
         processes.append((subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL), out))
     codes = [process.wait() for process, _ in processes]
     records = [json.loads(out.read_text()) for _, out in processes if out.is_file()]
-    latencies = np.concatenate([np.asarray(r["packet_latencies_s"]) for r in records]) if records else np.zeros(0)
+    latencies = (
+        np.concatenate([np.asarray(r["packet_latencies_s"]) for r in records]) if records else np.zeros(0)
+    )
     lags = [r["summary"]["schedule_lag_max_s"] or 0.0 for r in records]
     return {
-        "streams": streams, "samples_per_stream": samples, "exit_codes": codes,
-        "packets": int(latencies.size), "events": sum(r["summary"]["events"] for r in records),
+        "streams": streams,
+        "samples_per_stream": samples,
+        "exit_codes": codes,
+        "packets": int(latencies.size),
+        "events": sum(r["summary"]["events"] for r in records),
         "latency_p50_ms": float(np.percentile(latencies, 50) * 1e3) if latencies.size else None,
         "latency_p99_ms": float(np.percentile(latencies, 99) * 1e3) if latencies.size else None,
         "schedule_lag_max_s": max(lags) if lags else None,
-        "sample_accuracy": float(np.mean([r["summary"]["sample_accuracy"] or 0 for r in records])) if records else None,
+        "sample_accuracy": float(np.mean([r["summary"]["sample_accuracy"] or 0 for r in records]))
+        if records
+        else None,
         "_latencies_s": latencies.tolist(),
-    }  # fmt: skip
+    }
 
 
 def plot(latencies_s: list[float], path: Path, title: str) -> None:
@@ -109,8 +138,12 @@ def plot(latencies_s: list[float], path: Path, title: str) -> None:
     axes.plot(values, np.arange(1, values.size + 1) / max(values.size, 1))
     axes.axvline(TARGET_P99_S * 1e3, color="red", linestyle="--", label="p99 target 25 ms")
     axes.axhline(0.99, color="grey", linestyle=":")
-    axes.set(xscale="log", xlabel="POST -> prediction latency (ms, client side)", ylabel="fraction of packets",
-             title=title)  # fmt: skip
+    axes.set(
+        xscale="log",
+        xlabel="POST -> prediction latency (ms, client side)",
+        ylabel="fraction of packets",
+        title=title,
+    )
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
@@ -138,25 +171,45 @@ def main() -> int:
     latencies = e2e.pop("_latencies_s")
     verdicts = {
         "encoding >= 10 M events/s": encoding["events_per_s"] >= TARGET_ENCODE,
-        f"p99 <= 25 ms, {args.streams} real-time streams": (e2e["latency_p99_ms"] or 1e9) <= TARGET_P99_S * 1e3,
+        f"p99 <= 25 ms, {args.streams} real-time streams": (e2e["latency_p99_ms"] or 1e9)
+        <= TARGET_P99_S * 1e3,
         "keeps up (max schedule lag <= 100 ms)": (e2e["schedule_lag_max_s"] or 0) <= TARGET_LAG_S,
     }
     rows = [
-        ("client packetize + encode", f"{encoding['events_per_s'] / 1e6:.1f} M events/s", f"{encoding['events']} events"),
-        ("synthetic camera", f"{synthetic['samples_per_s']:.1f} samples/s",
-         f"{synthetic['events_per_s'] / 1e3:.0f} k events/s, {synthetic['realtime_factor']:.1f}x real time"),
-        (f"e2e latency p50 / p99 ({args.streams} streams)",
-         f"{e2e['latency_p50_ms']:.1f} / {e2e['latency_p99_ms']:.1f} ms", f"{e2e['packets']} packets"),
+        (
+            "client packetize + encode",
+            f"{encoding['events_per_s'] / 1e6:.1f} M events/s",
+            f"{encoding['events']} events",
+        ),
+        (
+            "synthetic camera",
+            f"{synthetic['samples_per_s']:.1f} samples/s",
+            f"{synthetic['events_per_s'] / 1e3:.0f} k events/s, {synthetic['realtime_factor']:.1f}x real time",
+        ),
+        (
+            f"e2e latency p50 / p99 ({args.streams} streams)",
+            f"{e2e['latency_p50_ms']:.1f} / {e2e['latency_p99_ms']:.1f} ms",
+            f"{e2e['packets']} packets",
+        ),
         ("e2e max schedule lag", f"{e2e['schedule_lag_max_s']:.3f} s", f"exit codes {e2e['exit_codes']}"),
-    ]  # fmt: skip
-    print(f"bench_client on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, data: {name}")
+    ]
+    print(
+        f"bench_client on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, data: {name}"
+    )
     for label, value, note in rows:
         print(f"  {label:<38} {value:>22}   {note}")
     for label, ok in verdicts.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {label}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"data": name, "cpus": os.cpu_count(), "encoding": encoding, "synthetic": synthetic,
-              "end_to_end": e2e, "verdicts": verdicts, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    result = {
+        "data": name,
+        "cpus": os.cpu_count(),
+        "encoding": encoding,
+        "synthetic": synthetic,
+        "end_to_end": e2e,
+        "verdicts": verdicts,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     (RESULTS / "bench_client.json").write_text(json.dumps(result, indent=1))
     plot(latencies, RESULTS / "bench_client.png", f"{args.streams} real-time streams, client side ({name})")
     print(f"  wrote {RESULTS / 'bench_client.json'} and bench_client.png")

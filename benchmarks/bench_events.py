@@ -35,7 +35,9 @@ from ndot_core.events.layout import events_from_bytes, events_to_bytes, to_tonic
 from ndot_core.events.readers import read_events  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = Path(os.environ.get("NDOT_SHARED_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+DATA = Path(
+    os.environ.get("NDOT_SHARED_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+)
 TARGET_FRAMING = 100e6
 TARGET_STREAMING = 30e6
 WINDOW_US = 10_000
@@ -82,30 +84,63 @@ def measure(repeat: int, runs: int) -> list[dict[str, Any]]:
 
     def add(name: str, seconds: tuple[float, float], n: int = count, target: float | None = None) -> None:
         wall, cpu = seconds
-        rows.append({"name": name, "events": n, "wall_seconds": wall, "cpu_seconds": cpu,
-                     "events_per_s": n / cpu, "wall_events_per_s": n / wall, "target_events_per_s": target})
+        rows.append(
+            {
+                "name": name,
+                "events": n,
+                "wall_seconds": wall,
+                "cpu_seconds": cpu,
+                "events_per_s": n / cpu,
+                "wall_events_per_s": n / wall,
+                "target_events_per_s": target,
+            }
+        )
 
-    add("np.bincount alone (floor)", best_seconds(lambda: np.bincount(index, minlength=2 * sensor[0] * sensor[1]),
-                                                   runs))
+    add(
+        "np.bincount alone (floor)",
+        best_seconds(lambda: np.bincount(index, minlength=2 * sensor[0] * sensor[1]), runs),
+    )
     add("flat_pixel_index", best_seconds(lambda: flat_pixel_index(events, sensor), runs))
-    add("to_frames 10 ms, 640x480", best_seconds(lambda: to_frames(events, sensor, time_window_us=WINDOW_US), runs),
-        target=TARGET_FRAMING)
-    add("to_frames 10 ms, 48x48", best_seconds(
-        lambda: to_frames(events, sensor, time_window_us=WINDOW_US, output_size=(48, 48)), runs), target=TARGET_FRAMING)
-    add("to_frames T=10 by count, 48x48", best_seconds(
-        lambda: to_frames(events, sensor, n_event_bins=10, output_size=(48, 48)), runs), target=TARGET_FRAMING)
+    add(
+        "to_frames 10 ms, 640x480",
+        best_seconds(lambda: to_frames(events, sensor, time_window_us=WINDOW_US), runs),
+        target=TARGET_FRAMING,
+    )
+    add(
+        "to_frames 10 ms, 48x48",
+        best_seconds(lambda: to_frames(events, sensor, time_window_us=WINDOW_US, output_size=(48, 48)), runs),
+        target=TARGET_FRAMING,
+    )
+    add(
+        "to_frames T=10 by count, 48x48",
+        best_seconds(lambda: to_frames(events, sensor, n_event_bins=10, output_size=(48, 48)), runs),
+        target=TARGET_FRAMING,
+    )
     from tonic.transforms import ToFrame
 
     tonic_events = to_tonic(events)
     tonic_frame = ToFrame(sensor_size=(*sensor, 2), time_window=WINDOW_US, include_incomplete=True)
     add("tonic ToFrame 10 ms, 640x480", best_seconds(lambda: tonic_frame(tonic_events), max(1, runs // 2)))
-    add("StreamFramer 1 ms packets, 640x480", best_seconds(lambda: stream(events, sensor, 1000, None), runs),
-        target=TARGET_STREAMING)
-    add("StreamFramer 1 ms packets, 48x48", best_seconds(lambda: stream(events, sensor, 1000, (48, 48)), runs),
-        target=TARGET_STREAMING)
-    add("events_from_bytes (validate)", best_seconds(lambda: events_from_bytes(body, sensor, max_events=None), runs))
-    for name in ("prophesee-evt2-640x480.raw", "prophesee-evt3-1280x720.raw", "dvxplorer-1.46s.aedat4",
-                 "dvs128-clips/5.bs2"):
+    add(
+        "StreamFramer 1 ms packets, 640x480",
+        best_seconds(lambda: stream(events, sensor, 1000, None), runs),
+        target=TARGET_STREAMING,
+    )
+    add(
+        "StreamFramer 1 ms packets, 48x48",
+        best_seconds(lambda: stream(events, sensor, 1000, (48, 48)), runs),
+        target=TARGET_STREAMING,
+    )
+    add(
+        "events_from_bytes (validate)",
+        best_seconds(lambda: events_from_bytes(body, sensor, max_events=None), runs),
+    )
+    for name in (
+        "prophesee-evt2-640x480.raw",
+        "prophesee-evt3-1280x720.raw",
+        "dvxplorer-1.46s.aedat4",
+        "dvs128-clips/5.bs2",
+    ):
         path = DATA / "recordings" / name
         n = len(read_events(path)[0])
         add(f"read_events {name}", best_seconds(lambda path=path: read_events(path), max(1, runs // 2)), n)
@@ -121,8 +156,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     names = [r["name"] for r in rows]
     rates = [r["events_per_s"] / 1e6 for r in rows]
-    colours = ["tab:green" if r["target_events_per_s"] and r["events_per_s"] >= r["target_events_per_s"]
-               else "tab:red" if r["target_events_per_s"] else "tab:gray" for r in rows]
+    colours = [
+        "tab:green"
+        if r["target_events_per_s"] and r["events_per_s"] >= r["target_events_per_s"]
+        else "tab:red"
+        if r["target_events_per_s"]
+        else "tab:gray"
+        for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
     ax.barh(names[::-1], rates[::-1], color=colours[::-1])
     for target, label in ((TARGET_FRAMING, "framing target"), (TARGET_STREAMING, "streaming target")):
@@ -142,31 +183,58 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=20, help="times the EVT2 recording is tiled (default 20)")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement, best kept (default 5)")
+    parser.add_argument(
+        "--repeat", type=int, default=20, help="times the EVT2 recording is tiled (default 20)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="timed runs per measurement, best kept (default 5)"
+    )
     args = parser.parse_args()
     if not (DATA / "recordings").is_dir():
         sys.exit(f"recordings not found under {DATA} (set NDOT_SHARED_DATA)")
     rows = measure(args.repeat, args.runs)
     load = os.getloadavg()[0]
-    print(f"load average {load:.1f} on {os.cpu_count()} cores; rates from CPU time (wall-clock rate beside it)")
+    print(
+        f"load average {load:.1f} on {os.cpu_count()} cores; rates from CPU time (wall-clock rate beside it)"
+    )
     print(f"{'measurement':40s} {'events':>11s} {'cpu s':>8s} {'M ev/s':>8s} {'wall M/s':>9s}  target")
     for r in rows:
         target = r["target_events_per_s"]
-        verdict = "" if target is None else f">= {target / 1e6:.0f} M: {'PASS' if r['events_per_s'] >= target else 'FAIL'}"
-        print(f"{r['name']:40s} {r['events']:11,d} {r['cpu_seconds']:8.4f} {r['events_per_s'] / 1e6:8.1f} "
-              f"{r['wall_events_per_s'] / 1e6:9.1f}  {verdict}")
+        verdict = (
+            ""
+            if target is None
+            else f">= {target / 1e6:.0f} M: {'PASS' if r['events_per_s'] >= target else 'FAIL'}"
+        )
+        print(
+            f"{r['name']:40s} {r['events']:11,d} {r['cpu_seconds']:8.4f} {r['events_per_s'] / 1e6:8.1f} "
+            f"{r['wall_events_per_s'] / 1e6:9.1f}  {verdict}"
+        )
     targets = [r for r in rows if r["target_events_per_s"]]
     passed = all(r["events_per_s"] >= r["target_events_per_s"] for r in targets)
-    speedup = next(r for r in rows if r["name"].startswith("to_frames 10 ms, 640"))["events_per_s"] / next(
-        r for r in rows if r["name"].startswith("tonic"))["events_per_s"]
+    speedup = (
+        next(r for r in rows if r["name"].startswith("to_frames 10 ms, 640"))["events_per_s"]
+        / next(r for r in rows if r["name"].startswith("tonic"))["events_per_s"]
+    )
     print(f"to_frames vs tonic ToFrame (same frames): {speedup:.1f}x")
-    print(f"verdict: {'PASS' if passed else 'FAIL'} ({sum(r['events_per_s'] >= r['target_events_per_s'] for r in targets)}"
-          f"/{len(targets)} targets met)")
+    print(
+        f"verdict: {'PASS' if passed else 'FAIL'} ({sum(r['events_per_s'] >= r['target_events_per_s'] for r in targets)}"
+        f"/{len(targets)} targets met)"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "bench_events", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-              "numpy": np.__version__, "load_average_1min": load}, "repeat": args.repeat, "runs": args.runs, "rows": rows,
-              "speedup_vs_tonic": speedup, "verdict": "PASS" if passed else "FAIL"}
+    report = {
+        "benchmark": "bench_events",
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "numpy": np.__version__,
+            "load_average_1min": load,
+        },
+        "repeat": args.repeat,
+        "runs": args.runs,
+        "rows": rows,
+        "speedup_vs_tonic": speedup,
+        "verdict": "PASS" if passed else "FAIL",
+    }
     (RESULTS / "bench_events.json").write_text(json.dumps(report, indent=2))
     plot(rows, RESULTS / "bench_events.png")
     print(f"wrote {RESULTS / 'bench_events.json'} and .png")

@@ -46,7 +46,7 @@ from service_load import (  # noqa: E402
     redis_sink,
     replay_stream,
     wait_http,
-)  # fmt: skip
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_INGEST = 10e6
@@ -57,7 +57,9 @@ STREAMS = 8
 def bench_ingest(bus: str, duration_s: float) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, str(Path(__file__).with_name("service_load.py")), "sink-server", str(port)] + ([REDIS_URL] if bus == "redis" else [])
+    args = [sys.executable, str(Path(__file__).with_name("service_load.py")), "sink-server", str(port)] + (
+        [REDIS_URL] if bus == "redis" else []
+    )
     server = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     stop = asyncio.Event()
     sink_thread = None
@@ -68,8 +70,12 @@ def bench_ingest(bus: str, duration_s: float) -> dict[str, Any]:
             sink_thread = threading.Thread(target=loop.run_until_complete, args=(redis_sink(stream, stop),))
             sink_thread.start()
         conn = http.client.HTTPConnection("127.0.0.1", port)  # open the stream (declare its sensor size)
-        conn.request("POST", "/v1/streams/bench/events?wait=false&width=34&height=34", b"",
-                     {"Content-Type": "application/octet-stream"})  # fmt: skip
+        conn.request(
+            "POST",
+            "/v1/streams/bench/events?wait=false&width=34&height=34",
+            b"",
+            {"Content-Type": "application/octet-stream"},
+        )
         assert conn.getresponse().status == 202
         result = load(url, "/v1/streams/bench/events?wait=false", packet_body(), duration_s)
     finally:
@@ -97,16 +103,30 @@ def bench_latency(duration_s: float, threads: int = 0) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "NDOT_PORT": str(port), "NDOT_CHECKPOINT_DIR": tmp, "NDOT_LOG_LEVEL": "WARNING",
-               "NDOT_TORCH_THREADS": str(threads), "NDOT_AUTH": "off"}  # loopback benchmark
+        env = {
+            **os.environ,
+            "NDOT_PORT": str(port),
+            "NDOT_CHECKPOINT_DIR": tmp,
+            "NDOT_LOG_LEVEL": "WARNING",
+            "NDOT_TORCH_THREADS": str(threads),
+            "NDOT_AUTH": "off",
+        }  # loopback benchmark
         env.pop("REDIS_URL", None)
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_http(url, "/readyz")
             context = mp.get_context("spawn")
             queue = context.Queue()
-            procs = [context.Process(target=replay_stream, args=(url, s, duration_s, queue)) for s in range(STREAMS)]
+            procs = [
+                context.Process(target=replay_stream, args=(url, s, duration_s, queue))
+                for s in range(STREAMS)
+            ]
             for p in procs:
                 p.start()
             results = [queue.get(timeout=duration_s + 120) for _ in procs]
@@ -116,9 +136,15 @@ def bench_latency(duration_s: float, threads: int = 0) -> dict[str, Any]:
             server.terminate()
             server.wait(60)
     latencies = np.array([x for r in results for x in r[0]])
-    return {"streams": STREAMS, "requests": int(latencies.size), "p50_ms": float(np.percentile(latencies, 50) * 1e3),
-            "p99_ms": float(np.percentile(latencies, 99) * 1e3), "max_ms": float(latencies.max() * 1e3),
-            "max_send_lateness_ms": max(r[1] for r in results) * 1e3, "latencies_ms": (latencies * 1e3).tolist()}  # fmt: skip
+    return {
+        "streams": STREAMS,
+        "requests": int(latencies.size),
+        "p50_ms": float(np.percentile(latencies, 50) * 1e3),
+        "p99_ms": float(np.percentile(latencies, 99) * 1e3),
+        "max_ms": float(latencies.max() * 1e3),
+        "max_send_lateness_ms": max(r[1] for r in results) * 1e3,
+        "latencies_ms": (latencies * 1e3).tolist(),
+    }
 
 
 # --- 3. worker ---------------------------------------------------------------------------------------
@@ -137,10 +163,18 @@ def bench_worker(duration_s: float, threads: int = 0) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    learner = OnlineLearner(build_model("stream_cnn", in_channels=2, num_classes=10, input_size=(34, 34)), device=device)
+    learner = OnlineLearner(
+        build_model("stream_cnn", in_channels=2, num_classes=10, input_size=(34, 34)), device=device
+    )
     batcher = Batcher(learner, 64, WINDOW_US, ServiceMetrics())
-    streams = [[(label, k, len(packets), body) for label, packets in nmnist_packets(10, 40 * s)
-                for k, (_, body) in enumerate(packets)] for s in range(STREAMS)]  # fmt: skip
+    streams = [
+        [
+            (label, k, len(packets), body)
+            for label, packets in nmnist_packets(10, 40 * s)
+            for k, (_, body) in enumerate(packets)
+        ]
+        for s in range(STREAMS)
+    ]
     ticks = steps = 0
     camera_s = 0.0
     started = time.perf_counter()
@@ -156,8 +190,16 @@ def bench_worker(duration_s: float, threads: int = 0) -> dict[str, Any]:
         ticks += 1
         camera_s += WINDOW_US / 1e6
     wall_s = time.perf_counter() - started
-    return {"device": device, "torch_threads": torch.get_num_threads(), "streams": STREAMS, "camera_s": camera_s, "wall_s": wall_s, "steps": steps,
-            "steps_per_s": steps / wall_s, "realtime_factor": camera_s / wall_s}  # fmt: skip
+    return {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "streams": STREAMS,
+        "camera_s": camera_s,
+        "wall_s": wall_s,
+        "steps": steps,
+        "steps_per_s": steps / wall_s,
+        "realtime_factor": camera_s / wall_s,
+    }
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -193,7 +235,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--phases", default="ingest,latency,worker")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads (0 = torch's default)")
@@ -215,18 +259,33 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, verdicts = [], []
     for r in results.get("ingest", []):
-        rows.append((f"ingest ({r['bus']}, {r['tool']})", f"{r['events_per_s'] / 1e6:8.2f} M events/s",
-                     f"{r['ok_per_s']:.0f} packets/s, {r['refused']} refused"))  # fmt: skip
+        rows.append(
+            (
+                f"ingest ({r['bus']}, {r['tool']})",
+                f"{r['events_per_s'] / 1e6:8.2f} M events/s",
+                f"{r['ok_per_s']:.0f} packets/s, {r['refused']} refused",
+            )
+        )
         verdicts.append((f"ingest {r['bus']} >= 10 M events/s", r["events_per_s"] >= TARGET_INGEST))
     if "latency" in results:
         r = results["latency"]
-        rows.append(("POST -> prediction p50 / p99", f"{r['p50_ms']:6.1f} / {r['p99_ms']:.1f} ms",
-                     f"{r['requests']} requests, max {r['max_ms']:.0f} ms, sends up to {r['max_send_lateness_ms']:.0f} ms late"))  # fmt: skip
+        rows.append(
+            (
+                "POST -> prediction p50 / p99",
+                f"{r['p50_ms']:6.1f} / {r['p99_ms']:.1f} ms",
+                f"{r['requests']} requests, max {r['max_ms']:.0f} ms, sends up to {r['max_send_lateness_ms']:.0f} ms late",
+            )
+        )
         verdicts.append(("p99 <= 25 ms", r["p99_ms"] <= TARGET_P99_S * 1e3))
     if "worker" in results:
         r = results["worker"]
-        rows.append((f"worker ({r['device']}, {r['torch_threads']} threads, {r['streams']} streams)", f"{r['steps_per_s']:8.0f} steps/s",
-                     f"{r['realtime_factor']:.2f}x real time"))  # fmt: skip
+        rows.append(
+            (
+                f"worker ({r['device']}, {r['torch_threads']} threads, {r['streams']} streams)",
+                f"{r['steps_per_s']:8.0f} steps/s",
+                f"{r['realtime_factor']:.2f}x real time",
+            )
+        )
         verdicts.append(("worker keeps up with 8 real-time streams", r["realtime_factor"] >= 1.0))
     print(f"\n{'measure':44} {'value':>22}  detail")
     for name, value, detail in rows:

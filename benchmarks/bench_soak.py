@@ -86,7 +86,9 @@ def serve(settings: Any, holder: dict[str, Any], stop: threading.Event) -> None:
     async def main() -> None:
         bus, metrics = LocalBus(max_lag=settings.bus_max_lag), ServiceMetrics(settings.accuracy_window)
         app = create_app(settings, bus=bus, run_worker=False, metrics=metrics)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
+        )
         task = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.05)
@@ -125,8 +127,15 @@ def main() -> int:
     port = free_port()
     duration_s = args.minutes * 60
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
-        settings = Settings(redis_url=None, port=port, checkpoint_dir=Path(tmp) / "ckpt", ingest_keys=key,
-                            admin_keys=secrets.token_urlsafe(24), log_level="WARNING", checkpoint_interval_s=60)  # fmt: skip
+        settings = Settings(
+            redis_url=None,
+            port=port,
+            checkpoint_dir=Path(tmp) / "ckpt",
+            ingest_keys=key,
+            admin_keys=secrets.token_urlsafe(24),
+            log_level="WARNING",
+            checkpoint_interval_s=60,
+        )
         holder: dict[str, Any] = {}
         stop = threading.Event()
         thread = threading.Thread(target=serve, args=(settings, holder, stop), daemon=True)
@@ -140,8 +149,10 @@ def main() -> int:
         groups = [names[0::2], names[1::2]]
         context = mp.get_context("spawn")
         outs = [Path(tmp) / f"camera-{i}.json" for i in range(2)]
-        children = [context.Process(target=camera_process, args=(url, key, group, duration_s, i, str(out)))
-                    for i, (group, out) in enumerate(zip(groups, outs, strict=True))]  # fmt: skip
+        children = [
+            context.Process(target=camera_process, args=(url, key, group, duration_s, i, str(out)))
+            for i, (group, out) in enumerate(zip(groups, outs, strict=True))
+        ]
         metrics = holder["metrics"].registry
         samples: list[dict[str, float]] = []
         started = time.perf_counter()
@@ -149,11 +160,22 @@ def main() -> int:
             child.start()
         while any(child.is_alive() for child in children):
             now = time.perf_counter() - started
-            steps = sum(metrics.get_sample_value("ndot_steps_total", {"kind": k}) or 0 for k in ("learn", "infer"))
-            samples.append({"t_s": now, "rss_mb": rss_bytes() / 2**20, "tensor_mb": tensor_bytes(worker, device) / 2**20,
-                            "steps": steps})  # fmt: skip
-            print(f"  t={now:6.0f} s  RSS {samples[-1]['rss_mb']:7.1f} MB  tensors {samples[-1]['tensor_mb']:6.2f} MB"
-                  f"  steps {steps:.0f}", flush=True)  # fmt: skip
+            steps = sum(
+                metrics.get_sample_value("ndot_steps_total", {"kind": k}) or 0 for k in ("learn", "infer")
+            )
+            samples.append(
+                {
+                    "t_s": now,
+                    "rss_mb": rss_bytes() / 2**20,
+                    "tensor_mb": tensor_bytes(worker, device) / 2**20,
+                    "steps": steps,
+                }
+            )
+            print(
+                f"  t={now:6.0f} s  RSS {samples[-1]['rss_mb']:7.1f} MB  tensors {samples[-1]['tensor_mb']:6.2f} MB"
+                f"  steps {steps:.0f}",
+                flush=True,
+            )
             next_due = started + len(samples) * args.sample_s
             while time.perf_counter() < next_due and any(child.is_alive() for child in children):
                 time.sleep(min(0.5, max(next_due - time.perf_counter(), 0)))
@@ -163,10 +185,15 @@ def main() -> int:
 
     t = np.array([s["t_s"] for s in samples])
     warm = t >= max(60.0, 0.2 * duration_s)
-    result: dict[str, Any] = {"benchmark": "soak", "command": " ".join(["benchmarks/bench_soak.py", *sys.argv[1:]]),
-                              "minutes": args.minutes, "streams": args.streams, "device": device,
-                              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                          "load_avg": os.getloadavg()}, "samples": samples}  # fmt: skip
+    result: dict[str, Any] = {
+        "benchmark": "soak",
+        "command": " ".join(["benchmarks/bench_soak.py", *sys.argv[1:]]),
+        "minutes": args.minutes,
+        "streams": args.streams,
+        "device": device,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()},
+        "samples": samples,
+    }
     verdicts = {}
     for name, floor_mb, share in (("rss_mb", 10.0, 0.02), ("tensor_mb", 1.0, 0.01)):
         values = np.array([s[name] for s in samples])
@@ -177,15 +204,23 @@ def main() -> int:
         result[f"{name}_slope_per_min"] = slope
         result[f"{name}_allowed_per_hour"] = allowed
         result[f"{name}_first"], result[f"{name}_last"] = float(values[0]), float(values[-1])
-        print(f"{name:>10}: {values[0]:.1f} -> {values[-1]:.1f} MB; slope after warm-up {slope:+.3f} MB/min "
-              f"= {slope * 60:+.1f} MB/h (flat if |.| < {allowed:.1f} MB/h): {'flat' if flat else 'GROWING'}")  # fmt: skip
+        print(
+            f"{name:>10}: {values[0]:.1f} -> {values[-1]:.1f} MB; slope after warm-up {slope:+.3f} MB/min "
+            f"= {slope * 60:+.1f} MB/h (flat if |.| < {allowed:.1f} MB/h): {'flat' if flat else 'GROWING'}"
+        )
     latencies = [v for r in records for v in r["latencies_ms"]]
-    result.update(packets=sum(r["accepted"] for r in records), steps=samples[-1]["steps"] if samples else 0,
-                  latency_p50_ms=percentile(latencies, 50), latency_p99_ms=percentile(latencies, 99),
-                  warmup_s=float(max(60.0, 0.2 * duration_s)))  # fmt: skip
+    result.update(
+        packets=sum(r["accepted"] for r in records),
+        steps=samples[-1]["steps"] if samples else 0,
+        latency_p50_ms=percentile(latencies, 50),
+        latency_p99_ms=percentile(latencies, 99),
+        warmup_s=float(max(60.0, 0.2 * duration_s)),
+    )
     result["verdict"] = "flat" if all(verdicts.values()) else "growing"
-    print(f"packets {result['packets']}, steps {result['steps']:.0f}, p50 {result['latency_p50_ms'] or 0:.1f} ms, "
-          f"p99 {result['latency_p99_ms'] or 0:.1f} ms; verdict: memory {result['verdict']}")  # fmt: skip
+    print(
+        f"packets {result['packets']}, steps {result['steps']:.0f}, p50 {result['latency_p50_ms'] or 0:.1f} ms, "
+        f"p99 {result['latency_p99_ms'] or 0:.1f} ms; verdict: memory {result['verdict']}"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"bench_soak-{args.tag}" if args.tag else "bench_soak"
     result["environment"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
@@ -203,19 +238,28 @@ def plot(samples: list[dict[str, float]], result: dict[str, Any], path: Path) ->
 
     t = np.array([s["t_s"] for s in samples]) / 60
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, name, title in ((axes[0], "rss_mb", "process RSS (MB)"), (axes[1], "tensor_mb", "tensor memory (MB)")):
+    for ax, name, title in (
+        (axes[0], "rss_mb", "process RSS (MB)"),
+        (axes[1], "tensor_mb", "tensor memory (MB)"),
+    ):
         values = np.array([s[name] for s in samples])
         ax.plot(t, values, marker="o", markersize=3)
         ax.axvline(result["warmup_s"] / 60, color="grey", linestyle=":", label="end of warm-up")
         slope = result[f"{name}_slope_per_min"]
         warm = t >= result["warmup_s"] / 60
         if warm.any():
-            ax.plot(t[warm], values[warm].mean() + slope * (t[warm] - t[warm].mean()), "r--",
-                    label=f"fit {slope:+.3f} MB/min")  # fmt: skip
+            ax.plot(
+                t[warm],
+                values[warm].mean() + slope * (t[warm] - t[warm].mean()),
+                "r--",
+                label=f"fit {slope:+.3f} MB/min",
+            )
         ax.set(xlabel="minutes", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
-    figure.suptitle(f"soak: {result['streams']} real-time streams, {result['minutes']:g} min -- {result['verdict']}")
+    figure.suptitle(
+        f"soak: {result['streams']} real-time streams, {result['minutes']:g} min -- {result['verdict']}"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

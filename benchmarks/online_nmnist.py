@@ -79,8 +79,10 @@ class Config:
 
     def label(self) -> str:
         lr = "default" if self.lr is None else f"{self.lr:g}"
-        text = (f"{self.optimizer} lr={lr} T={self.steps_per_sample} a={self.alpha:g} w={self.window_us // 1000}ms "
-                f"B={self.streams}")  # fmt: skip
+        text = (
+            f"{self.optimizer} lr={lr} T={self.steps_per_sample} a={self.alpha:g} w={self.window_us // 1000}ms "
+            f"B={self.streams}"
+        )
         if self.ready < 1:
             text += f" ready={self.ready:g}"
         if self.optimizer == "sgd":
@@ -141,7 +143,9 @@ def held_out_accuracy(learner: OnlineLearner, samples: list[Sequence], window_us
     return correct / len(samples)
 
 
-def replay(config: Config, samples: list[Sequence], held_out: list[Sequence], settings: Settings) -> dict[str, Any]:
+def replay(
+    config: Config, samples: list[Sequence], held_out: list[Sequence], settings: Settings
+) -> dict[str, Any]:
     """Stream ``samples`` through a fresh learner and batcher; return accuracies and per-sample outcomes.
 
     Each round, every busy stream posts its next packet with probability ``config.ready`` (1 =
@@ -149,11 +153,23 @@ def replay(config: Config, samples: list[Sequence], held_out: list[Sequence], se
     predict the whole sample without learning (``frozen``: nothing of its own label can leak in).
     """
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, in_channels=settings.in_channels, num_classes=settings.num_classes,
-                        input_size=settings.input_size, **parse_model_args(config.model_args))  # fmt: skip
-    learner = OnlineLearner(model, rule=config.rule, mode=config.mode, optimizer=config.optimizer, lr=config.lr,
-                            momentum=config.momentum, alpha=config.alpha,
-                            steps_per_sample=config.steps_per_sample)  # fmt: skip
+    model = build_model(
+        settings.model,
+        in_channels=settings.in_channels,
+        num_classes=settings.num_classes,
+        input_size=settings.input_size,
+        **parse_model_args(config.model_args),
+    )
+    learner = OnlineLearner(
+        model,
+        rule=config.rule,
+        mode=config.mode,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        alpha=config.alpha,
+        steps_per_sample=config.steps_per_sample,
+    )
     batcher = Batcher(learner, config.streams, config.window_us, ServiceMetrics())
     rng = np.random.default_rng(config.seed)
     queue = iter(enumerate(samples))
@@ -185,8 +201,11 @@ def replay(config: Config, samples: list[Sequence], held_out: list[Sequence], se
             body = encode_body(sequence.events[packet.lo : packet.hi])
             entry_id = f"{entry}-0"
             entry += 1
-            batcher.push_packet(entry_id, f"s{row}", EventsPacket(body, width, height, sequence.label,
-                                                                   packet.start, packet.end))  # fmt: skip
+            batcher.push_packet(
+                entry_id,
+                f"s{row}",
+                EventsPacket(body, width, height, sequence.label, packet.start, packet.end),
+            )
             posted.append((row, entry_id))
             streams[row][3] = at + 1
         if not busy:
@@ -239,11 +258,20 @@ def plot(results: list[dict[str, Any]], path: Path, window: int) -> None:
         frozen = np.asarray(result["frozen_correct"], dtype=float)
         seen = np.arange(1, frozen.size + 1)
         shown = seen >= 10  # a mean over fewer samples is noise
-        line, = axes.plot(seen[shown], rolling(frozen)[shown], label=result["label"], linewidth=1.2)
-        axes.plot(seen[shown], rolling(np.asarray(result["correct"], dtype=float))[shown], color=line.get_color(),
-                  linestyle="--", linewidth=0.8)  # fmt: skip
-    axes.set(xlabel="samples streamed", ylabel=f"sample accuracy, last {window}", ylim=(0, 1),
-             title="Online accuracy on N-MNIST: frozen (solid) and as the service reports it (dashed)")  # fmt: skip
+        (line,) = axes.plot(seen[shown], rolling(frozen)[shown], label=result["label"], linewidth=1.2)
+        axes.plot(
+            seen[shown],
+            rolling(np.asarray(result["correct"], dtype=float))[shown],
+            color=line.get_color(),
+            linestyle="--",
+            linewidth=0.8,
+        )
+    axes.set(
+        xlabel="samples streamed",
+        ylabel=f"sample accuracy, last {window}",
+        ylim=(0, 1),
+        title="Online accuracy on N-MNIST: frozen (solid) and as the service reports it (dashed)",
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
@@ -253,31 +281,61 @@ def plot(results: list[dict[str, Any]], path: Path, window: int) -> None:
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     data = Path(os.environ.get("NDOT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "nmnist-small"
     parser.add_argument("--data", type=Path, default=data, help="labelled folder (labels.txt + train/*.bs2)")
     parser.add_argument("--samples", type=int, default=600, help="samples streamed (one pass)")
-    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="sample order seeds (the demo's --seed)")
+    parser.add_argument(
+        "--seed", type=int, nargs="+", default=[0], help="sample order seeds (the demo's --seed)"
+    )
     parser.add_argument("--streams", type=int, nargs="+", default=[4], help="concurrent streams (batch rows)")
     parser.add_argument("--optimizer", nargs="+", default=[defaults.optimizer], choices=("sgd", "adam"))
     parser.add_argument("--lr", type=float, nargs="+", default=[defaults.lr], help="learning rate(s)")
     parser.add_argument("--momentum", type=float, nargs="+", default=[defaults.momentum], help="SGD momentum")
-    parser.add_argument("--alpha", type=float, nargs="+", default=[defaults.alpha], help="MSE weight of Eq. 13")
-    parser.add_argument("--steps-per-sample", type=int, nargs="+", default=[defaults.steps_per_sample],
-                        help="T: the loss is divided by it (and NDOT_A steps every T labelled steps)")
+    parser.add_argument(
+        "--alpha", type=float, nargs="+", default=[defaults.alpha], help="MSE weight of Eq. 13"
+    )
+    parser.add_argument(
+        "--steps-per-sample",
+        type=int,
+        nargs="+",
+        default=[defaults.steps_per_sample],
+        help="T: the loss is divided by it (and NDOT_A steps every T labelled steps)",
+    )
     parser.add_argument("--mode", nargs="+", default=[defaults.mode], choices=("online", "accumulate"))
-    parser.add_argument("--rule", nargs="+", default=[defaults.rule], choices=("ndot", "ndot_reference", "ottt"))
-    parser.add_argument("--window-us", type=int, nargs="+", default=[defaults.window_us], help="frame window (µs)")
-    parser.add_argument("--model-args", nargs="+", default=[""],
-                        help='build_model options, e.g. "channels=16/32/32,hidden=256" ("" = defaults)')
-    parser.add_argument("--with-old-defaults", action="store_true",
-                        help="also run each configuration with the pre-tuning defaults (SGD lr 0.1, T=30, 10 ms)")
-    parser.add_argument("--ready", type=float, nargs="+", default=[0.35],
-                        help="probability a busy stream posts in a round: 1 = lockstep batches of --streams rows; "
-                        "0.35 with 4 streams gives the ~1.5 rows a tick the live demo sees")
-    parser.add_argument("--target", type=float, default=0.8, help=f"verdict: sample accuracy over the last {LAST}")
-    parser.add_argument("--out", type=Path, default=RESULTS / "online_nmnist.json", help="JSON (PNG beside it)")
+    parser.add_argument(
+        "--rule", nargs="+", default=[defaults.rule], choices=("ndot", "ndot_reference", "ottt")
+    )
+    parser.add_argument(
+        "--window-us", type=int, nargs="+", default=[defaults.window_us], help="frame window (µs)"
+    )
+    parser.add_argument(
+        "--model-args",
+        nargs="+",
+        default=[""],
+        help='build_model options, e.g. "channels=16/32/32,hidden=256" ("" = defaults)',
+    )
+    parser.add_argument(
+        "--with-old-defaults",
+        action="store_true",
+        help="also run each configuration with the pre-tuning defaults (SGD lr 0.1, T=30, 10 ms)",
+    )
+    parser.add_argument(
+        "--ready",
+        type=float,
+        nargs="+",
+        default=[0.35],
+        help="probability a busy stream posts in a round: 1 = lockstep batches of --streams rows; "
+        "0.35 with 4 streams gives the ~1.5 rows a tick the live demo sees",
+    )
+    parser.add_argument(
+        "--target", type=float, default=0.8, help=f"verdict: sample accuracy over the last {LAST}"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "online_nmnist.json", help="JSON (PNG beside it)"
+    )
     return parser
 
 
@@ -286,35 +344,67 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for result in results:
         groups.setdefault(Config(**{**result["config"], "seed": 0}).label(), []).append(result)
-    keys = ("sample_accuracy", f"sample_accuracy_last_{LAST}", "frozen_accuracy", f"frozen_accuracy_last_{LAST}",
-            "held_out_accuracy", "step_accuracy")  # fmt: skip
-    return [{"label": label, "seeds": [r["config"]["seed"] for r in group],
-             **{k: float(np.mean([r[k] for r in group])) for k in keys}} for label, group in groups.items()]  # fmt: skip
+    keys = (
+        "sample_accuracy",
+        f"sample_accuracy_last_{LAST}",
+        "frozen_accuracy",
+        f"frozen_accuracy_last_{LAST}",
+        "held_out_accuracy",
+        "step_accuracy",
+    )
+    return [
+        {
+            "label": label,
+            "seeds": [r["config"]["seed"] for r in group],
+            **{k: float(np.mean([r[k] for r in group])) for k in keys},
+        }
+        for label, group in groups.items()
+    ]
 
 
 def row(result: dict[str, Any]) -> str:
-    return (f"{result['label']:<52} {result['sample_accuracy']:>6.1%} {result[f'sample_accuracy_last_{LAST}']:>7.1%} "
-            f"{result['frozen_accuracy']:>6.1%} {result[f'frozen_accuracy_last_{LAST}']:>6.1%} "
-            f"{result['held_out_accuracy']:>6.1%} {result['step_accuracy']:>6.1%}")  # fmt: skip
+    return (
+        f"{result['label']:<52} {result['sample_accuracy']:>6.1%} {result[f'sample_accuracy_last_{LAST}']:>7.1%} "
+        f"{result['frozen_accuracy']:>6.1%} {result[f'frozen_accuracy_last_{LAST}']:>6.1%} "
+        f"{result['held_out_accuracy']:>6.1%} {result['step_accuracy']:>6.1%}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = Settings(auth="off")
     args = build_parser(defaults).parse_args(argv)
     torch.set_num_threads(1)
-    grid = [Config(*values) for values in itertools.product(
-        args.optimizer, args.lr, args.momentum, args.alpha, args.steps_per_sample, args.mode, args.rule,
-        args.window_us, args.model_args, args.streams, args.ready, args.seed)]  # fmt: skip
+    grid = [
+        Config(*values)
+        for values in itertools.product(
+            args.optimizer,
+            args.lr,
+            args.momentum,
+            args.alpha,
+            args.steps_per_sample,
+            args.mode,
+            args.rule,
+            args.window_us,
+            args.model_args,
+            args.streams,
+            args.ready,
+            args.seed,
+        )
+    ]
     if args.with_old_defaults:
         grid += [Config(**{**asdict(config), **OLD_DEFAULTS}) for config in grid]
         grid = list(dict.fromkeys(grid))
     data = {seed: load_samples(args.data, args.samples, seed) for seed in args.seed}
-    print(f"online accuracy, {args.samples} N-MNIST samples streamed once, each step predicts then learns;\n"
-          f"acc = the service's sample prediction (last step, summed logits), frozen = the weights at the sample's\n"
-          f"start predict it (its own label cannot help), held-out = final weights on the {len(data[args.seed[0]][1])} "
-          f"unstreamed recordings")  # fmt: skip
-    header = (f"{'configuration':<52} {'acc':>6} {f'acc@{LAST}':>7} {'frozen':>6} {f'fr@{LAST}':>6} {'held':>6} "
-              f"{'step':>6}")  # fmt: skip
+    print(
+        f"online accuracy, {args.samples} N-MNIST samples streamed once, each step predicts then learns;\n"
+        f"acc = the service's sample prediction (last step, summed logits), frozen = the weights at the sample's\n"
+        f"start predict it (its own label cannot help), held-out = final weights on the {len(data[args.seed[0]][1])} "
+        f"unstreamed recordings"
+    )
+    header = (
+        f"{'configuration':<52} {'acc':>6} {f'acc@{LAST}':>7} {'frozen':>6} {f'fr@{LAST}':>6} {'held':>6} "
+        f"{'step':>6}"
+    )
     print(f"{header} {'rows':>5} {'s':>6}")
     results = []
     for config in grid:
@@ -330,11 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     key = f"frozen_accuracy_last_{LAST}"
     best = max(means, key=lambda r: r[key])
     verdict = "PASS" if best[key] >= args.target else "FAIL"
-    print(f"verdict: {verdict}: best frozen accuracy over the last {LAST} samples {best[key]:.1%} "
-          f"(service's {best[f'sample_accuracy_last_{LAST}']:.1%}, held-out {best['held_out_accuracy']:.1%}; "
-          f"target {args.target:.0%}): {best['label']}")  # fmt: skip
+    print(
+        f"verdict: {verdict}: best frozen accuracy over the last {LAST} samples {best[key]:.1%} "
+        f"(service's {best[f'sample_accuracy_last_{LAST}']:.1%}, held-out {best['held_out_accuracy']:.1%}; "
+        f"target {args.target:.0%}): {best['label']}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"samples": args.samples, "target": args.target, "verdict": verdict, "means": means, "results": results}
+    payload = {
+        "samples": args.samples,
+        "target": args.target,
+        "verdict": verdict,
+        "means": means,
+        "results": results,
+    }
     args.out.write_text(json.dumps(payload, indent=1))
     plot(results, args.out.with_suffix(".png"), window=50)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

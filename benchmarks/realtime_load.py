@@ -39,8 +39,17 @@ async def _drive(url: str, key: str, streams: list[str], duration_s: float, seed
     local = DATA / "nmnist-small"
     source = open_source(local) if (local / "labels.txt").is_file() else synthetic_source(500)
     sequences = list(source.select(limit=200, shuffle=True, seed=seed))
-    tally: dict[str, Any] = {"accepted": 0, "timed_out": 0, "retried": 0, "rejected": 0, "lost": 0,
-                             "events": 0, "expected_steps": 0, "returned_steps": 0, "max_schedule_lag_s": 0.0}  # fmt: skip
+    tally: dict[str, Any] = {
+        "accepted": 0,
+        "timed_out": 0,
+        "retried": 0,
+        "rejected": 0,
+        "lost": 0,
+        "events": 0,
+        "expected_steps": 0,
+        "returned_steps": 0,
+        "max_schedule_lag_s": 0.0,
+    }
     latencies: list[float] = []
     started = time.perf_counter()
     deadline = started + duration_s
@@ -64,7 +73,9 @@ async def _drive(url: str, key: str, streams: list[str], duration_s: float, seed
                 status = await _post(client, stream_id, params, encode_body(events), latencies, tally)
                 if status in (200, 504):
                     tally["events"] += len(events)
-                    tally["expected_steps"] += len(framer.push(events)) + (len(framer.flush()) if packet.end else 0)
+                    tally["expected_steps"] += len(framer.push(events)) + (
+                        len(framer.flush()) if packet.end else 0
+                    )
             clock_us += packets[-1].release_us if packets else 0
 
     limits = httpx.Limits(max_connections=len(streams), max_keepalive_connections=len(streams))
@@ -77,13 +88,23 @@ async def _drive(url: str, key: str, streams: list[str], duration_s: float, seed
     return tally
 
 
-async def _post(client: httpx.AsyncClient, stream_id: str, params: dict, body: bytes, latencies: list[float],
-                tally: dict[str, Any]) -> int:  # fmt: skip
+async def _post(
+    client: httpx.AsyncClient,
+    stream_id: str,
+    params: dict,
+    body: bytes,
+    latencies: list[float],
+    tally: dict[str, Any],
+) -> int:
     for _ in range(100):
         sent = time.perf_counter()
         try:
-            answer = await client.post(f"/v1/streams/{stream_id}/events", params=params, content=body,
-                                       headers={"content-type": "application/octet-stream"})  # fmt: skip
+            answer = await client.post(
+                f"/v1/streams/{stream_id}/events",
+                params=params,
+                content=body,
+                headers={"content-type": "application/octet-stream"},
+            )
         except (httpx.ConnectError, httpx.PoolTimeout):
             await asyncio.sleep(0.1)
             continue

@@ -1,9 +1,9 @@
 """Load generators and stand-ins for ``bench_service.py`` (loopback only, bounded in time).
 
-    wrk (or plain http.client processes) posting one binary packet over and over;
-    a sink API (``python benchmarks/service_load.py sink-server PORT [REDIS_URL]``): the API without a
-    worker, whose published entries a sink consumer acks at once;
-    cameras replaying labelled N-MNIST at real time in 10 ms packets.
+wrk (or plain http.client processes) posting one binary packet over and over;
+a sink API (``python benchmarks/service_load.py sink-server PORT [REDIS_URL]``): the API without a
+worker, whose published entries a sink consumer acks at once;
+cameras replaying labelled N-MNIST at real time in 10 ms packets.
 """
 
 from __future__ import annotations
@@ -74,7 +74,11 @@ def packet_body(count: int = PACKET_EVENTS) -> bytes:
     rng = np.random.default_rng(0)
     events = np.zeros(count, dtype=WIRE_DTYPE)
     events["t"] = np.sort(rng.integers(0, WINDOW_US, count))
-    events["x"], events["y"], events["p"] = rng.integers(0, 34, count), rng.integers(0, 34, count), rng.integers(0, 2, count)
+    events["x"], events["y"], events["p"] = (
+        rng.integers(0, 34, count),
+        rng.integers(0, 34, count),
+        rng.integers(0, 2, count),
+    )
     return events.tobytes()
 
 
@@ -89,8 +93,15 @@ def sink_server(port: int, redis_url: str | None) -> None:
     from service.bus import make_bus
     from service.settings import Settings
 
-    settings = Settings(redis_url=redis_url, bus_stream=f"bench-{uuid.uuid4().hex[:8]}", port=port,
-                        bus_max_lag=256, bus_maxlen=512, log_level="WARNING", auth="off")  # fmt: skip  (loopback benchmark)
+    settings = Settings(
+        redis_url=redis_url,
+        bus_stream=f"bench-{uuid.uuid4().hex[:8]}",
+        port=port,
+        bus_max_lag=256,
+        bus_maxlen=512,
+        log_level="WARNING",
+        auth="off",
+    )  # loopback benchmark
     bus = make_bus(settings)
     app = create_app(settings, bus=bus, run_worker=False)
 
@@ -143,23 +154,40 @@ def load(url: str, path: str, body: bytes, duration_s: float) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "body").write_bytes(body)
             (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
-            run = subprocess.run(["wrk", "-t1", "-c8", f"-d{duration_s:.0f}s", "-s", str(Path(tmp) / "post.lua"),
-                                  url + path], capture_output=True, text=True, env={**os.environ, "NDOT_BENCH_BODY": str(Path(tmp) / "body")},
-                                 timeout=duration_s + 60)  # fmt: skip
+            run = subprocess.run(
+                ["wrk", "-t1", "-c8", f"-d{duration_s:.0f}s", "-s", str(Path(tmp) / "post.lua"), url + path],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "NDOT_BENCH_BODY": str(Path(tmp) / "body")},
+                timeout=duration_s + 60,
+            )
         line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
         stats = json.loads(line.removeprefix("RESULT "))
         ok = stats["requests"] - stats["non2xx"] - stats["errors"]
-        return {"tool": "wrk -t1 -c8", "ok_per_s": ok / (stats["duration_us"] / 1e6), "refused": stats["non2xx"],
-                "errors": stats["errors"], "p50_ms": stats["p50_us"] / 1e3, "p99_ms": stats["p99_us"] / 1e3}
+        return {
+            "tool": "wrk -t1 -c8",
+            "ok_per_s": ok / (stats["duration_us"] / 1e6),
+            "refused": stats["non2xx"],
+            "errors": stats["errors"],
+            "p50_ms": stats["p50_us"] / 1e3,
+            "p99_ms": stats["p99_us"] / 1e3,
+        }
     queue: Any = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=post_loop, args=(url, path, body, duration_s, queue)) for _ in range(4)]
+    procs = [
+        mp.get_context("spawn").Process(target=post_loop, args=(url, path, body, duration_s, queue))
+        for _ in range(4)
+    ]
     for p in procs:
         p.start()
     counts = [queue.get(timeout=duration_s + 60) for _ in procs]
     for p in procs:
         p.join()
-    return {"tool": "4 http.client processes", "ok_per_s": sum(c[0] for c in counts) / duration_s,
-            "refused": sum(c[1] for c in counts), "errors": 0}  # fmt: skip
+    return {
+        "tool": "4 http.client processes",
+        "ok_per_s": sum(c[0] for c in counts) / duration_s,
+        "refused": sum(c[1] for c in counts),
+        "errors": 0,
+    }
 
 
 # --- latency --------------------------------------------------------------------------------------
@@ -176,7 +204,9 @@ def nmnist_packets(count: int, offset: int) -> list[tuple[int, list[tuple[float,
         t = events["t"] - events["t"][0]
         cuts = np.searchsorted(t, np.arange(WINDOW_US, int(t[-1]) + WINDOW_US, WINDOW_US))
         parts = np.split(events, cuts)
-        samples.append((int(label), [((k + 1) * WINDOW_US / 1e6, events_to_bytes(p)) for k, p in enumerate(parts)]))
+        samples.append(
+            (int(label), [((k + 1) * WINDOW_US / 1e6, events_to_bytes(p)) for k, p in enumerate(parts)])
+        )
     return samples
 
 
@@ -200,8 +230,12 @@ def replay_stream(url: str, stream: int, duration_s: float, out: Any) -> None:
                     query += "&width=34&height=34"
                     first = False
                 sent = time.perf_counter()
-                conn.request("POST", f"/v1/streams/cam-{stream}/events?{query}", body,
-                             {"Content-Type": "application/octet-stream"})  # fmt: skip
+                conn.request(
+                    "POST",
+                    f"/v1/streams/cam-{stream}/events?{query}",
+                    body,
+                    {"Content-Type": "application/octet-stream"},
+                )
                 response = conn.getresponse()
                 response.read()
                 if response.status == 200:

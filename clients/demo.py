@@ -57,7 +57,9 @@ def tonic_nmnist(save_to: Path, timeout_s: float = 5.0) -> SequenceSource | None
     def loader(index: int):
         def load() -> Sequence:
             events, label = dataset[index]
-            return Sequence(f"nmnist-test-{index}", from_tonic(events, (width, height)), (width, height), int(label))
+            return Sequence(
+                f"nmnist-test-{index}", from_tonic(events, (width, height)), (width, height), int(label)
+            )
 
         return load
 
@@ -77,7 +79,9 @@ def choose_source(kind: str, data_dir: Path, classes: int) -> tuple[str, str, Se
             return "N-MNIST test split", f"N-MNIST test split via tonic in {data_dir}", source
         if kind == "tonic":
             raise SystemExit("demo: N-MNIST download host unreachable")
-        print("demo: N-MNIST not found locally and its download host is unreachable: using the synthetic camera")
+        print(
+            "demo: N-MNIST not found locally and its download host is unreachable: using the synthetic camera"
+        )
     description = f"synthetic DVS camera ({classes} motion directions)"
     return "synthetic camera", description, synthetic_source(100_000, num_classes=classes)
 
@@ -85,7 +89,9 @@ def choose_source(kind: str, data_dir: Path, classes: int) -> tuple[str, str, Se
 class BlockTable:
     """Prints a row after 10, 25, 50 and every ``block`` finished samples: accuracy since the last row, and so far."""
 
-    header = f"{'samples':>8} {'acc(since)':>11} {'step acc(since)':>16} {'acc(all)':>9} {'model v':>8} {'s':>7}"
+    header = (
+        f"{'samples':>8} {'acc(since)':>11} {'step acc(since)':>16} {'acc(all)':>9} {'model v':>8} {'s':>7}"
+    )
 
     def __init__(self, block: int) -> None:
         self.block = block
@@ -112,8 +118,10 @@ class BlockTable:
             "elapsed_s": time.perf_counter() - self._started_s,
         }
         self.rows.append(row)
-        tqdm.write(f"{row['samples']:>8} {row['block_accuracy']:>11.1%} {row['block_step_accuracy']:>16.1%} "
-                   f"{row['accuracy']:>9.1%} {version:>8} {row['elapsed_s']:>7.1f}")  # fmt: skip
+        tqdm.write(
+            f"{row['samples']:>8} {row['block_accuracy']:>11.1%} {row['block_step_accuracy']:>16.1%} "
+            f"{row['accuracy']:>9.1%} {version:>8} {row['elapsed_s']:>7.1f}"
+        )
         self._correct = self._labelled = self._steps = self._correct_steps = 0
 
 
@@ -141,20 +149,41 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m clients.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--samples", type=int, default=600, help="labelled samples to stream")
-    parser.add_argument("--held-out", type=int, default=100,
-                        help="then stream this many further samples unlabelled and score the final weights on them")
-    parser.add_argument("--block", type=int, default=100,
-                        help="samples per row of the accuracy table (plus rows at 10, 25, 50 when smaller)")
-    parser.add_argument("--streams", type=int, default=4, help="concurrent client streams (batched by the worker)")
-    parser.add_argument("--data", choices=("auto", "nmnist-small", "tonic", "synthetic"), default="auto",
-                        help="where the samples come from (auto: the first available, in this order)")
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=100,
+        help="then stream this many further samples unlabelled and score the final weights on them",
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=100,
+        help="samples per row of the accuracy table (plus rows at 10, 25, 50 when smaller)",
+    )
+    parser.add_argument(
+        "--streams", type=int, default=4, help="concurrent client streams (batched by the worker)"
+    )
+    parser.add_argument(
+        "--data",
+        choices=("auto", "nmnist-small", "tonic", "synthetic"),
+        default="auto",
+        help="where the samples come from (auto: the first available, in this order)",
+    )
     parser.add_argument("--classes", type=int, default=10, help="classes of the synthetic fallback")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/demo"),
-                        help="where the plot, the JSON records, the service log and downloads go")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("runs/demo"),
+        help="where the plot, the JSON records, the service log and downloads go",
+    )
     parser.add_argument("--plot", type=Path, help="PNG path (default OUT_DIR/online_accuracy.png)")
     parser.add_argument("--url", help="use this running service instead of starting `ndot serve`")
     parser.add_argument("--api-key", help="API key for --url (unset: $NDOT_API_KEY)")
@@ -178,16 +207,28 @@ def main(argv: list[str] | None = None) -> int:
             url = service.start()
         else:
             url = args.url
-        print(f"demo: streaming {labelled} samples of the {description} to {url}, "
-              f"{args.streams} streams, as fast as the service takes them")  # fmt: skip
-        print("demo: online accuracy; each step predicts before learning from its label (a sample's final "
-              f"prediction follows learning on its own earlier steps)\n{BlockTable.header}")  # fmt: skip
+        print(
+            f"demo: streaming {labelled} samples of the {description} to {url}, "
+            f"{args.streams} streams, as fast as the service takes them"
+        )
+        print(
+            "demo: online accuracy; each step predicts before learning from its label (a sample's final "
+            f"prediction follows learning on its own earlier steps)\n{BlockTable.header}"
+        )
         table = BlockTable(args.block)
-        api_key = service.ingest_key if service is not None else args.api_key or os.environ.get("NDOT_API_KEY")
-        config = ClientConfig(url=url, streams=args.streams, realtime=False, stream_prefix="demo", api_key=api_key)
-        board = asyncio.run(replay(itertools.islice(sequences, labelled), config, total=labelled, on_sample=table))
+        api_key = (
+            service.ingest_key if service is not None else args.api_key or os.environ.get("NDOT_API_KEY")
+        )
+        config = ClientConfig(
+            url=url, streams=args.streams, realtime=False, stream_prefix="demo", api_key=api_key
+        )
+        board = asyncio.run(
+            replay(itertools.islice(sequences, labelled), config, total=labelled, on_sample=table)
+        )
         if len(source) > labelled:
-            print(f"demo: held-out check: {len(source) - labelled} further samples, unlabelled (nothing learned)")
+            print(
+                f"demo: held-out check: {len(source) - labelled} further samples, unlabelled (nothing learned)"
+            )
             held_out = score_held_out(sequences, config, len(source) - labelled)
     except KeyboardInterrupt:
         print("\ndemo: interrupted", file=sys.stderr)
@@ -198,14 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if service is not None:
             code = service.stop()
-            state = "cleanly" if service.stopped_cleanly else ("killed" if service.killed else f"exit code {code}")
+            state = (
+                "cleanly"
+                if service.stopped_cleanly
+                else ("killed" if service.killed else f"exit code {code}")
+            )
             print(f"demo: service stopped ({state}; log: {service.log_path})")
             service.close()
     summary = board.summary()
     print("demo summary\n" + format_summary(summary))
     if held_out is not None and held_out[1]:
-        print(f"demo: held-out accuracy {held_out[0] / held_out[1]:.1%} ({held_out[0]}/{held_out[1]} samples never "
-              "streamed before, predicted by the final weights without their labels)")  # fmt: skip
+        print(
+            f"demo: held-out accuracy {held_out[0] / held_out[1]:.1%} ({held_out[0]}/{held_out[1]} samples never "
+            "streamed before, predicted by the final weights without their labels)"
+        )
     board.write_json(out_dir / "replay.json")
     if plot_accuracy(board, plot_path, title=f"Online accuracy, {name} (predict, then learn)"):
         print(f"demo: wrote {plot_path} and {out_dir / 'replay.json'}")

@@ -89,13 +89,20 @@ def retry_after_s(response: httpx.Response, default_s: float = 1.0) -> float:
 
 
 async def post_packet(
-    client: httpx.AsyncClient, config: ClientConfig, stream_id: str, sequence: Sequence, packet: Packet,
-    board: Scoreboard, sample: SampleResult,
-) -> None:  # fmt: skip
+    client: httpx.AsyncClient,
+    config: ClientConfig,
+    stream_id: str,
+    sequence: Sequence,
+    packet: Packet,
+    board: Scoreboard,
+    sample: SampleResult,
+) -> None:
     """POST one packet, retrying only when it certainly was not taken; record the outcome."""
     params: dict[str, str | int] = {
-        "start": str(packet.start).lower(), "end": str(packet.end).lower(), "wait": str(config.wait).lower(),
-    }  # fmt: skip
+        "start": str(packet.start).lower(),
+        "end": str(packet.end).lower(),
+        "wait": str(config.wait).lower(),
+    }
     if sequence.label is not None:
         params["label"] = sequence.label
     if packet.start:
@@ -109,8 +116,9 @@ async def post_packet(
         attempts += 1
         sent_at = time.perf_counter()
         try:
-            response = await client.post(f"/v1/streams/{stream_id}/events", content=body, params=params,
-                                         headers=headers)  # fmt: skip
+            response = await client.post(
+                f"/v1/streams/{stream_id}/events", content=body, params=params, headers=headers
+            )
         except NOT_SENT_ERRORS as error:
             if attempts > config.max_retries:
                 return _failed(board, "unreachable", f"{where}: {type(error).__name__}: {error}")
@@ -128,8 +136,12 @@ async def post_packet(
             reopened = True
             deleted = await client.delete(f"/v1/streams/{stream_id}")
             if deleted.status_code in (401, 403):
-                return _failed(board, "rejected", f"{where}: HTTP 409: {_detail(response)}; closing the stream "
-                                                  f"needs an admin key (HTTP {deleted.status_code})")  # fmt: skip
+                return _failed(
+                    board,
+                    "rejected",
+                    f"{where}: HTTP 409: {_detail(response)}; closing the stream "
+                    f"needs an admin key (HTTP {deleted.status_code})",
+                )
             continue
         break
     latency_s = time.perf_counter() - sent_at
@@ -170,9 +182,11 @@ def _failed(board: Scoreboard, outcome: str, message: str) -> None:
 
 
 async def replay(
-    sequences: Iterable[Sequence], config: ClientConfig, total: int | None = None,
+    sequences: Iterable[Sequence],
+    config: ClientConfig,
+    total: int | None = None,
     on_sample: Callable[[SampleResult, Scoreboard], None] | None = None,
-) -> Scoreboard:  # fmt: skip
+) -> Scoreboard:
     """Replay ``sequences`` over ``config.streams`` concurrent streams; return what was measured."""
     board = Scoreboard(window=config.window)
     source: Iterator[Sequence] = iter(sequences)
@@ -213,8 +227,9 @@ async def replay(
 
     limits = httpx.Limits(max_connections=config.streams, max_keepalive_connections=config.streams)
     try:
-        async with httpx.AsyncClient(base_url=config.url, timeout=config.timeout_s, limits=limits,
-                                     headers=config.headers()) as client:  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=config.url, timeout=config.timeout_s, limits=limits, headers=config.headers()
+        ) as client:
             names = [f"{config.stream_prefix}-{i}" for i in range(config.streams)]
             await asyncio.gather(*(run_stream(client, name) for name in names))
     finally:
@@ -227,8 +242,10 @@ def _postfix(board: Scoreboard) -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
-    return (f"acc(sample) {pct(board.sample_accuracy)} last{board.window} {pct(board.recent_sample_accuracy)}"
-            f" | acc(step) last{board.window} {pct(board.recent_step_accuracy)} | steps {len(board.step_records)}")
+    return (
+        f"acc(sample) {pct(board.sample_accuracy)} last{board.window} {pct(board.recent_sample_accuracy)}"
+        f" | acc(step) last{board.window} {pct(board.recent_step_accuracy)} | steps {len(board.step_records)}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,37 +256,69 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Examples: ndot-client ../shared/data/nmnist-small --no-realtime --limit 200 --plot acc.png; "
         "ndot-client recording.aedat4 --speed 0.5; ndot-client --synthetic 100 --streams 4",
-    )  # fmt: skip
-    parser.add_argument("source", nargs="?", type=Path,
-                        help="a recording file (any format ndot_core.events.readers reads), a folder of recordings, "
-                        "or a labelled dataset folder (labels.txt + train/{id}.bs2)")  # fmt: skip
-    parser.add_argument("--synthetic", type=int, metavar="N",
-                        help="instead of SOURCE, replay N labelled samples of the synthetic DVS camera")
-    parser.add_argument("--synthetic-pattern", choices=("directions", "bars"), default="directions",
-                        help="synthetic classes: direction of a moving disk, or orientation of a moving bar")
+    )
+    parser.add_argument(
+        "source",
+        nargs="?",
+        type=Path,
+        help="a recording file (any format ndot_core.events.readers reads), a folder of recordings, "
+        "or a labelled dataset folder (labels.txt + train/{id}.bs2)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="N",
+        help="instead of SOURCE, replay N labelled samples of the synthetic DVS camera",
+    )
+    parser.add_argument(
+        "--synthetic-pattern",
+        choices=("directions", "bars"),
+        default="directions",
+        help="synthetic classes: direction of a moving disk, or orientation of a moving bar",
+    )
     parser.add_argument("--classes", type=int, default=10, help="number of synthetic classes")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the ndot API")
-    parser.add_argument("--api-key", help="API key sent as 'Authorization: Bearer KEY' (unset: $NDOT_API_KEY; "
-                        "an ingest key suffices)")  # fmt: skip
+    parser.add_argument(
+        "--api-key",
+        help="API key sent as 'Authorization: Bearer KEY' (unset: $NDOT_API_KEY; an ingest key suffices)",
+    )
     parser.add_argument("--streams", type=int, default=1, help="concurrent streams (cam-0 .. cam-N-1)")
     parser.add_argument("--stream-prefix", default="cam", help="stream ids are PREFIX-0, PREFIX-1, ...")
-    parser.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=True,
-                        help="pace packets by the event clock; --no-realtime sends as fast as the service answers")
-    parser.add_argument("--speed", type=float, default=1.0, help="event-clock speed-up factor with --realtime")
+    parser.add_argument(
+        "--realtime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pace packets by the event clock; --no-realtime sends as fast as the service answers",
+    )
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="event-clock speed-up factor with --realtime"
+    )
     cut = parser.add_mutually_exclusive_group()
     cut.add_argument("--packet-us", type=int, default=10_000, help="packet duration in microseconds")
     cut.add_argument("--packet-events", type=int, help="packets of this many events instead of by time")
-    parser.add_argument("--format", dest="body_format", choices=("binary", "json"), default="binary",
-                        help="request body: packed 13-byte records or JSON columns")
-    parser.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
-                        help="wait for each packet's predictions; --no-wait sends wait=false (202 at once, "
-                        "no predictions, no accuracy)")
+    parser.add_argument(
+        "--format",
+        dest="body_format",
+        choices=("binary", "json"),
+        default="binary",
+        help="request body: packed 13-byte records or JSON columns",
+    )
+    parser.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait for each packet's predictions; --no-wait sends wait=false (202 at once, "
+        "no predictions, no accuracy)",
+    )
     parser.add_argument("--limit", type=int, help="replay at most this many sequences")
-    parser.add_argument("--shuffle", action="store_true", help="shuffle the sequences (seeded) before --limit")
+    parser.add_argument(
+        "--shuffle", action="store_true", help="shuffle the sequences (seeded) before --limit"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of --shuffle and of the synthetic camera")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for one response")
-    parser.add_argument("--max-retries", type=int, default=100,
-                        help="resends per packet after 503 or a refused connection")
+    parser.add_argument(
+        "--max-retries", type=int, default=100, help="resends per packet after 503 or a refused connection"
+    )
     parser.add_argument("--window", type=int, default=100, help="the 'last N' of the accuracy figures")
     parser.add_argument("--out", type=Path, help="write the summary and per-step records as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG of online accuracy over samples here")
@@ -281,8 +330,9 @@ def source_from_args(args: argparse.Namespace) -> SequenceSource:
     if (args.source is None) == (args.synthetic is None):
         raise SystemExit("ndot-client: give either SOURCE or --synthetic N")
     if args.synthetic is not None:
-        source = synthetic_source(args.synthetic, num_classes=args.classes, pattern=args.synthetic_pattern,
-                                  seed=args.seed)  # fmt: skip
+        source = synthetic_source(
+            args.synthetic, num_classes=args.classes, pattern=args.synthetic_pattern, seed=args.seed
+        )
     else:
         source = open_source(args.source)
     return source.select(limit=args.limit, shuffle=args.shuffle, seed=args.seed)
@@ -292,12 +342,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     source = source_from_args(args)
     config = ClientConfig(
-        url=args.url, streams=args.streams, stream_prefix=args.stream_prefix, realtime=args.realtime,
-        speed=args.speed, packet_us=None if args.packet_events else args.packet_us,
-        packet_events=args.packet_events, body_format=args.body_format, wait=args.wait,
-        timeout_s=args.timeout, max_retries=args.max_retries, window=args.window, progress=not args.quiet,
+        url=args.url,
+        streams=args.streams,
+        stream_prefix=args.stream_prefix,
+        realtime=args.realtime,
+        speed=args.speed,
+        packet_us=None if args.packet_events else args.packet_us,
+        packet_events=args.packet_events,
+        body_format=args.body_format,
+        wait=args.wait,
+        timeout_s=args.timeout,
+        max_retries=args.max_retries,
+        window=args.window,
+        progress=not args.quiet,
         api_key=args.api_key or os.environ.get("NDOT_API_KEY") or None,
-    )  # fmt: skip
+    )
     try:
         board = asyncio.run(replay(source, config, total=len(source)))
     except KeyboardInterrupt:

@@ -44,10 +44,15 @@ class LocalService:
     """``python -m service.cli serve`` in the background; use as a context manager or start()/stop()."""
 
     def __init__(
-        self, checkpoint_dir: Path | None = None, port: int | None = None, host: str = "127.0.0.1",
-        env: dict[str, str] | None = None, log_path: Path | None = None, command: tuple[str, ...] = ("serve",),
+        self,
+        checkpoint_dir: Path | None = None,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        command: tuple[str, ...] = ("serve",),
         auth: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not auth and host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"auth=False only on a loopback address, not {host!r}")
         self.host = host
@@ -79,23 +84,38 @@ class LocalService:
 
     def start(self, ready_timeout_s: float = 180.0) -> str:
         """Start the process and wait until ``/readyz`` answers 200; return the base URL."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("REDIS_URL", "NDOT_REDIS_URL", "NDOT_AUTH", "NDOT_INGEST_KEYS", "NDOT_ADMIN_KEYS")}  # fmt: skip
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("REDIS_URL", "NDOT_REDIS_URL", "NDOT_AUTH", "NDOT_INGEST_KEYS", "NDOT_ADMIN_KEYS")
+        }
         env.update(self._auth_env())
-        env.update({"NDOT_HOST": self.host, "NDOT_PORT": str(self.port),
-                    "NDOT_CHECKPOINT_DIR": str(self.checkpoint_dir), "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        env.update(
+            {
+                "NDOT_HOST": self.host,
+                "NDOT_PORT": str(self.port),
+                "NDOT_CHECKPOINT_DIR": str(self.checkpoint_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", *self.command], env=env, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
+                [sys.executable, "-m", "service.cli", *self.command],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + ready_timeout_s
         last_answer = "no answer"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServiceStartError(f"ndot serve exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise ServiceStartError(
+                    f"ndot serve exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             try:
                 response = httpx.get(f"{self.url}/readyz", timeout=2.0)
                 if response.status_code == 200:
@@ -105,7 +125,9 @@ class LocalService:
                 last_answer = f"{type(error).__name__}"
             time.sleep(0.2)
         self.stop()
-        raise ServiceStartError(f"ndot serve not ready after {ready_timeout_s:.0f} s ({last_answer}):\n{self.log_tail()}")
+        raise ServiceStartError(
+            f"ndot serve not ready after {ready_timeout_s:.0f} s ({last_answer}):\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, wait up to ``timeout_s``, then SIGKILL the process group; the exit code."""

@@ -45,7 +45,9 @@ class Packet:
         return self.hi - self.lo
 
 
-def packetize(t_us: np.ndarray, packet_us: int | None = 10_000, packet_events: int | None = None) -> list[Packet]:
+def packetize(
+    t_us: np.ndarray, packet_us: int | None = 10_000, packet_events: int | None = None
+) -> list[Packet]:
     """Packets of a sequence with event times ``t_us`` (sorted): by time, or by count when given."""
     t_us = np.asarray(t_us, dtype=np.int64)
     if t_us.size == 0:

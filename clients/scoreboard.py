@@ -81,12 +81,21 @@ class Scoreboard:
                 self.correct_steps += correct
                 sample.correct_steps += correct
                 self._push(self._recent_steps, correct)
-            self.step_records.append({
-                "time_s": round(now, 6), "stream_id": sample.stream_id, "sample": sample.index,
-                "name": sample.name, "step": int(step["step"]), "predicted": predicted, "label": label,
-                "correct": correct, "learned": bool(step.get("learned", False)),
-                "model_version": int(step.get("model_version", -1)), "latency_s": round(latency_s, 6),
-            })  # fmt: skip
+            self.step_records.append(
+                {
+                    "time_s": round(now, 6),
+                    "stream_id": sample.stream_id,
+                    "sample": sample.index,
+                    "name": sample.name,
+                    "step": int(step["step"]),
+                    "predicted": predicted,
+                    "label": label,
+                    "correct": correct,
+                    "learned": bool(step.get("learned", False)),
+                    "model_version": int(step.get("model_version", -1)),
+                    "latency_s": round(latency_s, 6),
+                }
+            )
 
     def finish_sample(self, sample: SampleResult) -> None:
         self.samples.append(sample)
@@ -143,8 +152,12 @@ class Scoreboard:
         """``{"summary", "samples": [...], "steps": [per-step records], "packet_latencies_s": [...]}``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         samples = [{**asdict(s), "correct": s.correct} for s in self.samples]
-        payload = {"summary": self.summary(), "samples": samples, "steps": self.step_records,
-                   "packet_latencies_s": [round(x, 6) for x in self.latencies_s]}  # fmt: skip
+        payload = {
+            "summary": self.summary(),
+            "samples": samples,
+            "steps": self.step_records,
+            "packet_latencies_s": [round(x, 6) for x in self.latencies_s],
+        }
         path.write_text(json.dumps(payload, indent=1))
 
 
@@ -169,7 +182,9 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
-def plot_accuracy(board: Scoreboard, path: Path, title: str = "Online accuracy (predict, then learn)") -> bool:
+def plot_accuracy(
+    board: Scoreboard, path: Path, title: str = "Online accuracy (predict, then learn)"
+) -> bool:
     """PNG of sample and step accuracy over the last ``window`` samples vs samples seen; False if none labelled."""
     scored = [s for s in board.samples if s.correct is not None]
     if not scored:
@@ -184,8 +199,10 @@ def plot_accuracy(board: Scoreboard, path: Path, title: str = "Online accuracy (
     step_fraction = np.array([s.correct_steps / max(s.steps, 1) for s in scored])
     shown = seen >= min(MIN_SAMPLES_PLOTTED, len(scored))  # a mean over 1-9 samples is noise
     figure, axes = plt.subplots(figsize=(7, 4))
-    for values, label in ((sample_correct, f"sample (final prediction), last {board.window}"),
-                          (step_fraction, f"step, last {board.window} samples")):  # fmt: skip
+    for values, label in (
+        (sample_correct, f"sample (final prediction), last {board.window}"),
+        (step_fraction, f"step, last {board.window} samples"),
+    ):
         axes.plot(seen[shown], rolling_mean(values, board.window)[shown], label=label)
     axes.set(xlabel="labelled samples seen", ylabel="accuracy", ylim=(0, 1), title=title)
     axes.grid(alpha=0.3)

@@ -178,7 +178,9 @@ class DVSPixelModel:
         sigma = camera.threshold_sigma
         lowest = 0.25 * camera.contrast_threshold
         self.threshold_on = np.maximum(camera.contrast_threshold + sigma * rng.standard_normal(shape), lowest)
-        self.threshold_off = np.maximum(camera.contrast_threshold + sigma * rng.standard_normal(shape), lowest)
+        self.threshold_off = np.maximum(
+            camera.contrast_threshold + sigma * rng.standard_normal(shape), lowest
+        )
         self.last_event_us = np.full(shape, np.iinfo(np.int64).min // 2, dtype=np.int64)
         self.reference: np.ndarray | None = None
 

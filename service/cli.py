@@ -37,8 +37,10 @@ class KeyValueFormatter(logging.Formatter):
     """``ts=... level=INFO logger=ndot.worker event=...`` (messages are already key=value)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"ts={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} level={record.levelname} " \
-               f"logger={record.name} {record.getMessage()}"  # fmt: skip
+        line = (
+            f"ts={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} level={record.levelname} "
+            f"logger={record.name} {record.getMessage()}"
+        )
         return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
 
 
@@ -46,7 +48,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg (+ exc)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": record.created, "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        entry = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -89,14 +96,20 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{info.description} [env {env}; default {info.default!r}]".replace("%", "%%")
         flag = "--" + name.replace("_", "-")
         if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            group.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=help_text, **extra)
+            group.add_argument(
+                flag, dest=name, type=kind, default=None, metavar=name.upper(), help=help_text, **extra
+            )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Env vars, overridden by the flags that were given (``--insecure-local`` = ``--auth off``)."""
-    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    given = {
+        name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
+    }
     if getattr(args, "insecure_local", False):
         given["auth"] = "off"
     return Settings(**given)
@@ -116,12 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=text, description=text)
         if name != "worker":
-            sub.add_argument("--insecure-local", action="store_true",
-                             help="no API keys (same as --auth off / NDOT_AUTH=off): for a service only you can "
-                             "reach; the server logs a warning at start")  # fmt: skip
+            sub.add_argument(
+                "--insecure-local",
+                action="store_true",
+                help="no API keys (same as --auth off / NDOT_AUTH=off): for a service only you can "
+                "reach; the server logs a warning at start",
+            )
         add_settings_flags(sub)
     for name in OFFLINE_COMMANDS:
-        commands.add_parser(name, help=f"offline {name} (ndot_core.experiments.cli; its own --help)", add_help=False)
+        commands.add_parser(
+            name, help=f"offline {name} (ndot_core.experiments.cli; its own --help)", add_help=False
+        )
     return parser
 
 
@@ -150,8 +168,14 @@ def run_http(settings: Settings, run_worker: bool) -> None:
                     signal.signal(sig, handler)
 
     app = create_app(settings, run_worker=run_worker)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=settings.access_log, timeout_graceful_shutdown=30)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=30,
+    )
     Server(config).run()
 
 
@@ -185,7 +209,10 @@ def run_offline(argv: list[str]) -> int:
     except ModuleNotFoundError as err:
         if err.name != "ndot_core.experiments.cli":
             raise
-        print(f"ndot {argv[0]}: the offline commands (ndot_core.experiments.cli) are not installed in this build", file=sys.stderr)
+        print(
+            f"ndot {argv[0]}: the offline commands (ndot_core.experiments.cli) are not installed in this build",
+            file=sys.stderr,
+        )
         return 2
     return int(module.main(argv) or 0)
 
@@ -198,11 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args)
     configure_logging(settings)
     if args.command in ("api", "worker") and not settings.redis_url:
-        print(f"ndot {args.command}: needs REDIS_URL (or --redis-url): the embedded bus lives inside one "
-              "process, use `ndot serve` for it", file=sys.stderr)  # fmt: skip
+        print(
+            f"ndot {args.command}: needs REDIS_URL (or --redis-url): the embedded bus lives inside one "
+            "process, use `ndot serve` for it",
+            file=sys.stderr,
+        )
         return 2
-    log.info("event=starting command=%s bus=%s model=%s", args.command,
-             "redis" if settings.redis_url else "embedded", settings.model)  # fmt: skip
+    log.info(
+        "event=starting command=%s bus=%s model=%s",
+        args.command,
+        "redis" if settings.redis_url else "embedded",
+        settings.model,
+    )
     if args.command == "worker":
         asyncio.run(run_worker_apart(settings))
         return 0

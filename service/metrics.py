@@ -30,9 +30,27 @@ from prometheus_client import (
 
 #: Sub-millisecond to seconds: 50 µs .. 10 s.
 LATENCY_BUCKETS_S = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01,
-    0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 PACKET_OUTCOMES = ("accepted", "rejected", "applied", "failed", "dead_lettered", "throttled")
 STEP_KINDS = ("learn", "infer")
@@ -51,10 +69,14 @@ class ServiceMetrics:
         self.events = Counter("ndot_events", "Events applied to stream framers.", registry=r)
         self.packets = Counter("ndot_packets", "Event packets by outcome.", ["outcome"], registry=r)
         self.refused = Counter(
-            "ndot_requests_refused", "HTTP requests refused by auth, the rate limit or the body limit.", ["reason"],
+            "ndot_requests_refused",
+            "HTTP requests refused by auth, the rate limit or the body limit.",
+            ["reason"],
             registry=r,
         )
-        self.steps = Counter("ndot_steps", "Network time-steps by kind (learn = labelled).", ["kind"], registry=r)
+        self.steps = Counter(
+            "ndot_steps", "Network time-steps by kind (learn = labelled).", ["kind"], registry=r
+        )
         self.predictions = Counter("ndot_predictions", "Predictions returned.", registry=r)
         self.correct_predictions = Counter(
             "ndot_correct_predictions", "Predictions of labelled steps that matched the label.", registry=r
@@ -77,13 +99,17 @@ class ServiceMetrics:
         )
         self.model_version = Gauge("ndot_model_version", "Optimizer steps taken by the model.", registry=r)
         self.step_duration = Histogram(
-            "ndot_step_duration_seconds", "Duration of one batched learner step.",
-            buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            "ndot_step_duration_seconds",
+            "Duration of one batched learner step.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.prediction_latency = Histogram(
-            "ndot_prediction_latency_seconds", "POST received -> its predictions returned.",
-            buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            "ndot_prediction_latency_seconds",
+            "POST received -> its predictions returned.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         for outcome in PACKET_OUTCOMES:
             self.packets.labels(outcome=outcome)
         for kind in STEP_KINDS:

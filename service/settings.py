@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     bus_max_lag: int = Field(
         2000, ge=1, description="Entries not yet applied above which POSTs answer 503 + Retry-After."
     )
-    bus_retry_after_s: float = Field(1.0, gt=0, description="Retry-After (s) advised when the bus pushes back.")
+    bus_retry_after_s: float = Field(
+        1.0, gt=0, description="Retry-After (s) advised when the bus pushes back."
+    )
     bus_maxlen: int = Field(
         100_000, ge=1, description="Approximate MAXLEN the stream is trimmed to (applied entries only)."
     )
@@ -49,16 +51,21 @@ class Settings(BaseSettings):
         "online", description="NDOT_O (online: update every labelled step) or NDOT_A (accumulate)."
     )
     steps_per_sample: int = Field(
-        15, ge=1, description="T of the loss (each step's loss is divided by it) and labelled steps per weight "
+        15,
+        ge=1,
+        description="T of the loss (each step's loss is divided by it) and labelled steps per weight "
         "update in accumulate mode (NDOT_A); ~ steps in one sample: a 0.3 s N-MNIST digit at 20 ms windows.",
     )
     optimizer: Literal["sgd", "adam"] = Field(
-        "adam", description="Optimizer of the online learner. Adam learns N-MNIST online from a few hundred "
+        "adam",
+        description="Optimizer of the online learner. Adam learns N-MNIST online from a few hundred "
         "samples; SGD at one step per frame and 1-4 rows a batch mostly chases the current label "
         "(benchmarks/online_nmnist.py).",
     )
     lr: float | None = Field(
-        2e-4, gt=0, description="Learning rate, tuned for Adam (benchmarks/online_nmnist.py); None = the learner's "
+        2e-4,
+        gt=0,
+        description="Learning rate, tuned for Adam (benchmarks/online_nmnist.py); None = the learner's "
         "(0.1 SGD, 1e-3 Adam). With sgd set it too (~0.03).",
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
@@ -66,16 +73,22 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="Seed of the initial (and reset) weights.")
     device: str = Field("auto", description='Torch device: "auto" = cuda when available, else cpu.')
     torch_threads: int = Field(
-        1, ge=0, description="CPU threads of the learner's torch ops (0 = torch's default, one per core); "
+        1,
+        ge=0,
+        description="CPU threads of the learner's torch ops (0 = torch's default, one per core); "
         "1 leaves the other cores to the API and is much faster on a busy machine.",
     )
 
     # --- streams and framing --------------------------------------------------------------------
     window_us: int = Field(
-        20_000, ge=1, description="Frame window in microseconds (one time-step per window). 20 ms: 10 ms frames "
+        20_000,
+        ge=1,
+        description="Frame window in microseconds (one time-step per window). 20 ms: 10 ms frames "
         "of N-MNIST hold ~130 events and learn markedly worse online (benchmarks/online_nmnist.py).",
     )
-    max_streams: int = Field(64, ge=1, description="Live streams the worker holds; the least recently used is evicted.")
+    max_streams: int = Field(
+        64, ge=1, description="Live streams the worker holds; the least recently used is evicted."
+    )
     stream_ttl_s: float = Field(300.0, gt=0, description="Idle seconds after which a stream expires.")
     accuracy_window: int = Field(
         500, ge=1, description="Labelled predictions the ndot_online_accuracy gauge averages over."
@@ -87,10 +100,14 @@ class Settings(BaseSettings):
         300.0, ge=0, description="Seconds between periodic checkpoints (0 = only on request and on shutdown)."
     )
     checkpoint_max_entries: int = Field(
-        20_000, ge=0, description="Also checkpoint once this many bus entries were applied since the last one "
+        20_000,
+        ge=0,
+        description="Also checkpoint once this many bus entries were applied since the last one "
         "(0 = by time only); bounds what a restarted worker replays, keep it below bus_maxlen.",
     )
-    checkpoint_keep: int = Field(5, ge=1, description="Newest automatic checkpoints kept; older ones are deleted.")
+    checkpoint_keep: int = Field(
+        5, ge=1, description="Newest automatic checkpoints kept; older ones are deleted."
+    )
     restore_on_start: bool = Field(True, description="Restore the newest checkpoint when the worker starts.")
 
     # --- API ------------------------------------------------------------------------------------
@@ -99,11 +116,15 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         10.0, gt=0, description="Seconds a request waits for the worker's reply before answering 504."
     )
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=13, description="Largest request body accepted (413 above).")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=13, description="Largest request body accepted (413 above)."
+    )
     max_events_per_packet: int = Field(1_000_000, ge=1, description="Most events one packet may carry.")
     access_log: bool = Field(False, description="Log every HTTP request (uvicorn's access log).")
     max_sensor_size: int = Field(
-        1280, ge=1, description="Largest sensor width or height a stream may declare. Each live stream's framer "
+        1280,
+        ge=1,
+        description="Largest sensor width or height a stream may declare. Each live stream's framer "
         "holds a width x height int64 pixel map (7 MiB at 1280x720), so this bounds what one key can make the "
         "worker allocate (x max_streams).",
     )
@@ -113,22 +134,29 @@ class Settings(BaseSettings):
 
     # --- security ------------------------------------------------------------------------------
     auth: Literal["on", "off"] = Field(
-        "on", description="API keys on every /v1 route; 'off' only for local use (the server warns at start). "
+        "on",
+        description="API keys on every /v1 route; 'off' only for local use (the server warns at start). "
         "With 'on' and no key configured the API refuses to start.",
     )
     ingest_keys: SecretStr | None = Field(
-        None, description="Comma-separated ingest keys: post events, open / list / reset streams. "
+        None,
+        description="Comma-separated ingest keys: post events, open / list / reset streams. "
         "Prefer the env var to the flag (flags show in the process list).",
     )
     admin_keys: SecretStr | None = Field(
-        None, description="Comma-separated admin keys: everything, plus checkpoints, restore, model reset and "
+        None,
+        description="Comma-separated admin keys: everything, plus checkpoints, restore, model reset and "
         "stream delete.",
     )
     rate_limit_rps: float = Field(
-        2000.0, ge=0, description="Requests per second one API key (one client address with auth off) may make, "
+        2000.0,
+        ge=0,
+        description="Requests per second one API key (one client address with auth off) may make, "
         "per API process (token bucket; 0 = no limit).",
     )
-    rate_limit_burst: int = Field(4000, ge=1, description="Token bucket size: requests one key may make at once.")
+    rate_limit_burst: int = Field(
+        4000, ge=1, description="Token bucket size: requests one key may make at once."
+    )
 
     # --- worker loop ----------------------------------------------------------------------------
     worker_metrics_port: int = Field(
@@ -139,7 +167,9 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(
         30_000, ge=0, description="Pending entries idle this long are claimed from a dead consumer."
     )
-    claim_interval_s: float = Field(10.0, gt=0, description="Seconds between claims of stale pending entries.")
+    claim_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between claims of stale pending entries."
+    )
     heartbeat_timeout_s: float = Field(
         5.0, gt=0, description="A worker heartbeat older than this makes /readyz answer 503."
     )
@@ -147,7 +177,9 @@ class Settings(BaseSettings):
         5, ge=1, description="An entry handed out more often than this (a crash loop) is dead-lettered."
     )
     max_failures: int = Field(
-        3, ge=1, description="Attempts at a packet's framing or learner step that may fail before the packet "
+        3,
+        ge=1,
+        description="Attempts at a packet's framing or learner step that may fail before the packet "
         "is dead-lettered (its stream goes on).",
     )
     reply_ttl_s: float = Field(60.0, gt=0, description="Seconds a reply waits on the bus for its request.")

@@ -70,16 +70,27 @@ class ServiceProcess:
         self.command, self.log_path = command, log_path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NDOT_") and k != "REDIS_URL"}
         # 10 ms windows: the tests cut their packets and count their expected frames at 10 ms
-        self.env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT), "NDOT_WINDOW_US": "10000",
-                         **AUTH_ENV, **env})  # fmt: skip
+        self.env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": str(REPO_ROOT),
+                "NDOT_WINDOW_US": "10000",
+                **AUTH_ENV,
+                **env,
+            }
+        )
         self.process: subprocess.Popen | None = None
 
     def start(self) -> ServiceProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", self.command], cwd=REPO_ROOT, env=self.env,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                [sys.executable, "-m", "service.cli", self.command],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         return self
 
     def stop(self, timeout_s: float = 60) -> int:
@@ -130,8 +141,9 @@ def packets(events: np.ndarray, window_us: int = 10_000) -> list[bytes]:
     return [events_to_bytes(part) for part in np.split(events, cuts) if len(part)]
 
 
-def post_sample(client: httpx.Client, stream_id: str, events: np.ndarray, label: int | None,
-                **params: object) -> list[dict]:  # fmt: skip
+def post_sample(
+    client: httpx.Client, stream_id: str, events: np.ndarray, label: int | None, **params: object
+) -> list[dict]:
     """POST a whole recording (start ... end) and return every step it produced."""
     bodies = packets(events)
     steps: list[dict] = []

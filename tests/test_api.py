@@ -36,8 +36,14 @@ TWO_FRAMES = body(np.arange(0, 25_000, 500))
 
 def settings_for(tmp: Path, redis_url: str | None, **overrides) -> Settings:
     knobs = {**AUTH_SETTINGS, "window_us": 10_000, **overrides}  # the packets here are cut at 10 ms
-    return Settings(redis_url=redis_url, bus_stream=f"test-api-{uuid.uuid4().hex[:8]}", checkpoint_dir=tmp / "ckpt",
-                    max_body_bytes=13 * LIMIT_EVENTS, checkpoint_interval_s=0, **knobs)  # fmt: skip
+    return Settings(
+        redis_url=redis_url,
+        bus_stream=f"test-api-{uuid.uuid4().hex[:8]}",
+        checkpoint_dir=tmp / "ckpt",
+        max_body_bytes=13 * LIMIT_EVENTS,
+        checkpoint_interval_s=0,
+        **knobs,
+    )
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis"])
@@ -62,18 +68,25 @@ BAD_INPUTS = [
     ("wrong content type", {}, TWO_FRAMES, {"content-type": "text/csv"}, 415, "text/csv"),
     ("body over the limit", {}, body(np.arange(LIMIT_EVENTS + 1)), BINARY, 413, f"{13 * LIMIT_EVENTS} bytes"),
     ("malformed JSON", {}, b"{not json", {"content-type": "application/json"}, 400, "not valid JSON"),
-    ("JSON columns of unequal length", {}, json.dumps({"t": [1], "x": [1, 2], "y": [1], "p": [1]}).encode(),
-     {"content-type": "application/json"}, 422, "differ in length"),
+    (
+        "JSON columns of unequal length",
+        {},
+        json.dumps({"t": [1], "x": [1, 2], "y": [1], "p": [1]}).encode(),
+        {"content-type": "application/json"},
+        422,
+        "differ in length",
+    ),
     ("another sensor size", {"width": 64, "height": 64}, TWO_FRAMES, BINARY, 409, "34x34, not 64x64"),
     ("bad boolean", {"start": "maybe"}, TWO_FRAMES, BINARY, 422, "query.start"),
-]  # fmt: skip
+]
 
 
 def test_bad_input_answers_4xx_with_a_message_and_accepted_packets_are_still_applied(service: str) -> None:
     with http(service) as client:
         assert client.put("/v1/streams/cam", json={"width": 34, "height": 34}).status_code == 200
-        accepted = client.post("/v1/streams/cam/events", params={"wait": "false", "label": 1}, content=TWO_FRAMES,
-                               headers=BINARY)  # fmt: skip
+        accepted = client.post(
+            "/v1/streams/cam/events", params={"wait": "false", "label": 1}, content=TWO_FRAMES, headers=BINARY
+        )
         assert accepted.status_code == 202 and accepted.json()["packet_id"]
         for name, query, content, headers, status, text in BAD_INPUTS:
             answer = client.post("/v1/streams/cam/events", params=query, content=content, headers=headers)
@@ -99,8 +112,9 @@ def test_json_columns_and_binary_bodies_give_the_same_predictions(service: str) 
     columns = {"t": t, "x": [3] * len(t), "y": [4] * len(t), "p": [1] * len(t)}
     with http(service) as client:
         as_json = client.post("/v1/streams/json-a/events", params={"width": 34, "height": 34}, json=columns)
-        as_binary = client.post("/v1/streams/bin-a/events", params={"width": 34, "height": 34},
-                                content=body(t), headers=BINARY)  # fmt: skip
+        as_binary = client.post(
+            "/v1/streams/bin-a/events", params={"width": 34, "height": 34}, content=body(t), headers=BINARY
+        )
         assert as_json.status_code == as_binary.status_code == 200
         steps_json, steps_binary = as_json.json()["steps"], as_binary.json()["steps"]
         assert len(steps_json) == 2
@@ -114,7 +128,11 @@ def test_stream_lifecycle_open_list_reset_delete(service: str) -> None:
         client.post("/v1/streams/life/events", content=TWO_FRAMES, headers=BINARY).raise_for_status()
         listed = {s["stream_id"]: s for s in client.get("/v1/streams").json()["streams"]}
         assert listed["life"]["steps"] == 2 and listed["life"]["last_prediction"] is not None
-        assert client.post("/v1/streams/life/reset").json() == {"stream_id": "life", "action": "reset", "ok": True}
+        assert client.post("/v1/streams/life/reset").json() == {
+            "stream_id": "life",
+            "action": "reset",
+            "ok": True,
+        }
         assert client.delete("/v1/streams/life").status_code == 200
         assert client.get("/v1/streams/life").status_code == 404
         assert client.post("/v1/streams/life/events", content=TWO_FRAMES, headers=BINARY).status_code == 404
@@ -129,11 +147,23 @@ def test_health_readiness_metrics_and_openapi(service: str) -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["worker"] and ready.json()["model"] == "stream_cnn"
         metrics = client.get("/metrics").text
-        for name in ("ndot_events_total", "ndot_packets_total", "ndot_steps_total", "ndot_predictions_total",
-                     "ndot_correct_predictions_total", "ndot_online_accuracy", "ndot_active_streams",
-                     "ndot_streams_evicted_total", "ndot_late_events_total", "ndot_bus_lag",
-                     "ndot_device_memory_bytes", "ndot_model_version", "ndot_step_duration_seconds_bucket",
-                     "ndot_prediction_latency_seconds_bucket", "process_resident_memory_bytes"):  # fmt: skip
+        for name in (
+            "ndot_events_total",
+            "ndot_packets_total",
+            "ndot_steps_total",
+            "ndot_predictions_total",
+            "ndot_correct_predictions_total",
+            "ndot_online_accuracy",
+            "ndot_active_streams",
+            "ndot_streams_evicted_total",
+            "ndot_late_events_total",
+            "ndot_bus_lag",
+            "ndot_device_memory_bytes",
+            "ndot_model_version",
+            "ndot_step_duration_seconds_bucket",
+            "ndot_prediction_latency_seconds_bucket",
+            "process_resident_memory_bytes",
+        ):
             assert f"\n{name}" in metrics, name
         assert 'le="0.0001"' in metrics  # sub-ms buckets
         spec = client.get("/openapi.json").json()
@@ -147,8 +177,12 @@ def test_health_readiness_metrics_and_openapi(service: str) -> None:
 
 def test_checkpoint_restore_and_model_reset_over_http(service: str) -> None:
     with http(service) as client:
-        client.post("/v1/streams/ck/events", params={"width": 34, "height": 34, "label": 4, "start": True},
-                    content=TWO_FRAMES, headers=BINARY).raise_for_status()  # fmt: skip
+        client.post(
+            "/v1/streams/ck/events",
+            params={"width": 34, "height": 34, "label": 4, "start": True},
+            content=TWO_FRAMES,
+            headers=BINARY,
+        ).raise_for_status()
         saved = client.post("/v1/checkpoints").json()
         assert saved["model_version"] > 0 and saved["streams"] >= 1
         assert saved["name"] in [c["name"] for c in client.get("/v1/checkpoints").json()["checkpoints"]]
@@ -163,12 +197,19 @@ def test_backpressure_answers_503_with_retry_after_and_a_late_reply_504(tmp_path
     settings = settings_for(tmp_path, None, request_timeout_s=0.3)
     app = create_app(settings, bus=LocalBus(max_lag=2), run_worker=False)  # nobody consumes
     with ServerThread(app) as server, http(server.url) as client:
-        late = client.post("/v1/streams/bp/events", params={"width": 34, "height": 34}, content=TWO_FRAMES,
-                           headers=BINARY)  # fmt: skip
+        late = client.post(
+            "/v1/streams/bp/events", params={"width": 34, "height": 34}, content=TWO_FRAMES, headers=BINARY
+        )
         assert late.status_code == 504 and "will be applied" in late.json()["detail"]
-        assert client.post("/v1/streams/bp/events", params={"wait": "false"}, content=TWO_FRAMES,
-                           headers=BINARY).status_code == 202  # fmt: skip
-        full = client.post("/v1/streams/bp/events", params={"wait": "false"}, content=TWO_FRAMES, headers=BINARY)
+        assert (
+            client.post(
+                "/v1/streams/bp/events", params={"wait": "false"}, content=TWO_FRAMES, headers=BINARY
+            ).status_code
+            == 202
+        )
+        full = client.post(
+            "/v1/streams/bp/events", params={"wait": "false"}, content=TWO_FRAMES, headers=BINARY
+        )
         assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1
         assert "max_lag=2" in full.json()["detail"]
         not_ready = client.get("/readyz")
@@ -177,12 +218,18 @@ def test_backpressure_answers_503_with_retry_after_and_a_late_reply_504(tmp_path
 
 
 @pytest.mark.redis
-def test_a_packet_that_timed_out_is_still_applied_by_a_worker_started_later(redis_url: str, tmp_path: Path) -> None:
+def test_a_packet_that_timed_out_is_still_applied_by_a_worker_started_later(
+    redis_url: str, tmp_path: Path
+) -> None:
     settings = settings_for(tmp_path, redis_url, request_timeout_s=0.3)
     try:
         with ServerThread(create_app(settings, run_worker=False)) as server, http(server.url) as client:
-            late = client.post("/v1/streams/late/events", params={"width": 34, "height": 34, "label": 2},
-                               content=TWO_FRAMES, headers=BINARY)  # fmt: skip
+            late = client.post(
+                "/v1/streams/late/events",
+                params={"width": 34, "height": 34, "label": 2},
+                content=TWO_FRAMES,
+                headers=BINARY,
+            )
             assert late.status_code == 504
             packet_id = late.json()["detail"].split("entry ")[1].split(" ")[0]
 

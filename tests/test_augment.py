@@ -27,8 +27,12 @@ def test_random_crop_is_a_zero_filled_shift_shared_by_all_time_steps():
     assert cropped.shape == batch.shape
     shifts_seen = set()
     for sample, result in zip(batch, cropped, strict=True):
-        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-                   if np.array_equal(shift(sample, dy, dx), result)]
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(shift(sample, dy, dx), result)
+        ]
         assert len(matches) == 1
         shifts_seen.add(matches[0])
     assert len(shifts_seen) > 1  # offsets drawn per sample
@@ -37,7 +41,9 @@ def test_random_crop_is_a_zero_filled_shift_shared_by_all_time_steps():
 
 def test_flip_mirrors_columns():
     batch = frames_batch()
-    np.testing.assert_array_equal(random_flip(batch, np.random.default_rng(0), probability=1.0), batch[..., ::-1])
+    np.testing.assert_array_equal(
+        random_flip(batch, np.random.default_rng(0), probability=1.0), batch[..., ::-1]
+    )
     np.testing.assert_array_equal(random_flip(batch, np.random.default_rng(0), probability=0.0), batch)
 
 

@@ -36,8 +36,19 @@ class OwnRedis:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         try:
@@ -171,8 +182,10 @@ def test_entries_of_a_consumer_killed_with_sigkill_are_claimed(redis_url: str) -
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         doomed = subprocess.Popen(
             [sys.executable, "-c", _DOOMED_CONSUMER, redis_url, stream],
-            stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=REPO_ROOT,
+        )
         try:
             assert doomed.stdout is not None
             assert doomed.stdout.readline().decode().split() == ids

@@ -26,9 +26,15 @@ def nested_tree() -> dict:
     events["t"], events["x"], events["p"] = [1, 2, 3], [4, 5, 6], [True, False, True]
     return {
         "weights": {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64)},
-        "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "optimizer": {
+            "state": {0: {"momentum_buffer": torch.ones(2)}},
+            "param_groups": [{"lr": 0.1, "params": [0]}],
+        },
         "framer": {"pending": np.arange(7, dtype=np.int64), "events": events, "clock": np.int64(12)},
-        "pair": (1, "x"), "none": None, "flag": True, "half": torch.ones(2, dtype=torch.bfloat16),
+        "pair": (1, "x"),
+        "none": None,
+        "flag": True,
+        "half": torch.ones(2, dtype=torch.bfloat16),
         "model_version": 9,
     }
 
@@ -100,7 +106,9 @@ def test_check_like_names_the_first_mismatch() -> None:
 
 def make_batcher(num_classes: int = 10, capacity: int = 4) -> Batcher:
     torch.manual_seed(0)
-    learner = OnlineLearner(build_model("stream_cnn", in_channels=2, num_classes=num_classes, input_size=(34, 34)))
+    learner = OnlineLearner(
+        build_model("stream_cnn", in_channels=2, num_classes=num_classes, input_size=(34, 34))
+    )
     return Batcher(learner, capacity, window_us=10_000, metrics=ServiceMetrics())
 
 

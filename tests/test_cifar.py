@@ -66,7 +66,9 @@ def test_load_frames_gives_normalised_images_and_the_paper_augmentation(tmp_path
     splits = load_frames("cifar10", tmp_path)
     assert splits.train_x.shape == (10, 3, 32, 32) and splits.train_x.dtype == np.float32
     assert splits.test_x.shape == (3, 3, 32, 32)
-    np.testing.assert_allclose(splits.train_x, normalize_images(load_cifar("cifar10", tmp_path)[0], "cifar10"))
+    np.testing.assert_allclose(
+        splits.train_x, normalize_images(load_cifar("cifar10", tmp_path)[0], "cifar10")
+    )
     assert splits.augmentation == {"padding": 4, "flip": True, "cutout_size": 16}
     augmented = splits.augment(splits.train_x, np.random.default_rng(0))
     assert augmented.shape == splits.train_x.shape and (augmented == 0).any()

@@ -13,8 +13,20 @@ from ndot_core.experiments.cli import build_parser, main
 from ndot_core.experiments.run_files import read_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--model", "mlp", "--model-arg", "hidden=[32,32]", "--limit", "100", "--batch-size", "16",
-        "--lr", "0.05", "--no-progress", "--quiet"]
+TINY = [
+    "--model",
+    "mlp",
+    "--model-arg",
+    "hidden=[32,32]",
+    "--limit",
+    "100",
+    "--batch-size",
+    "16",
+    "--lr",
+    "0.05",
+    "--no-progress",
+    "--quiet",
+]
 
 
 def option_actions(command: str) -> list:
@@ -38,9 +50,25 @@ def test_help_explains_every_flag(command: str, capsys: pytest.CaptureFixture[st
 def test_train_help_lists_the_issue_flags(capsys: pytest.CaptureFixture[str]) -> None:
     main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--dataset", "--data-dir", "--model", "--rule", "--mode", "-T", "--alpha", "--epochs",
-                 "--batch-size", "--lr", "--optimizer", "--seed", "--device", "--out", "--download",
-                 "--resume", "--schedule"):
+    for flag in (
+        "--dataset",
+        "--data-dir",
+        "--model",
+        "--rule",
+        "--mode",
+        "-T",
+        "--alpha",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--seed",
+        "--device",
+        "--out",
+        "--download",
+        "--resume",
+        "--schedule",
+    ):
         assert flag in text
 
 
@@ -58,7 +86,9 @@ def test_train_help_lists_the_issue_flags(capsys: pytest.CaptureFixture[str]) ->
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
-def test_bad_flags_exit_2_with_a_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_exit_2_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -70,12 +100,16 @@ def test_missing_dataset_names_download(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--download" in err and str(tmp_path / "absent") in err
 
 
-def test_eval_of_a_missing_checkpoint_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_of_a_missing_checkpoint_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["eval", str(tmp_path)]) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_train_then_resume_then_eval(nmnist_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_then_resume_then_eval(
+    nmnist_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     base = ["train", "--data-dir", str(nmnist_small), "-T", "3", "--out", str(out), *TINY]
     assert main([*base, "--epochs", "1"]) == 0
@@ -96,22 +130,46 @@ def test_train_then_resume_then_eval(nmnist_small: Path, tmp_path: Path, capsys:
 
 
 def test_module_entry_point_runs() -> None:
-    done = subprocess.run([sys.executable, "-m", "ndot_core.experiments.cli", "compare", "--help"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "ndot_core.experiments.cli", "compare", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "--runs" in done.stdout
 
 
-def test_compare_short_version(nmnist_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_short_version(
+    nmnist_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The README experiment in miniature: all four runs, two values of T, one epoch, 100 recordings."""
     out = tmp_path / "compare"
-    code = main(["compare", "--data-dir", str(nmnist_small), "-T", "2", "3", "--epochs", "1", "--in-process",
-                 "--runs", "ndot:online,ndot:accumulate,ottt:accumulate,bptt", "--out", str(out), *TINY])
+    code = main(
+        [
+            "compare",
+            "--data-dir",
+            str(nmnist_small),
+            "-T",
+            "2",
+            "3",
+            "--epochs",
+            "1",
+            "--in-process",
+            "--runs",
+            "ndot:online,ndot:accumulate,ottt:accumulate,bptt",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     rows = read_records(out / "compare.json")
     assert [(r["name"], r["T"]) for r in rows] == [
-        (name, t) for t in (2, 3) for name in ("NDOT_O", "NDOT_A", "OTTT_A", "BPTT")]
+        (name, t) for t in (2, 3) for name in ("NDOT_O", "NDOT_A", "OTTT_A", "BPTT")
+    ]
     for row in rows:
         assert 0 <= row["test_acc"] <= 1 and row["epoch_s"] > 0 and row["peak_mem_mib"] >= 0
         assert f"| {row['name']} | {row['T']} |" in printed
@@ -120,8 +178,20 @@ def test_compare_short_version(nmnist_small: Path, tmp_path: Path, capsys: pytes
     assert (out / "compare.csv").read_text().startswith("name,")
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "in one process" in (out / "compare.md").read_text()
-    again = ["compare", "--data-dir", str(nmnist_small), "-T", "2", "3", "--epochs", "1", "--in-process",
-             "--out", str(out), *TINY]
+    again = [
+        "compare",
+        "--data-dir",
+        str(nmnist_small),
+        "-T",
+        "2",
+        "3",
+        "--epochs",
+        "1",
+        "--in-process",
+        "--out",
+        str(out),
+        *TINY,
+    ]
     assert main(again) == 1  # the runs exist: refuse before training anything
     assert "--resume" in capsys.readouterr().err
     assert main([*again, "--resume"]) == 0  # every run is complete: nothing retrains, same table
@@ -132,8 +202,22 @@ def test_compare_trains_each_run_in_a_fresh_process(
     nmnist_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "compare"
-    code = main(["compare", "--data-dir", str(nmnist_small), "-T", "2", "--epochs", "1", "--runs", "ottt:online",
-                 "--out", str(out), *TINY])
+    code = main(
+        [
+            "compare",
+            "--data-dir",
+            str(nmnist_small),
+            "-T",
+            "2",
+            "--epochs",
+            "1",
+            "--runs",
+            "ottt:online",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
     assert code == 0
     (row,) = read_records(out / "compare.json")
     assert row["isolated"] is True and row["name"] == "OTTT_O"

@@ -154,15 +154,30 @@ class StandInService:
                 self.received.append({"rejected": True})
                 return JSONResponse({"detail": "event 0: x=99 outside sensor width 34"}, 422)
             label = int(query["label"]) if "label" in query else None
-            self.received.append({"stream_id": stream_id, "body": await request.body(), "label": label,
-                                  "start": query["start"] == "true", "end": query["end"] == "true",
-                                  "width": query.get("width")})  # fmt: skip
-            step = {"step": len(self.received), "predicted": 1, "probabilities": [0.5, 0.5], "label": label,
-                    "learned": label is not None, "model_version": len(self.received)}  # fmt: skip
+            self.received.append(
+                {
+                    "stream_id": stream_id,
+                    "body": await request.body(),
+                    "label": label,
+                    "start": query["start"] == "true",
+                    "end": query["end"] == "true",
+                    "width": query.get("width"),
+                }
+            )
+            step = {
+                "step": len(self.received),
+                "predicted": 1,
+                "probabilities": [0.5, 0.5],
+                "label": label,
+                "learned": label is not None,
+                "model_version": len(self.received),
+            }
             return JSONResponse({"stream_id": stream_id, "packet_id": str(self.posts), "steps": [step]})
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -188,7 +203,10 @@ def stand_in(request) -> Iterator[StandInService]:
 
 
 def labelled_sequences(count: int) -> list[Sequence]:
-    return [Sequence(f"s{i}", make_events(list(range(0, 35_000, 500))), (34, 34), label=i % 2) for i in range(count)]
+    return [
+        Sequence(f"s{i}", make_events(list(range(0, 35_000, 500))), (34, 34), label=i % 2)
+        for i in range(count)
+    ]
 
 
 def fast_config(url: str, **options) -> ClientConfig:
@@ -259,7 +277,9 @@ def test_help_explains_every_flag() -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[str]:
     """`python -m service.cli serve` on the embedded bus, a free port and a temporary checkpoint dir."""
-    service = LocalService(checkpoint_dir=tmp_path_factory.mktemp("checkpoints"), env={"NDOT_WINDOW_US": "10000"})
+    service = LocalService(
+        checkpoint_dir=tmp_path_factory.mktemp("checkpoints"), env={"NDOT_WINDOW_US": "10000"}
+    )
     service.start()
     yield service.url
     code = service.stop()
@@ -272,8 +292,24 @@ def test_replaying_labelled_nmnist_returns_predictions_for_every_window(
     served: str, nmnist_small: Path, tmp_path: Path
 ) -> None:
     out, plot = tmp_path / "replay.json", tmp_path / "accuracy.png"
-    argv = [str(nmnist_small), "--url", served, "--no-realtime", "--limit", "6", "--shuffle", "--streams", "2",
-            "--out", str(out), "--plot", str(plot), "--quiet", "--stream-prefix", "nm"]  # fmt: skip
+    argv = [
+        str(nmnist_small),
+        "--url",
+        served,
+        "--no-realtime",
+        "--limit",
+        "6",
+        "--shuffle",
+        "--streams",
+        "2",
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+        "--quiet",
+        "--stream-prefix",
+        "nm",
+    ]
     assert client_main(argv) == 0
     record = json.loads(out.read_text())
     summary, samples, steps = record["summary"], record["samples"], record["steps"]
@@ -299,8 +335,9 @@ def test_replaying_labelled_nmnist_returns_predictions_for_every_window(
 
 @pytest.mark.slow
 def test_realtime_json_replay_and_reopening_a_stream_with_another_sensor(served: str) -> None:
-    config = ClientConfig(url=served, realtime=True, speed=20.0, body_format="json", progress=False,
-                          stream_prefix="reopen")  # fmt: skip
+    config = ClientConfig(
+        url=served, realtime=True, speed=20.0, body_format="json", progress=False, stream_prefix="reopen"
+    )
     small = [Sequence("small", make_events(list(range(0, 40_000, 200)), width=20), (20, 20), label=1)]
     large = [Sequence("large", make_events(list(range(0, 40_000, 200)), width=30), (30, 30), label=2)]
     first = asyncio.run(replay(small, config))
@@ -314,10 +351,28 @@ def test_realtime_json_replay_and_reopening_a_stream_with_another_sensor(served:
 @pytest.mark.slow
 def test_demo_streams_to_its_own_service_and_stops_it(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "clients.demo", "--samples", "8", "--block", "4", "--data", "synthetic",
-         "--classes", "4", "--streams", "2", "--out-dir", str(tmp_path)],
-        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "clients.demo",
+            "--samples",
+            "8",
+            "--block",
+            "4",
+            "--data",
+            "synthetic",
+            "--classes",
+            "4",
+            "--streams",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if re.match(r"^\s+[48]\s+\d", line)]
     assert [row[0] for row in rows] == ["4", "8"]

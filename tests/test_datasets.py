@@ -41,7 +41,9 @@ def test_stratified_split_is_disjoint_balanced_and_seeded(folder):
     assert len(train) + len(held) == 1000
     assert not set(train.indices) & set(held.indices)
     per_class = np.bincount(folder.labels, minlength=10)
-    np.testing.assert_array_equal(np.bincount(held.labels, minlength=10), np.round(0.2 * per_class).astype(int))
+    np.testing.assert_array_equal(
+        np.bincount(held.labels, minlength=10), np.round(0.2 * per_class).astype(int)
+    )
     again, _ = folder.stratified_split(0.2, seed=1)
     other, _ = folder.stratified_split(0.2, seed=2)
     np.testing.assert_array_equal(train.indices, again.indices)
@@ -116,8 +118,15 @@ def write_dvsgesture_folder(root, rng):
         folder.mkdir(parents=True)
         for label in range(11):
             count = 50
-            rows = np.stack([rng.integers(0, 128, count), rng.integers(0, 128, count), rng.integers(0, 2, count),
-                             np.sort(rng.integers(0, 1000, count))], axis=1)
+            rows = np.stack(
+                [
+                    rng.integers(0, 128, count),
+                    rng.integers(0, 128, count),
+                    rng.integers(0, 2, count),
+                    np.sort(rng.integers(0, 1000, count)),
+                ],
+                axis=1,
+            )
             if user == 1 and label == 0:
                 rows = rows[::-1].copy()  # unsorted in time: the wrapper sorts
             np.save(folder / f"{label}.npy", rows.astype(np.int64))

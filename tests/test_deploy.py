@@ -67,8 +67,13 @@ def test_compose_commands_are_console_scripts_with_real_subcommands_and_flags() 
     for command in commands.values():
         assert command[0] in SCRIPTS, f"{command[0]} is not a console script of pyproject.toml"
     for sub in ("api", "worker", "serve"):
-        done = subprocess.run([sys.executable, "-m", "service.cli", sub, "--help"], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", sub, "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, f"ndot {sub} --help failed:\n{done.stderr[-2000:]}"
     client_args = build_parser().parse_args(commands["client"][1:])
     assert client_args.synthetic and client_args.url == "http://api:8000"
@@ -96,15 +101,21 @@ def test_compose_bind_mounts_exist() -> None:
 
 def test_dockerfile_copies_existing_unignored_paths_and_runs_a_console_script() -> None:
     text = (REPO / "Dockerfile").read_text()
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}  # fmt: skip
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     copies = re.findall(r"^COPY\s+(.+)$", text, flags=re.MULTILINE)
     sources = [src for line in copies for src in line.split()[:-1]]
     assert {"pyproject.toml", "README.md", "ndot_core", "service", "clients"} <= set(sources)
     for source in sources:
         assert (REPO / source).exists() and source not in ignored, source
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, flags=re.MULTILINE)
-    assert "torch==${TORCH_VERSION}" in text and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert (
+        "torch==${TORCH_VERSION}" in text
+        and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    )
     command = json.loads(re.search(r"^CMD (\[.*\])$", text, flags=re.MULTILINE).group(1))
     assert command[0] in SCRIPTS
 
@@ -131,7 +142,9 @@ def test_prometheus_targets_are_the_compose_services_metrics_ports() -> None:
     config = yaml.safe_load(PROMETHEUS.read_text())
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
     assert targets["ndot-api"] == [f"api:{SERVICES['api']['environment']['NDOT_PORT']}"]
-    assert targets["ndot-worker"] == [f"worker:{SERVICES['worker']['environment']['NDOT_WORKER_METRICS_PORT']}"]
+    assert targets["ndot-worker"] == [
+        f"worker:{SERVICES['worker']['environment']['NDOT_WORKER_METRICS_PORT']}"
+    ]
     assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in SERVICES["prometheus"]["volumes"]
 
 
@@ -140,7 +153,14 @@ def test_prometheus_targets_are_the_compose_services_metrics_ports() -> None:
 
 def test_dashboard_has_the_required_panels() -> None:
     titles = {panel["title"] for panel in DASHBOARD["panels"]}
-    assert {"Online accuracy", "Events / s", "Step latency p50 / p99", "Memory", "Active streams", "Bus lag"} <= titles
+    assert {
+        "Online accuracy",
+        "Events / s",
+        "Step latency p50 / p99",
+        "Memory",
+        "Active streams",
+        "Bus lag",
+    } <= titles
     latency = next(p for p in DASHBOARD["panels"] if p["title"] == "Step latency p50 / p99")
     exprs = " ".join(target["expr"] for target in latency["targets"])
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
@@ -161,9 +181,17 @@ def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package `prometheus`): PromQL syntax unchecked")
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(dashboard_queries())
-    ]}]}  # fmt: skip
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": expr}
+                    for i, (_, expr) in enumerate(dashboard_queries())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules))
     done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)

@@ -48,8 +48,11 @@ def test_layouts_are_packed_13_bytes():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 33), st.integers(0, 33), st.booleans()),
-                max_size=50))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 33), st.integers(0, 33), st.booleans()), max_size=50
+    )
+)
 def test_bytes_round_trip(rows):
     rows = sorted(rows)
     events = make_events(*zip(*rows, strict=True)) if rows else np.zeros(0, dtype=EVENT_DTYPE)
@@ -133,12 +136,21 @@ def test_validate_requires_fields_and_sensor_size():
 
 TONIC_LAYOUT = np.dtype([("x", "<i2"), ("y", "<i2"), ("t", "<i8"), ("p", "?")])
 AEDAT_LAYOUT = np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), (("p", "on"), "?")])
-EXPELLIARMUS_LAYOUT = np.dtype({"names": ["t", "x", "y", "p"], "formats": ["<i8", "<i2", "<i2", "u1"],
-                                "offsets": [0, 8, 10, 12], "itemsize": 16, "aligned": True})
+EXPELLIARMUS_LAYOUT = np.dtype(
+    {
+        "names": ["t", "x", "y", "p"],
+        "formats": ["<i8", "<i2", "<i2", "u1"],
+        "offsets": [0, 8, 10, 12],
+        "itemsize": 16,
+        "aligned": True,
+    }
+)
 
 
-@pytest.mark.parametrize(("convert", "layout"), [(from_tonic, TONIC_LAYOUT), (from_aedat, AEDAT_LAYOUT),
-                                                 (from_expelliarmus, EXPELLIARMUS_LAYOUT)])
+@pytest.mark.parametrize(
+    ("convert", "layout"),
+    [(from_tonic, TONIC_LAYOUT), (from_aedat, AEDAT_LAYOUT), (from_expelliarmus, EXPELLIARMUS_LAYOUT)],
+)
 def test_library_layouts_convert(convert, layout):
     source = np.zeros(3, dtype=layout)
     source["t"], source["x"], source["y"], source["p"] = [10, 20, 30], [1, 2, 3], [4, 5, 6], [1, 0, 1]
@@ -168,19 +180,35 @@ def test_to_tonic_round_trip():
     np.testing.assert_array_equal(from_tonic(converted), events)
 
 
-EVENT_MODULES = ("events/__init__", "events/layout", "events/framing", "events/readers", "events/datasets", "experiments/cifar", "experiments/augment")
+EVENT_MODULES = (
+    "events/__init__",
+    "events/layout",
+    "events/framing",
+    "events/readers",
+    "events/datasets",
+    "experiments/cifar",
+    "experiments/augment",
+)
 
 
 def test_event_modules_load_no_heavy_library_at_import():
     """tonic / expelliarmus / aedat load lazily; torch is never imported by these modules themselves."""
-    code = ("import sys\n" + "".join(f"import ndot_core.{m.replace('/__init__', '').replace('/', '.')}\n" for m in EVENT_MODULES)
-            + "print(sorted(m for m in ('tonic', 'expelliarmus', 'aedat') if m in sys.modules))")
+    code = (
+        "import sys\n"
+        + "".join(f"import ndot_core.{m.replace('/__init__', '').replace('/', '.')}\n" for m in EVENT_MODULES)
+        + "print(sorted(m for m in ('tonic', 'expelliarmus', 'aedat') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
     package = Path(__file__).resolve().parent.parent / "ndot_core"
     for module in EVENT_MODULES:
         tree = ast.parse((package / f"{module}.py").read_text())
         top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-        names = {alias.name.split(".")[0] for node in top_level if isinstance(node, ast.Import) for alias in node.names}
+        names = {
+            alias.name.split(".")[0]
+            for node in top_level
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
         names |= {(node.module or "").split(".")[0] for node in top_level if isinstance(node, ast.ImportFrom)}
         assert not names & {"torch", "tonic", "expelliarmus", "aedat"}, module

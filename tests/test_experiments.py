@@ -145,8 +145,10 @@ def test_records_written_as_matching_json_and_csv(tmp_path: Path) -> None:
 
 
 def test_training_curves_png(tmp_path: Path) -> None:
-    history = [{"epoch": e, "train_loss": 1 / e, "test_loss": 1.2 / e, "train_acc": 0.2 * e, "test_acc": 0.1 * e}
-               for e in (1, 2, 3)]
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "test_loss": 1.2 / e, "train_acc": 0.2 * e, "test_acc": 0.1 * e}
+        for e in (1, 2, 3)
+    ]
     path = plot_training_curves(history, tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -222,18 +224,35 @@ def test_evaluate_counts_correct_predictions_and_leaves_weights() -> None:
 
 def test_run_names_and_run_parsing() -> None:
     assert [s.name for s in parse_runs("ndot:online,ndot:accumulate,ottt:accumulate,bptt")] == [
-        "NDOT_O", "NDOT_A", "OTTT_A", "BPTT"]
+        "NDOT_O",
+        "NDOT_A",
+        "OTTT_A",
+        "BPTT",
+    ]
     assert run_display_name("ndot_reference", "online") == "NDOT_REFERENCE_O"
     assert parse_runs(" ottt:online ") == [RunSpec("ottt", "online")]
-    for bad, message in (("ndot:sideways", "run 0"), ("ndot:online,foo", "unknown rule 'foo'"),
-                         ("bptt:online", "bptt takes no mode"), ("ndot:online,ndot:online", "twice")):
+    for bad, message in (
+        ("ndot:sideways", "run 0"),
+        ("ndot:online,foo", "unknown rule 'foo'"),
+        ("bptt:online", "bptt takes no mode"),
+        ("ndot:online,ndot:online", "twice"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_runs(bad)
 
 
 def test_table_names_its_memory_measure() -> None:
-    row = {"name": "NDOT_O", "T": 6, "test_acc": 0.97, "best_test_acc": 0.98, "train_acc": 0.99,
-           "epoch_s": 3.2, "peak_mem_mib": 40.0, "mem_measure": MEASURE_RSS_HWM, "saved_peak_mib": 9.5}
+    row = {
+        "name": "NDOT_O",
+        "T": 6,
+        "test_acc": 0.97,
+        "best_test_acc": 0.98,
+        "train_acc": 0.99,
+        "epoch_s": 3.2,
+        "peak_mem_mib": 40.0,
+        "mem_measure": MEASURE_RSS_HWM,
+        "saved_peak_mib": 9.5,
+    }
     table = format_table([row])
     assert "| NDOT_O | 6 | 97.00% | 98.00% | 99.0% | 3.2 | 40.0 | 9.5 |" in table
     assert "VmHWM" in table
@@ -243,8 +262,19 @@ def test_table_names_its_memory_measure() -> None:
 
 
 def small_config(nmnist_small: Path, out: Path, **changes) -> RunConfig:
-    config = RunConfig(data_dir=nmnist_small, model="mlp", model_args={"hidden": [32, 32]}, steps=3, epochs=2,
-                       batch_size=16, limit=120, out=out, progress=False, verbose=False, lr=0.05)
+    config = RunConfig(
+        data_dir=nmnist_small,
+        model="mlp",
+        model_args={"hidden": [32, 32]},
+        steps=3,
+        epochs=2,
+        batch_size=16,
+        limit=120,
+        out=out,
+        progress=False,
+        verbose=False,
+        lr=0.05,
+    )
     return replace(config, **changes)
 
 

@@ -47,7 +47,11 @@ def packet(index: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed * 1000 + index)
     events = np.zeros(5, dtype=WIRE_DTYPE)
     events["t"] = index * 10_000 + np.arange(5) * 2_000
-    events["x"], events["y"], events["p"] = rng.integers(0, 34, 5), rng.integers(0, 34, 5), rng.integers(0, 2, 5)
+    events["x"], events["y"], events["p"] = (
+        rng.integers(0, 34, 5),
+        rng.integers(0, 34, 5),
+        rng.integers(0, 2, 5),
+    )
     return events.tobytes()
 
 
@@ -67,8 +71,9 @@ def post_all(url: str, count: int, first: int = 0, stop: int | None = None) -> l
                 params = {"label": seed, "start": i == 0, "end": i == count - 1, "wait": False}
                 if i == 0:
                     params.update(width=34, height=34)
-                answer = client.post(f"/v1/streams/{stream}/events", params=params, content=packet(i, seed),
-                                     headers=BINARY)  # fmt: skip
+                answer = client.post(
+                    f"/v1/streams/{stream}/events", params=params, content=packet(i, seed), headers=BINARY
+                )
                 codes.append(answer.status_code)
     return codes
 
@@ -95,9 +100,16 @@ def deployment(redis_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """Settings (as env) of one API + worker pair on the shared test Redis; cleans up the keys."""
     stream = f"test-faults-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = {"REDIS_URL": redis_url, "NDOT_BUS_STREAM": stream, "NDOT_PORT": str(port),
-           "NDOT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "NDOT_CHECKPOINT_INTERVAL_S": "0",
-           "NDOT_WORKER_METRICS_PORT": "0", "NDOT_REQUEST_TIMEOUT_S": "3", "NDOT_WINDOW_US": "10000"}  # fmt: skip
+    env = {
+        "REDIS_URL": redis_url,
+        "NDOT_BUS_STREAM": stream,
+        "NDOT_PORT": str(port),
+        "NDOT_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+        "NDOT_CHECKPOINT_INTERVAL_S": "0",
+        "NDOT_WORKER_METRICS_PORT": "0",
+        "NDOT_REQUEST_TIMEOUT_S": "3",
+        "NDOT_WINDOW_US": "10000",
+    }
     processes: list[ServiceProcess] = []
 
     def start(command: str, **extra: str) -> ServiceProcess:
@@ -105,8 +117,14 @@ def deployment(redis_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
         processes.append(process)
         return process
 
-    yield {"url": f"http://127.0.0.1:{port}", "stream": stream, "env": env, "start": start, "tmp": tmp_path,
-           "redis_url": redis_url}  # fmt: skip
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "stream": stream,
+        "env": env,
+        "start": start,
+        "tmp": tmp_path,
+        "redis_url": redis_url,
+    }
     for process in processes:
         process.stop(timeout_s=20)
     clear_redis(redis_url, stream)
@@ -154,7 +172,9 @@ def test_a_worker_killed_with_sigkill_loses_no_packet_and_applies_none_twice(dep
         info = {s["stream_id"]: s for s in client.get("/v1/streams").json()["streams"]}
         assert all(info[s]["labelled_steps"] == want[s] and info[s]["sequences"] == 1 for s in STREAMS)
     log = second.log_path.read_text()
-    assert "event=checkpoint_restored" in log and "event=replayed" in log  # restored, then the history after it
+    assert (
+        "event=checkpoint_restored" in log and "event=replayed" in log
+    )  # restored, then the history after it
     assert bus_figure(deployment["redis_url"], deployment["stream"], "lag") == 0
     assert bus_figure(deployment["redis_url"], deployment["stream"], "dead") == []
     assert api.process.poll() is None
@@ -180,9 +200,17 @@ def test_sigterm_the_worker_acks_and_checkpoints_and_the_api_finishes_what_is_in
 
     # The API: a request in flight when SIGTERM comes still gets its answer; new connections are refused.
     in_flight: list[httpx.Response] = []
-    thread = threading.Thread(target=lambda: in_flight.append(httpx.post(
-        f"{deployment['url']}/v1/streams/s0/events", params={"label": 0}, content=packet(count // 2, 0),
-        headers={**BINARY, **auth()}, timeout=30)))  # fmt: skip
+    thread = threading.Thread(
+        target=lambda: in_flight.append(
+            httpx.post(
+                f"{deployment['url']}/v1/streams/s0/events",
+                params={"label": 0},
+                content=packet(count // 2, 0),
+                headers={**BINARY, **auth()},
+                timeout=30,
+            )
+        )
+    )
     thread.start()
     time.sleep(0.5)
     api.process.send_signal(signal.SIGTERM)
@@ -196,14 +224,18 @@ def test_sigterm_the_worker_acks_and_checkpoints_and_the_api_finishes_what_is_in
     api = deployment["start"]("api")
     worker = deployment["start"]("worker")
     wait_ready(deployment["url"], worker)
-    assert post_all(deployment["url"], count, first=count // 2 + 1) == [202] * ((count // 2 - 1) * len(STREAMS))
+    assert post_all(deployment["url"], count, first=count // 2 + 1) == [202] * (
+        (count // 2 - 1) * len(STREAMS)
+    )
     want = {stream: expected_steps(count, seed) for seed, stream in enumerate(STREAMS)}
     with http(deployment["url"]) as client:
         assert settle(client, want) == want, worker.log_tail()
 
 
 @pytest.mark.slow
-def test_redis_stopped_and_started_gives_503_then_recovers_without_a_restart(deployment, tmp_path: Path) -> None:
+def test_redis_stopped_and_started_gives_503_then_recovers_without_a_restart(
+    deployment, tmp_path: Path
+) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     server = OwnRedis(tmp_path)
@@ -215,22 +247,33 @@ def test_redis_stopped_and_started_gives_503_then_recovers_without_a_restart(dep
         url = deployment["url"]
         wait_ready(url, worker)
         with http(url) as client:
-            first = client.post("/v1/streams/cam/events", params={"width": 34, "height": 34, "label": 1},
-                                content=packet(0, 0) + packet(1, 0)[:13 * 5], headers=BINARY)  # fmt: skip
+            first = client.post(
+                "/v1/streams/cam/events",
+                params={"width": 34, "height": 34, "label": 1},
+                content=packet(0, 0) + packet(1, 0)[: 13 * 5],
+                headers=BINARY,
+            )
             assert first.status_code == 200 and len(first.json()["steps"]) == 1
             # A request waiting for its reply when Redis dies: 504 ("do not send it again"), never a 503,
             # which would make a client resend a packet that is already on the bus.
             worker.process.send_signal(signal.SIGSTOP)
             waiting: list[httpx.Response] = []
-            thread = threading.Thread(target=lambda: waiting.append(client.post(
-                "/v1/streams/cam/events", params={"label": 1}, content=packet(2, 0), headers=BINARY)))  # fmt: skip
+            thread = threading.Thread(
+                target=lambda: waiting.append(
+                    client.post(
+                        "/v1/streams/cam/events", params={"label": 1}, content=packet(2, 0), headers=BINARY
+                    )
+                )
+            )
             thread.start()
             time.sleep(0.5)
             server.kill()
             thread.join(10)
             worker.process.send_signal(signal.SIGCONT)
             assert waiting[0].status_code == 504 and "do not send it again" in waiting[0].json()["detail"]
-            gap = client.post("/v1/streams/cam/events", params={"label": 1}, content=packet(3, 0), headers=BINARY)
+            gap = client.post(
+                "/v1/streams/cam/events", params={"label": 1}, content=packet(3, 0), headers=BINARY
+            )
             assert gap.status_code == 503 and int(gap.headers["retry-after"]) >= 1
             assert "bus unavailable" in gap.json()["detail"]
             ready = client.get("/readyz")
@@ -244,8 +287,11 @@ def test_redis_stopped_and_started_gives_503_then_recovers_without_a_restart(dep
                 assert time.monotonic() < deadline, worker.log_tail()
                 time.sleep(0.2)
             deadline = time.monotonic() + 30
-            while (after := client.post("/v1/streams/cam/events", params={"label": 1}, content=packet(3, 0),
-                                        headers=BINARY)).status_code == 404:  # fmt: skip
+            while (
+                after := client.post(
+                    "/v1/streams/cam/events", params={"label": 1}, content=packet(3, 0), headers=BINARY
+                )
+            ).status_code == 404:
                 assert time.monotonic() < deadline, "the worker did not publish its streams again"
                 time.sleep(0.2)
             assert after.status_code == 200 and after.json()["steps"], after.text
@@ -257,10 +303,19 @@ def test_redis_stopped_and_started_gives_503_then_recovers_without_a_restart(dep
         server.kill()
 
 
-def test_a_poison_packet_is_retried_then_dead_lettered_and_its_stream_goes_on(redis_url: str, tmp_path: Path) -> None:
+def test_a_poison_packet_is_retried_then_dead_lettered_and_its_stream_goes_on(
+    redis_url: str, tmp_path: Path
+) -> None:
     stream = f"test-poison-{uuid.uuid4().hex[:8]}"
-    settings = Settings(redis_url=redis_url, bus_stream=stream, checkpoint_dir=tmp_path, checkpoint_interval_s=0,
-                        max_failures=3, read_block_ms=10, window_us=10_000)  # fmt: skip
+    settings = Settings(
+        redis_url=redis_url,
+        bus_stream=stream,
+        checkpoint_dir=tmp_path,
+        checkpoint_interval_s=0,
+        max_failures=3,
+        read_block_ms=10,
+        window_us=10_000,
+    )
 
     async def publish(bus: RedisStreamBus, name: str, index: int, label: int) -> str:
         events = messages.EventsPacket(packet(index, 0), 34, 34, label=label, start=index == 0)
@@ -275,7 +330,9 @@ def test_a_poison_packet_is_retried_then_dead_lettered_and_its_stream_goes_on(re
             for i in range(3):
                 await publish(bus, "good", i, 2)
                 await publish(bus, "bad", i, 1)
-            poison = await publish(bus, "bad", 3, 99)  # the API would refuse it; straight on the bus it is not
+            poison = await publish(
+                bus, "bad", 3, 99
+            )  # the API would refuse it; straight on the bus it is not
             later = [await publish(bus, "bad", 4, 1), await publish(bus, "good", 4, 2)]
             while await bus.lag():
                 await worker.run_once(block_ms=10)

@@ -24,8 +24,12 @@ def make_events(t, x, y, p) -> np.ndarray:
 
 def random_events(count: int, sensor=(20, 12), span_us=100_000, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return make_events(np.sort(rng.integers(0, span_us, count)), rng.integers(0, sensor[0], count),
-                       rng.integers(0, sensor[1], count), rng.integers(0, 2, count))
+    return make_events(
+        np.sort(rng.integers(0, span_us, count)),
+        rng.integers(0, sensor[0], count),
+        rng.integers(0, sensor[1], count),
+        rng.integers(0, 2, count),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,9 @@ def tonic_frames(events, sensor, **options):
 )
 def test_equal_to_tonic_toframe_on_a_real_recording(digit, ours, theirs):
     events, sensor = digit
-    assert (events["t"][-1] - events["t"][0]) % ours.get("time_window_us", 1_000_003) != 0  # tonic's boundary case
+    assert (events["t"][-1] - events["t"][0]) % ours.get(
+        "time_window_us", 1_000_003
+    ) != 0  # tonic's boundary case
     expected = tonic_frames(events, sensor, **theirs)
     frames = to_frames(events, sensor, **ours)
     assert frames.dtype == np.float32 and frames.shape == expected.shape
@@ -64,7 +70,9 @@ def test_n_time_bins_equal_to_tonic_but_keeps_its_dropped_tail(digit):
     frames = to_frames(events, sensor, n_time_bins=7)
     np.testing.assert_array_equal(frames[:-1], expected[:-1])
     width = (events["t"][-1] - events["t"][0]) // 7
-    tail = events[events["t"] >= events["t"][0] + 7 * width]  # tonic drops these; we count them in the last bin
+    tail = events[
+        events["t"] >= events["t"][0] + 7 * width
+    ]  # tonic drops these; we count them in the last bin
     assert len(tail) >= 1
     np.testing.assert_array_equal(frames[-1] - expected[-1], to_frames(tail, sensor, n_event_bins=1)[0])
     assert frames.sum() == len(events)
@@ -74,8 +82,12 @@ def test_n_time_bins_equal_to_tonic_but_keeps_its_dropped_tail(digit):
 @given(st.integers(1, 300), st.integers(1, 9), st.integers(0, 2**31))
 def test_every_rule_counts_every_event_once(count, bins, seed):
     events = random_events(count, seed=seed)
-    for rule in ({"n_time_bins": bins}, {"n_event_bins": bins}, {"event_count": bins},
-                 {"time_window_us": 1000 * bins}):
+    for rule in (
+        {"n_time_bins": bins},
+        {"n_event_bins": bins},
+        {"event_count": bins},
+        {"time_window_us": 1000 * bins},
+    ):
         frames = to_frames(events, (20, 12), **rule)
         assert frames.sum() == count, rule
         for p in (0, 1):
@@ -148,8 +160,13 @@ SMALL_SENSOR = (5, 4)
 def event_sequences(draw):
     """Events on a 5x4 sensor whose t mostly rises, sometimes jumps far ahead or steps back (late events)."""
     count = draw(st.integers(0, 60))
-    steps = draw(st.lists(st.one_of(st.integers(0, 300), st.integers(1000, 5000), st.integers(-400, -1)),
-                          min_size=count, max_size=count))
+    steps = draw(
+        st.lists(
+            st.one_of(st.integers(0, 300), st.integers(1000, 5000), st.integers(-400, -1)),
+            min_size=count,
+            max_size=count,
+        )
+    )
     start = draw(st.integers(-5000, 5000))
     t = start + np.cumsum(np.asarray(steps, dtype=np.int64))
     x = draw(st.lists(st.integers(0, 4), min_size=count, max_size=count))
@@ -160,9 +177,13 @@ def event_sequences(draw):
 
 @st.composite
 def framer_options(draw):
-    return {"window_us": draw(st.integers(1, 500)), "max_gap_windows": draw(st.integers(0, 4)),
-            "binary": draw(st.booleans()), "origin_us": draw(st.integers(-100, 100)),
-            "output_size": draw(st.sampled_from([None, (2, 3), (4, 5)]))}
+    return {
+        "window_us": draw(st.integers(1, 500)),
+        "max_gap_windows": draw(st.integers(0, 4)),
+        "binary": draw(st.booleans()),
+        "origin_us": draw(st.integers(-100, 100)),
+        "output_size": draw(st.sampled_from([None, (2, 3), (4, 5)])),
+    }
 
 
 def run_framer(framer: StreamFramer, events: np.ndarray, cuts: list[int]) -> list[np.ndarray]:
@@ -188,8 +209,11 @@ def test_framer_output_does_not_depend_on_packet_cuts(events, options, data):
     for ours, theirs in zip(frames, expected, strict=True):
         np.testing.assert_array_equal(ours, theirs)
     assert counters(pieces) == counters(whole)
-    assert sum(f.sum() for f in expected) <= len(events) - whole.late_events if options["binary"] else \
-        sum(f.sum() for f in expected) == len(events) - whole.late_events
+    assert (
+        sum(f.sum() for f in expected) <= len(events) - whole.late_events
+        if options["binary"]
+        else sum(f.sum() for f in expected) == len(events) - whole.late_events
+    )
 
 
 def state_through_files(state: dict) -> dict:
@@ -224,8 +248,9 @@ def test_framer_equals_to_frames_on_a_sorted_recording(count, window_us, seed):
     framer = StreamFramer((20, 12), window_us=window_us, max_gap_windows=10**9)
     frames = run_framer(framer, events, list(range(0, count, 37)))
     start = events["t"][0] // window_us * window_us  # first window: first event's t floored to the grid
-    np.testing.assert_array_equal(np.stack(frames), to_frames(events, (20, 12), time_window_us=window_us,
-                                                             start_time_us=int(start)))
+    np.testing.assert_array_equal(
+        np.stack(frames), to_frames(events, (20, 12), time_window_us=window_us, start_time_us=int(start))
+    )
 
 
 def test_gap_policy_emits_at_most_max_gap_empty_frames():

@@ -25,17 +25,33 @@ CASES_PER_OPERATION = 90
 MIN_CASES = 1000
 
 _checkpoints = Path(tempfile.mkdtemp(prefix="ndot-fuzz-"))
-APP = create_app(Settings(redis_url=None, bus_stream=f"fuzz-{uuid.uuid4().hex[:8]}", checkpoint_dir=_checkpoints,
-                          checkpoint_interval_s=0, checkpoint_keep=2, max_body_bytes=64 * 1024,
-                          max_events_per_packet=2000, request_timeout_s=30, rate_limit_rps=0, **AUTH_SETTINGS),
-                 run_worker=True)  # fmt: skip
+APP = create_app(
+    Settings(
+        redis_url=None,
+        bus_stream=f"fuzz-{uuid.uuid4().hex[:8]}",
+        checkpoint_dir=_checkpoints,
+        checkpoint_interval_s=0,
+        checkpoint_keep=2,
+        max_body_bytes=64 * 1024,
+        max_events_per_packet=2000,
+        request_timeout_s=30,
+        rate_limit_rps=0,
+        **AUTH_SETTINGS,
+    ),
+    run_worker=True,
+)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 calls = {"cases": 0, "by_status": {}}
 
 
 @schema.parametrize()
-@settings(max_examples=CASES_PER_OPERATION, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))  # fmt: skip
+@settings(
+    max_examples=CASES_PER_OPERATION,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_no_generated_request_gets_a_5xx(case) -> None:
     # Half the cases with the admin key (past auth, into the routes), half with whatever they carry.
     headers = auth(ADMIN_KEY) if calls["cases"] % 2 == 0 else None
@@ -60,7 +76,9 @@ sensors = st.tuples(st.integers(1, 65535), st.integers(1, 65535))
 
 @given(st.binary(max_size=13 * 40), sensors, st.integers(1, 50))
 @settings(max_examples=400, deadline=None)
-def test_arbitrary_bytes_decode_to_valid_events_or_raise_event_error_only(data: bytes, sensor, max_events) -> None:
+def test_arbitrary_bytes_decode_to_valid_events_or_raise_event_error_only(
+    data: bytes, sensor, max_events
+) -> None:
     try:
         events = events_from_bytes(data, sensor_size=sensor, max_events=max_events)
     except EventError:
@@ -76,8 +94,11 @@ def event_arrays(draw, max_side: int = 65535) -> tuple[np.ndarray, tuple[int, in
     width, height = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
     count = draw(st.integers(0, 60))
     events = np.zeros(count, dtype=EVENT_DTYPE)
-    events["t"] = np.sort(np.array(draw(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=count, max_size=count)),
-                                   dtype=np.int64))  # fmt: skip
+    events["t"] = np.sort(
+        np.array(
+            draw(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=count, max_size=count)), dtype=np.int64
+        )
+    )
     events["x"] = draw(st.lists(st.integers(0, width - 1), min_size=count, max_size=count))
     events["y"] = draw(st.lists(st.integers(0, height - 1), min_size=count, max_size=count))
     events["p"] = draw(st.lists(st.booleans(), min_size=count, max_size=count))
@@ -97,9 +118,16 @@ def test_valid_events_round_trip_through_the_wire_format_at_any_value(drawn) -> 
 # --- the streaming framer on hostile (valid) packets -------------------------------------------------
 
 
-@given(event_arrays(max_side=1280), st.integers(1, 10**7), st.lists(st.integers(0, 60), max_size=6), st.booleans())
+@given(
+    event_arrays(max_side=1280),
+    st.integers(1, 10**7),
+    st.lists(st.integers(0, 60), max_size=6),
+    st.booleans(),
+)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_the_framer_takes_any_valid_packets_without_crashing_or_flooding(drawn, window_us, cuts, flush) -> None:
+def test_the_framer_takes_any_valid_packets_without_crashing_or_flooding(
+    drawn, window_us, cuts, flush
+) -> None:
     """Extreme times and gaps: frames are finite, correctly shaped, and at most (gap bound + 1) per event.
 
     Sensors up to the service's default ``max_sensor_size`` (1280): a resizing framer holds a W x H

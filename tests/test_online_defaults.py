@@ -30,11 +30,22 @@ HELD_OUT = 100
 def learner_of(settings: Settings) -> OnlineLearner:
     """The learner the worker builds from ``settings``."""
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, in_channels=settings.in_channels, num_classes=settings.num_classes,
-                        input_size=settings.input_size)  # fmt: skip
-    return OnlineLearner(model, rule=settings.rule, mode=settings.mode, optimizer=settings.optimizer, lr=settings.lr,
-                         momentum=settings.momentum, alpha=settings.alpha,
-                         steps_per_sample=settings.steps_per_sample)  # fmt: skip
+    model = build_model(
+        settings.model,
+        in_channels=settings.in_channels,
+        num_classes=settings.num_classes,
+        input_size=settings.input_size,
+    )
+    return OnlineLearner(
+        model,
+        rule=settings.rule,
+        mode=settings.mode,
+        optimizer=settings.optimizer,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        alpha=settings.alpha,
+        steps_per_sample=settings.steps_per_sample,
+    )
 
 
 def stream(batcher: Batcher, samples: list[Sequence], labelled: bool) -> list[int]:
@@ -43,8 +54,13 @@ def stream(batcher: Batcher, samples: list[Sequence], labelled: bool) -> list[in
     for first in range(0, len(samples), STREAMS):
         group = samples[first : first + STREAMS]
         for row, sample in enumerate(group):
-            packet = EventsPacket(encode_body(sample.events), *sample.sensor_size,
-                                  label=sample.label if labelled else None, start=True, end=True)  # fmt: skip
+            packet = EventsPacket(
+                encode_body(sample.events),
+                *sample.sensor_size,
+                label=sample.label if labelled else None,
+                start=True,
+                end=True,
+            )
             batcher.push_packet(f"{first + row}-0", f"s{row}", packet)
         batcher.drain()
         predictions += [batcher.results.pop(f"{first + row}-0")[-1]["predicted"] for row in range(len(group))]

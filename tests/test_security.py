@@ -17,8 +17,8 @@ import torch
 from service_support import ADMIN_KEY, AUTH_SETTINGS, BINARY, INGEST_KEY, REPO_ROOT, ServerThread, auth, http
 
 from ndot_core.events.layout import WIRE_DTYPE
-from service.app import create_app
 from service.api.auth import AuthConfigError
+from service.app import create_app
 from service.bus import LocalBus
 from service.settings import Settings
 from service.worker.checkpoints import CheckpointStore, encode
@@ -33,9 +33,15 @@ def body(count: int, start_us: int = 0) -> bytes:
 
 
 def settings_for(tmp: Path, **overrides) -> Settings:
-    knobs = {**AUTH_SETTINGS, "checkpoint_dir": tmp / "ckpt", "checkpoint_interval_s": 0,
-             "max_events_per_packet": MAX_EVENTS, "max_control_body_bytes": 1024, "window_us": 10_000,
-             **overrides}  # fmt: skip
+    knobs = {
+        **AUTH_SETTINGS,
+        "checkpoint_dir": tmp / "ckpt",
+        "checkpoint_interval_s": 0,
+        "max_events_per_packet": MAX_EVENTS,
+        "max_control_body_bytes": 1024,
+        "window_us": 10_000,
+        **overrides,
+    }
     return Settings(redis_url=None, bus_stream=f"test-sec-{uuid.uuid4().hex[:8]}", **knobs)
 
 
@@ -47,10 +53,20 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
         yield server.url, settings.checkpoint_dir
 
 
-INGEST_ROUTES = [("POST", "/v1/streams/cam/events"), ("PUT", "/v1/streams/cam"), ("GET", "/v1/streams"),
-                 ("GET", "/v1/streams/cam"), ("POST", "/v1/streams/cam/reset")]  # fmt: skip
-ADMIN_ROUTES = [("DELETE", "/v1/streams/cam"), ("POST", "/v1/checkpoints"), ("GET", "/v1/checkpoints"),
-                ("POST", "/v1/checkpoints/any/restore"), ("POST", "/v1/model/reset")]  # fmt: skip
+INGEST_ROUTES = [
+    ("POST", "/v1/streams/cam/events"),
+    ("PUT", "/v1/streams/cam"),
+    ("GET", "/v1/streams"),
+    ("GET", "/v1/streams/cam"),
+    ("POST", "/v1/streams/cam/reset"),
+]
+ADMIN_ROUTES = [
+    ("DELETE", "/v1/streams/cam"),
+    ("POST", "/v1/checkpoints"),
+    ("GET", "/v1/checkpoints"),
+    ("POST", "/v1/checkpoints/any/restore"),
+    ("POST", "/v1/model/reset"),
+]
 
 
 def test_no_key_or_an_unknown_key_is_401_and_an_ingest_key_on_admin_routes_is_403(service) -> None:
@@ -59,7 +75,10 @@ def test_no_key_or_an_unknown_key_is_401_and_an_ingest_key_on_admin_routes_is_40
         for method, path in INGEST_ROUTES + ADMIN_ROUTES:
             answer = anonymous.request(method, path)
             assert answer.status_code == 401, (method, path, answer.text)
-            assert answer.headers["www-authenticate"] == "Bearer" and "missing API key" in answer.json()["detail"]
+            assert (
+                answer.headers["www-authenticate"] == "Bearer"
+                and "missing API key" in answer.json()["detail"]
+            )
             wrong = anonymous.request(method, path, headers=auth(ADMIN_KEY[:-1] + "X"))
             assert wrong.status_code == 401 and wrong.json()["detail"] == "unknown API key"
         for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):  # open, by design
@@ -78,8 +97,12 @@ def test_no_key_or_an_unknown_key_is_401_and_an_ingest_key_on_admin_routes_is_40
         assert client.get("/v1/checkpoints", headers={"x-api-key": ADMIN_KEY}).status_code == 200
         assert client.get("/v1/checkpoints", headers={"x-api-key": INGEST_KEY}).status_code == 403
         metrics = client.get("/metrics").text
-    refused = {reason: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("ndot_requests_refused_total{") for reason in [line.split('"')[1]]}  # fmt: skip
+    refused = {
+        reason: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("ndot_requests_refused_total{")
+        for reason in [line.split('"')[1]]
+    }
     unauthenticated = 2 * len(INGEST_ROUTES + ADMIN_ROUTES)
     assert refused["unauthenticated"] == unauthenticated and refused["forbidden"] == len(ADMIN_ROUTES) + 1
 
@@ -92,8 +115,14 @@ def test_auth_on_without_keys_refuses_to_start_and_off_says_so(tmp_path: Path, c
     with pytest.raises(AuthConfigError, match="twice"):
         create_app(settings_for(tmp_path, ingest_keys=ADMIN_KEY))
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "NDOT_PORT": "0"}
-    done = subprocess.run([sys.executable, "-m", "service.cli", "api", "--redis-url", "redis://127.0.0.1:1/0"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "api", "--redis-url", "redis://127.0.0.1:1/0"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "refusing to start: auth is on but no API key" in done.stderr
 
     settings = settings_for(tmp_path, auth="off", ingest_keys=None, admin_keys=None)
@@ -119,15 +148,20 @@ def test_the_rate_limit_is_per_key_and_answers_429_with_retry_after(tmp_path: Pa
 def test_body_events_and_stream_id_limits_name_the_limit(service) -> None:
     url, _ = service
     with http(url) as client:
-        big = client.put("/v1/streams/lim", content=b'{"width": 34, "height": 34' + b" " * 2000 + b"}",
-                         headers={"content-type": "application/json"})  # fmt: skip
+        big = client.put(
+            "/v1/streams/lim",
+            content=b'{"width": 34, "height": 34' + b" " * 2000 + b"}",
+            headers={"content-type": "application/json"},
+        )
         assert big.status_code == 413 and "limit of 1024 bytes" in big.json()["detail"]
 
         def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
             yield b'{"width": 34,'
             yield b" " * 2000 + b'"height": 34}'
 
-        chunked = client.put("/v1/streams/lim", content=chunks(), headers={"content-type": "application/json"})
+        chunked = client.put(
+            "/v1/streams/lim", content=chunks(), headers={"content-type": "application/json"}
+        )
         assert chunked.status_code == 413 and "limit of 1024 bytes" in chunked.json()["detail"]
         assert client.put("/v1/streams/lim", json={"width": 34, "height": 34}).status_code == 200
         many = client.post("/v1/streams/lim/events", content=body(MAX_EVENTS + 1), headers=BINARY)
@@ -137,8 +171,15 @@ def test_body_events_and_stream_id_limits_name_the_limit(service) -> None:
             assert answer.status_code in (404, 422), (bad_id, answer.text)
             if answer.status_code == 422:
                 assert "[A-Za-z0-9_.-]{1,64}" in answer.json()["detail"], answer.json()
-        assert client.post(f"/v1/streams/{'x' * 64}/events", params={"width": 34, "height": 34}, content=body(5),
-                           headers=BINARY).status_code == 200  # fmt: skip
+        assert (
+            client.post(
+                f"/v1/streams/{'x' * 64}/events",
+                params={"width": 34, "height": 34},
+                content=body(5),
+                headers=BINARY,
+            ).status_code
+            == 200
+        )
 
 
 def test_checkpoint_names_cannot_leave_the_checkpoint_folder(service, tmp_path: Path) -> None:
@@ -157,8 +198,12 @@ def test_corrupt_truncated_or_mismatched_checkpoints_are_refused_and_the_model_i
     url, checkpoint_dir = service
     store = CheckpointStore(checkpoint_dir)
     with http(url) as client:
-        client.post("/v1/streams/ck/events", params={"width": 34, "height": 34, "label": 3}, content=body(50),
-                    headers=BINARY).raise_for_status()  # fmt: skip
+        client.post(
+            "/v1/streams/ck/events",
+            params={"width": 34, "height": 34, "label": 3},
+            content=body(50),
+            headers=BINARY,
+        ).raise_for_status()
         before = client.post("/v1/checkpoints").json()
         data = (checkpoint_dir / f"{before['name']}.safetensors").read_bytes()
         flipped = bytearray(data)
@@ -166,8 +211,13 @@ def test_corrupt_truncated_or_mismatched_checkpoints_are_refused_and_the_model_i
         tree = store.load(before["name"])
         first = next(iter(tree["learner"]["model"]))
         tree["learner"]["model"][first] = torch.zeros(3, 3)  # right names, wrong shape
-        bad = {"truncated": data[: len(data) // 2], "flipped": bytes(flipped), "empty": b"",
-               "not-safetensors": b"\x08" + b"\x00" * 7 + b"{}garbage", "wrong-shape": encode(tree)}  # fmt: skip
+        bad = {
+            "truncated": data[: len(data) // 2],
+            "flipped": bytes(flipped),
+            "empty": b"",
+            "not-safetensors": b"\x08" + b"\x00" * 7 + b"{}garbage",
+            "wrong-shape": encode(tree),
+        }
         for name, content in bad.items():
             (checkpoint_dir / f"{name}.safetensors").write_bytes(content)
             answer = client.post(f"/v1/checkpoints/{name}/restore")
@@ -176,6 +226,9 @@ def test_corrupt_truncated_or_mismatched_checkpoints_are_refused_and_the_model_i
         assert "checkpoint has torch.float32[3, 3]" in client.post("/v1/checkpoints/wrong-shape/restore").text
         after = client.post("/v1/checkpoints").json()
         assert after["model_version"] == before["model_version"]
-    weights_before, weights_after = store.load(before["name"])["learner"], store.load(after["name"])["learner"]
+    weights_before, weights_after = (
+        store.load(before["name"])["learner"],
+        store.load(after["name"])["learner"],
+    )
     for key, tensor in weights_before["model"].items():
         assert torch.equal(tensor, weights_after["model"][key]), key

@@ -23,7 +23,7 @@ from service_support import (
     http,
     nmnist_samples,
     packets,
-    post_sample,  # fmt: skip
+    post_sample,
     wait_ready,
 )
 
@@ -53,7 +53,9 @@ def assert_same_model_and_streams(one: dict[str, Any], other: dict[str, Any]) ->
     assert optimizer_state and optimizer_state.keys() == other["learner"]["optimizer"]["state"].keys()
     for index, state in optimizer_state.items():
         for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other["learner"]["optimizer"]["state"][index][name]))
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(other["learner"]["optimizer"]["state"][index][name])
+            )
     rows_one, rows_other = stream_rows(one), stream_rows(other)
     assert rows_one.keys() == rows_other.keys()
     for sid, tensors in rows_one.items():
@@ -66,8 +68,12 @@ def test_embedded_serve_predicts_and_resumes_identically_after_stop_and_start(
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"NDOT_PORT": str(port), "NDOT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "NDOT_CHECKPOINT_INTERVAL_S": "0",
-           "NDOT_WINDOW_US": "10000"}
+    env = {
+        "NDOT_PORT": str(port),
+        "NDOT_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+        "NDOT_CHECKPOINT_INTERVAL_S": "0",
+        "NDOT_WINDOW_US": "10000",
+    }
     samples = nmnist_samples(nmnist_small, 4)
     serve = ServiceProcess("serve", env, tmp_path / "serve.log").start()
     try:
@@ -76,18 +82,30 @@ def test_embedded_serve_predicts_and_resumes_identically_after_stop_and_start(
             for events, label in samples[:3]:
                 steps = post_sample(client, "digits", events, label, width=34, height=34)
                 assert len(steps) >= 25 and all(s["label"] == label and s["learned"] for s in steps)
-                assert all(0 <= s["predicted"] < 10 and abs(sum(s["probabilities"]) - 1) < 1e-4 for s in steps)
+                assert all(
+                    0 <= s["predicted"] < 10 and abs(sum(s["probabilities"]) - 1) < 1e-4 for s in steps
+                )
             assert steps[-1]["model_version"] == len(steps) + steps[0]["model_version"] - 1
             events, label = samples[3]
             bodies = packets(events)
             half = len(bodies) // 2
             for i, content in enumerate(bodies[:half]):  # the 4th recording stops half way ...
-                client.post("/v1/streams/digits/events", params={"label": label, "start": i == 0}, content=content,
-                            headers=BINARY).raise_for_status()  # fmt: skip
+                client.post(
+                    "/v1/streams/digits/events",
+                    params={"label": label, "start": i == 0},
+                    content=content,
+                    headers=BINARY,
+                ).raise_for_status()
             saved = client.post("/v1/checkpoints").json()["name"]
-            rest = [client.post("/v1/streams/digits/events", params={"label": label, "end": i == len(bodies) - 1},
-                                content=c, headers=BINARY).json()["steps"]
-                    for i, c in enumerate(bodies[half:], start=half)]  # fmt: skip
+            rest = [
+                client.post(
+                    "/v1/streams/digits/events",
+                    params={"label": label, "end": i == len(bodies) - 1},
+                    content=c,
+                    headers=BINARY,
+                ).json()["steps"]
+                for i, c in enumerate(bodies[half:], start=half)
+            ]
             before_stop = client.get("/v1/streams/digits").json()
         assert serve.stop() == 0, serve.log_tail()
         at_stop = newest(tmp_path / "ckpt")  # written on SIGTERM
@@ -100,9 +118,15 @@ def test_embedded_serve_predicts_and_resumes_identically_after_stop_and_start(
             assert_same_model_and_streams(at_stop, newest(tmp_path / "ckpt"))
             # ... and continued from the mid-recording checkpoint, the rest predicts exactly as before
             assert client.post(f"/v1/checkpoints/{saved}/restore").status_code == 200
-            again = [client.post("/v1/streams/digits/events", params={"label": label, "end": i == len(bodies) - 1},
-                                 content=c, headers=BINARY).json()["steps"]
-                     for i, c in enumerate(bodies[half:], start=half)]  # fmt: skip
+            again = [
+                client.post(
+                    "/v1/streams/digits/events",
+                    params={"label": label, "end": i == len(bodies) - 1},
+                    content=c,
+                    headers=BINARY,
+                ).json()["steps"]
+                for i, c in enumerate(bodies[half:], start=half)
+            ]
             assert again == rest
     finally:
         serve.stop()
@@ -113,9 +137,14 @@ def test_api_and_worker_apart_over_redis(redis_url: str, nmnist_small: Path, tmp
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     stream = f"test-e2e-{uuid.uuid4().hex[:8]}"
-    env = {"REDIS_URL": redis_url, "NDOT_BUS_STREAM": stream, "NDOT_PORT": str(port),
-           "NDOT_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "NDOT_CHECKPOINT_INTERVAL_S": "0",
-           "NDOT_WORKER_METRICS_PORT": str(free_port())}  # fmt: skip
+    env = {
+        "REDIS_URL": redis_url,
+        "NDOT_BUS_STREAM": stream,
+        "NDOT_PORT": str(port),
+        "NDOT_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+        "NDOT_CHECKPOINT_INTERVAL_S": "0",
+        "NDOT_WORKER_METRICS_PORT": str(free_port()),
+    }
     (events_a, label_a), (events_b, _) = nmnist_samples(nmnist_small, 2)
     api = ServiceProcess("api", env, tmp_path / "api.log").start()
     worker = ServiceProcess("worker", env, tmp_path / "worker.log").start()
@@ -126,8 +155,12 @@ def test_api_and_worker_apart_over_redis(redis_url: str, nmnist_small: Path, tmp
             assert len(steps) >= 25 and steps[-1]["model_version"] > 0
             half_b = packets(events_b)[:10]
             for i, content in enumerate(half_b):
-                client.post("/v1/streams/b/events", params={"start": i == 0, "width": 34, "height": 34},
-                            content=content, headers=BINARY).raise_for_status()  # fmt: skip
+                client.post(
+                    "/v1/streams/b/events",
+                    params={"start": i == 0, "width": 34, "height": 34},
+                    content=content,
+                    headers=BINARY,
+                ).raise_for_status()
             client.post("/v1/checkpoints").raise_for_status()
             rows_before = stream_rows(newest(tmp_path / "ckpt"))
             info_a = client.get("/v1/streams/a").json()
@@ -141,13 +174,20 @@ def test_api_and_worker_apart_over_redis(redis_url: str, nmnist_small: Path, tmp
 
             assert worker.stop() == 0, worker.log_tail()
             at_stop = newest(tmp_path / "ckpt")  # written on SIGTERM
-            late = [client.post("/v1/streams/b/events", params={"wait": "false", "label": 7}, content=c,
-                                headers=BINARY) for c in packets(events_b)[10:14]]  # fmt: skip
-            assert [r.status_code for r in late] == [202] * 4  # the API takes packets while the worker is away
+            late = [
+                client.post(
+                    "/v1/streams/b/events", params={"wait": "false", "label": 7}, content=c, headers=BINARY
+                )
+                for c in packets(events_b)[10:14]
+            ]
+            assert [r.status_code for r in late] == [
+                202
+            ] * 4  # the API takes packets while the worker is away
             worker = ServiceProcess("worker", env, tmp_path / "worker.log").start()
             wait_ready(url, worker)
-            last = client.post("/v1/streams/b/events", params={"label": 7}, content=packets(events_b)[14],
-                               headers=BINARY)  # fmt: skip
+            last = client.post(
+                "/v1/streams/b/events", params={"label": 7}, content=packets(events_b)[14], headers=BINARY
+            )
             assert last.status_code == 200, last.text
             # b was reset before: its fresh framer turns the 5 packets into this many frames
             framer = StreamFramer((34, 34), window_us=10_000, output_size=(34, 34))
@@ -162,4 +202,3 @@ def test_api_and_worker_apart_over_redis(redis_url: str, nmnist_small: Path, tmp
         worker.stop()
         api.stop()
         clear_redis(redis_url, stream)
-

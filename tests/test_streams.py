@@ -63,7 +63,9 @@ def test_state_dict_round_trip_continues_the_framers_exactly() -> None:
     slot.framer.push(events)
     slot.steps, slot.labelled_steps, slot.correct_steps, slot.last_entry_id = 7, 5, 4, "17-3"
 
-    loaded, rows = StreamRegistry.from_state_dict(registry.state_dict(), 2, new_framer, StreamFramer.from_state_dict)
+    loaded, rows = StreamRegistry.from_state_dict(
+        registry.state_dict(), 2, new_framer, StreamFramer.from_state_dict
+    )
     twin = loaded.get("cam")
     assert rows == [twin.row] and twin.info() == slot.info() and twin.last_entry_id == "17-3"
     later = np.zeros(1, dtype=EVENT_DTYPE)

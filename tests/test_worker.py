@@ -32,10 +32,19 @@ def wire(t_us: list[int], seed: int = 0, size: int = 34) -> bytes:
 TWO_FRAMES = list(range(0, 25_000, 250))
 
 
-def run(tmp_path: Path, scenario: Callable[[LocalBus, Callable[..., Awaitable[Worker]]], Awaitable[Any]],
-        **overrides: Any) -> Any:  # fmt: skip
+def run(
+    tmp_path: Path,
+    scenario: Callable[[LocalBus, Callable[..., Awaitable[Worker]]], Awaitable[Any]],
+    **overrides: Any,
+) -> Any:
     """Run ``scenario(bus, new_worker)`` on a fresh embedded bus; ``new_worker(consumer)`` starts a worker."""
-    knobs = {"max_streams": 4, "checkpoint_interval_s": 0, "read_block_ms": 1, "window_us": 10_000, **overrides}
+    knobs = {
+        "max_streams": 4,
+        "checkpoint_interval_s": 0,
+        "read_block_ms": 1,
+        "window_us": 10_000,
+        **overrides,
+    }
     settings = Settings(redis_url=None, checkpoint_dir=tmp_path / "ckpt", **knobs)
 
     async def main() -> Any:
@@ -56,8 +65,9 @@ def run(tmp_path: Path, scenario: Callable[[LocalBus, Callable[..., Awaitable[Wo
 
 
 async def post(bus: LocalBus, stream_id: str, events: bytes, label: int | None = None, **flags: bool) -> str:
-    packet = messages.EventsPacket(events, 34, 34, label=label, start=flags.get("start", False),
-                                   end=flags.get("end", False))  # fmt: skip
+    packet = messages.EventsPacket(
+        events, 34, 34, label=label, start=flags.get("start", False), end=flags.get("end", False)
+    )
     return await bus.publish(messages.EVENTS, stream_id, packet.to_fields())
 
 
@@ -217,7 +227,9 @@ def test_a_malformed_entry_is_dead_lettered_and_the_rest_applied(tmp_path: Path)
         assert not refused["ok"] and refused["status"] == 422 and "width" in refused["detail"]
         assert len((await reply(bus, good))["steps"]) == 2
         assert [e.fields["original_id"].decode() for e in await bus.dead_letters()] == [bad]
-        assert worker.metrics.registry.get_sample_value("ndot_packets_total", {"outcome": "dead_lettered"}) == 1
+        assert (
+            worker.metrics.registry.get_sample_value("ndot_packets_total", {"outcome": "dead_lettered"}) == 1
+        )
 
     run(tmp_path, scenario)
 

@@ -116,10 +116,15 @@ class NMNISTFolder(EventDataset):
             labels.append(int(parts[1]))
         self.paths = []
         for recording in ids:
-            found = [p for p in (self.root / split / f"{recording}.bs2", self.root / split / f"{recording}.bin")
-                     if p.is_file()]
+            found = [
+                p
+                for p in (self.root / split / f"{recording}.bs2", self.root / split / f"{recording}.bin")
+                if p.is_file()
+            ]
             if not found:
-                raise DatasetError(f"{self.root / split}: recording {recording!r} listed in labels.txt is missing")
+                raise DatasetError(
+                    f"{self.root / split}: recording {recording!r} listed in labels.txt is missing"
+                )
             self.paths.append(found[0])
         self.ids = ids
         super().__init__(np.asarray(labels, dtype=np.int64))
@@ -180,8 +185,13 @@ class FramesView:
     ``n_time_bins=T``, ``time_window_us=w`` or ``event_count=c``).
     """
 
-    def __init__(self, dataset: EventDataset, output_size: Sequence[int] | None = None, binary: bool = False,
-                 **rule: int) -> None:
+    def __init__(
+        self,
+        dataset: EventDataset,
+        output_size: Sequence[int] | None = None,
+        binary: bool = False,
+        **rule: int,
+    ) -> None:
         self.dataset, self.output_size, self.binary, self.rule = dataset, output_size, binary, rule
 
     def __len__(self) -> int:
@@ -189,8 +199,9 @@ class FramesView:
 
     def __getitem__(self, item: int) -> tuple[np.ndarray, int]:
         events, label = self.dataset[item]
-        frames = to_frames(events, self.dataset.sensor_size, binary=self.binary, output_size=self.output_size,
-                           **self.rule)
+        frames = to_frames(
+            events, self.dataset.sensor_size, binary=self.binary, output_size=self.output_size, **self.rule
+        )
         return frames, label
 
     def arrays(self, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -203,13 +214,21 @@ class FramesView:
         frames = [self[i][0] for i in items]
         lengths = {len(f) for f in frames}
         if len(lengths) > 1:
-            raise DatasetError(f"recordings give different numbers of frames {sorted(lengths)[:5]}; use a fixed-T rule")
+            raise DatasetError(
+                f"recordings give different numbers of frames {sorted(lengths)[:5]}; use a fixed-T rule"
+            )
         if not frames:
             return np.zeros((0, 0, 2, 0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
         return np.stack(frames), self.dataset.labels.copy()
 
 
 __all__ = [
-    "DatasetError", "DatasetNotFoundError", "EventDataset",
-    "FramesView", "NMNISTFolder", "TonicEvents", "stratified_split_indices", "tonic_dataset",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "EventDataset",
+    "FramesView",
+    "NMNISTFolder",
+    "TonicEvents",
+    "stratified_split_indices",
+    "tonic_dataset",
 ]

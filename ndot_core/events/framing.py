@@ -75,7 +75,10 @@ def _pixel_map(sensor_size: SensorSize, frame_shape: tuple[int, int]) -> np.ndar
 
 
 def _index_pass(
-    events: np.ndarray, sensor: SensorSize, frame_shape: tuple[int, int], pixel_map: np.ndarray | None,
+    events: np.ndarray,
+    sensor: SensorSize,
+    frame_shape: tuple[int, int],
+    pixel_map: np.ndarray | None,
     edges_us: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One chunked pass over packed events: their flat indices and, given sorted ``edges_us``, the
@@ -109,8 +112,14 @@ def _index_pass(
             np.copyto(chunk_t, t[start:stop])
             backwards = chunk_t[1:] < chunk_t[:-1]
             if backwards.any() or (previous_t is not None and chunk_t[0] < previous_t):
-                bad = start if previous_t is not None and chunk_t[0] < previous_t else start + 1 + int(backwards.argmax())
-                raise EventError(f"event {bad}: t={t[bad]} decreases (previous t={t[bad - 1]}); sort events by t")
+                bad = (
+                    start
+                    if previous_t is not None and chunk_t[0] < previous_t
+                    else start + 1 + int(backwards.argmax())
+                )
+                raise EventError(
+                    f"event {bad}: t={t[bad]} decreases (previous t={t[bad - 1]}); sort events by t"
+                )
             previous_t = int(chunk_t[-1])
             upto = int(np.searchsorted(edges_us, previous_t, side="right"))  # edges this chunk resolves
             if upto > resolved:
@@ -142,7 +151,9 @@ def count_into(frame: np.ndarray, index: np.ndarray, binary: bool = False) -> No
             np.minimum(frame, 1, out=frame)
 
 
-def _count_frames(index: np.ndarray, cuts: np.ndarray, frame_shape: tuple[int, int], binary: bool) -> np.ndarray:
+def _count_frames(
+    index: np.ndarray, cuts: np.ndarray, frame_shape: tuple[int, int], binary: bool
+) -> np.ndarray:
     """Frames ``[len(cuts) - 1, 2, H', W']`` float32; frame k counts ``index[cuts[k]:cuts[k+1]]``."""
     out_height, out_width = frame_shape
     frames = np.zeros((len(cuts) - 1, 2 * out_height * out_width), dtype=np.float32)
@@ -180,12 +191,16 @@ def to_frames(
     ``binary`` clips counts to 1; ``output_size=(H', W')`` resizes by coordinate mapping (module doc).
     No events: zero frames for ``n_time_bins`` / ``n_event_bins``, ``T = 0`` otherwise.
     """
-    rules = {"n_time_bins": n_time_bins, "time_window_us": time_window_us, "event_count": event_count,
-             "n_event_bins": n_event_bins}
+    rules = {
+        "n_time_bins": n_time_bins,
+        "time_window_us": time_window_us,
+        "event_count": event_count,
+        "n_event_bins": n_event_bins,
+    }
     chosen = {name: value for name, value in rules.items() if value is not None}
     if len(chosen) != 1:
         raise EventError(f"give exactly one of {tuple(rules)}, got {tuple(chosen) or 'none'}")
-    (rule, amount), = chosen.items()
+    ((rule, amount),) = chosen.items()
     if int(amount) != amount or amount < 1:
         raise EventError(f"{rule} must be a positive integer, got {amount!r}")
     amount = int(amount)
@@ -202,12 +217,16 @@ def to_frames(
         t0 = t_first if start_time_us is None else int(start_time_us)
         n_bins = max(0, (t_last - t0) // amount + 1)
         if n_bins > MAX_FRAMES:
-            raise EventError(f"time_window_us={amount} over {t_last - t0} µs gives {n_bins} frames (> {MAX_FRAMES})")
+            raise EventError(
+                f"time_window_us={amount} over {t_last - t0} µs gives {n_bins} frames (> {MAX_FRAMES})"
+            )
         index, cuts = _index_pass(events, sensor, frame_shape, pixel_map, t0 + amount * np.arange(n_bins + 1))
         cuts[-1] = count  # the last window is partial: it ends with the recording
     elif rule == "n_time_bins":
         width = max(1, (t_last - t_first) // amount)
-        index, cuts = _index_pass(events, sensor, frame_shape, pixel_map, t_first + width * np.arange(amount + 1))
+        index, cuts = _index_pass(
+            events, sensor, frame_shape, pixel_map, t_first + width * np.arange(amount + 1)
+        )
         cuts[-1] = count  # events at or after t0 + n w join the last bin
     else:
         index, _ = _index_pass(events, sensor, frame_shape, pixel_map)
@@ -259,7 +278,9 @@ class StreamFramer:
         self.output_size = None if output_size is None else self.frame_shape
         self._pixel_map = _pixel_map(self.sensor_size, self.frame_shape)
         if int(window_us) < 1 or int(max_gap_windows) < 0:
-            raise EventError(f"window_us must be >= 1 and max_gap_windows >= 0, got {window_us}, {max_gap_windows}")
+            raise EventError(
+                f"window_us must be >= 1 and max_gap_windows >= 0, got {window_us}, {max_gap_windows}"
+            )
         self.window_us = int(window_us)
         self.binary = bool(binary)
         self.max_gap_windows = int(max_gap_windows)
@@ -349,28 +370,40 @@ class StreamFramer:
         out_height, out_width = self.output_size or (0, 0)
         pending = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=np.int64)
         return {
-            "sensor_width": self.sensor_size[0], "sensor_height": self.sensor_size[1],
-            "output_height": out_height, "output_width": out_width,
-            "window_us": self.window_us, "binary": int(self.binary),
-            "max_gap_windows": self.max_gap_windows, "origin_us": self.origin_us,
-            "has_open_window": int(self._open_window is not None), "open_window": self._open_window or 0,
-            "clock_us": self._clock_us, "late_events": self.late_events,
-            "skipped_windows": self.skipped_windows, "frames_emitted": self.frames_emitted,
+            "sensor_width": self.sensor_size[0],
+            "sensor_height": self.sensor_size[1],
+            "output_height": out_height,
+            "output_width": out_width,
+            "window_us": self.window_us,
+            "binary": int(self.binary),
+            "max_gap_windows": self.max_gap_windows,
+            "origin_us": self.origin_us,
+            "has_open_window": int(self._open_window is not None),
+            "open_window": self._open_window or 0,
+            "clock_us": self._clock_us,
+            "late_events": self.late_events,
+            "skipped_windows": self.skipped_windows,
+            "frames_emitted": self.frames_emitted,
             "pending_index": pending.astype(np.int64),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, int | np.ndarray]) -> StreamFramer:
         """Rebuild a framer from :meth:`state_dict` (values may be ints or 0-d / 1-element arrays)."""
+
         def scalar(name: str) -> int:
             try:
                 return int(np.asarray(state[name]).reshape(()))
             except KeyError as error:
                 raise EventError(f"framer state lacks {name!r}") from error
+
         output = (scalar("output_height"), scalar("output_width"))
         framer = cls(
-            (scalar("sensor_width"), scalar("sensor_height")), scalar("window_us"),
-            None if output == (0, 0) else output, bool(scalar("binary")), scalar("max_gap_windows"),
+            (scalar("sensor_width"), scalar("sensor_height")),
+            scalar("window_us"),
+            None if output == (0, 0) else output,
+            bool(scalar("binary")),
+            scalar("max_gap_windows"),
             scalar("origin_us"),
         )
         framer.late_events, framer.skipped_windows = scalar("late_events"), scalar("skipped_windows")

@@ -64,7 +64,9 @@ def validate_events(
     ``t[i] >= t[i-1]``. Raises :class:`EventError` naming the first bad index and its value.
     """
     width, height = check_sensor_size(sensor_size)
-    names = getattr(getattr(events, "dtype", None), "fields", None) or {}  # titles too (aedat: "on" titled "p")
+    names = (
+        getattr(getattr(events, "dtype", None), "fields", None) or {}
+    )  # titles too (aedat: "on" titled "p")
     missing = [name for name in EVENT_FIELDS if name not in names]
     if missing:
         raise EventError(f"events need fields {EVENT_FIELDS}, missing {missing}")
@@ -76,7 +78,9 @@ def validate_events(
         return events
     for name, bound in (("x", width), ("y", height)):
         column = events[name]
-        bad = _first((column < 0) | (column >= bound)) if column.dtype.kind == "i" else _first(column >= bound)
+        bad = (
+            _first((column < 0) | (column >= bound)) if column.dtype.kind == "i" else _first(column >= bound)
+        )
         if bad is not None:
             limit = "width" if name == "x" else "height"
             raise EventError(f"event {bad}: {name}={column[bad]} outside the sensor ({limit} {bound})")
@@ -187,7 +191,9 @@ def as_event_array(events: np.ndarray, sensor_size: Sequence[int] | None = None)
     p bool titled "on") and expelliarmus's (t int64, x, y int16, p uint8). Values that do not fit
     the internal layout raise :class:`EventError`; with ``sensor_size`` the result is also validated.
     """
-    names = getattr(getattr(events, "dtype", None), "fields", None) or {}  # titles too (aedat: "on" titled "p")
+    names = (
+        getattr(getattr(events, "dtype", None), "fields", None) or {}
+    )  # titles too (aedat: "on" titled "p")
     missing = [name for name in EVENT_FIELDS if name not in names]
     if missing:
         raise EventError(f"events need fields {EVENT_FIELDS}, missing {missing} (got {tuple(names)})")

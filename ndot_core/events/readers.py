@@ -36,8 +36,13 @@ from ndot_core.events.layout import (
 
 # Prophesee camera plugins → sensor (W, H), for RAW files whose header predates `% geometry`.
 PROPHESEE_PLUGIN_SENSORS: dict[str, SensorSize] = {
-    "gen41": (1280, 720), "imx636": (1280, 720), "imx646": (1280, 720), "gen4": (1280, 720),
-    "gen31": (640, 480), "gen3": (640, 480), "genx320": (320, 320),
+    "gen41": (1280, 720),
+    "imx636": (1280, 720),
+    "imx646": (1280, 720),
+    "gen4": (1280, 720),
+    "gen31": (640, 480),
+    "gen3": (640, 480),
+    "genx320": (320, 320),
 }
 NMNIST_BIN_SENSORS: tuple[SensorSize, ...] = ((34, 34), (128, 128), (256, 256))
 FORMATS = ("nmnist", "aedat4", "evt2", "evt3", "dat", "npy")
@@ -132,7 +137,9 @@ def _read_aedat4(path: Path) -> tuple[np.ndarray, SensorSize | None]:
     if not streams:
         raise EventError(f"{path}: AEDAT4 file has no event stream")
     stream_id = min(streams)  # the first event stream, as tonic.io.read_aedat4 picks it
-    packets = [packet["events"] for packet in decoder if packet["stream_id"] == stream_id and "events" in packet]
+    packets = [
+        packet["events"] for packet in decoder if packet["stream_id"] == stream_id and "events" in packet
+    ]
     events = as_event_array(np.concatenate(packets)) if packets else np.zeros(0, dtype=EVENT_DTYPE)
     return events, (int(streams[stream_id]["width"]), int(streams[stream_id]["height"]))
 

@@ -38,14 +38,26 @@ class CifarSpec:
 
 CIFAR_SPECS = {
     "cifar10": CifarSpec(
-        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530",
-        "cifar-10-batches-bin", tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",),
-        1, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        "c32a1d4ab5d03f1284b67883e8d87530",
+        "cifar-10-batches-bin",
+        tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+        ("test_batch.bin",),
+        1,
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
     ),
     "cifar100": CifarSpec(
-        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8",
-        "cifar-100-binary", ("train.bin",), ("test.bin",),
-        2, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+        "03b5dce01913d631647c71ecec9e9cb8",
+        "cifar-100-binary",
+        ("train.bin",),
+        ("test.bin",),
+        2,
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
     ),
 }
 
@@ -76,7 +88,9 @@ def _download(spec: CifarSpec, root: Path) -> None:
         partial.rename(archive)
     digest = hashlib.md5(archive.read_bytes()).hexdigest()
     if digest != spec.md5:
-        raise DatasetError(f"{archive}: MD5 {digest} differs from the published {spec.md5}; delete it and retry")
+        raise DatasetError(
+            f"{archive}: MD5 {digest} differs from the published {spec.md5}; delete it and retry"
+        )
     wanted = {f"{spec.folder}/{name}" for name in spec.train_files + spec.test_files}
     with tarfile.open(archive, "r:gz") as tar:
         members = [m for m in tar.getmembers() if m.name in wanted and m.isfile()]

@@ -58,7 +58,9 @@ def parse_runs(text: str) -> list[RunSpec]:
             raise ValueError(f"run {position} {item!r}: unknown rule {rule!r}; expected one of {RULES}")
         if rule == "bptt":
             if mode not in ("", "accumulate"):
-                raise ValueError(f"run {position} {item!r}: bptt takes no mode (it updates once per sequence)")
+                raise ValueError(
+                    f"run {position} {item!r}: bptt takes no mode (it updates once per sequence)"
+                )
             mode = "accumulate"
         elif mode not in MODES:
             raise ValueError(f"run {position} {item!r}: mode must be one of {MODES}, as in 'ndot:online'")
@@ -85,8 +87,10 @@ def run_in_child(config: RunConfig, data: tuple[FrameSet, FrameSet]) -> None:
     process.start()
     process.join()
     if process.exitcode != 0:
-        raise ExperimentError(f"{config.run_name} T={config.steps} failed in its child process "
-                              f"(exit code {process.exitcode}); see its output above and {config.out}")
+        raise ExperimentError(
+            f"{config.run_name} T={config.steps} failed in its child process "
+            f"(exit code {process.exitcode}); see its output above and {config.out}"
+        )
 
 
 def compare(
@@ -99,18 +103,29 @@ def compare(
     ``isolate=False`` trains in this process (faster to start; the memory figures then mean less).
     """
     if not base.resume:
-        taken = [base.out / "runs" / f"{spec.name}_T{t}" for t in steps for spec in runs
-                 if (base.out / "runs" / f"{spec.name}_T{t}" / "checkpoint.json").exists()]
+        taken = [
+            base.out / "runs" / f"{spec.name}_T{t}"
+            for t in steps
+            for spec in runs
+            if (base.out / "runs" / f"{spec.name}_T{t}" / "checkpoint.json").exists()
+        ]
         if taken:
-            raise ExperimentError(f"{taken[0]} already holds a checkpoint; pass --resume to continue the "
-                                  "comparison or choose another --out")
+            raise ExperimentError(
+                f"{taken[0]} already holds a checkpoint; pass --resume to continue the "
+                "comparison or choose another --out"
+            )
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, Any]]] = {}
     for steps_t in steps:
         data = load_run_data(replace(base, steps=int(steps_t)))
         for spec in runs:
-            config = replace(base, rule=spec.rule, mode=spec.mode, steps=int(steps_t),
-                             out=base.out / "runs" / f"{spec.name}_T{steps_t}")
+            config = replace(
+                base,
+                rule=spec.rule,
+                mode=spec.mode,
+                steps=int(steps_t),
+                out=base.out / "runs" / f"{spec.name}_T{steps_t}",
+            )
             if base.resume and not (config.out / "checkpoint.json").exists():
                 config = replace(config, resume=False)
             if isolate:
@@ -137,18 +152,25 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for row in rows:
         train_acc = f"{100 * row['train_acc']:.1f}%" if row.get("train_acc") is not None else "-"
-        lines.append(f"| {row['name']} | {row['T']} | {100 * row['test_acc']:.2f}% | "
-                     f"{100 * row['best_test_acc']:.2f}% | {train_acc} | {row['epoch_s']:.1f} | "
-                     f"{row['peak_mem_mib']:.1f} | {row.get('saved_peak_mib', 0.0):.1f} |")
+        lines.append(
+            f"| {row['name']} | {row['T']} | {100 * row['test_acc']:.2f}% | "
+            f"{100 * row['best_test_acc']:.2f}% | {train_acc} | {row['epoch_s']:.1f} | "
+            f"{row['peak_mem_mib']:.1f} | {row.get('saved_peak_mib', 0.0):.1f} |"
+        )
     for measure in sorted({row["mem_measure"] for row in rows}):
         lines.append(f"\npeak mem = {MEMORY_MEANING.get(measure, measure)} ({measure}), largest over epochs.")
-    lines.append("autograd saved = peak bytes of tensors autograd held for backward during an epoch "
-                 "(saved_tensors_hooks; parameters excluded): one step's graph for the online rules, T steps' "
-                 "for BPTT.")
+    lines.append(
+        "autograd saved = peak bytes of tensors autograd held for backward during an epoch "
+        "(saved_tensors_hooks; parameters excluded): one step's graph for the online rules, T steps' "
+        "for BPTT."
+    )
     isolated = {bool(row.get("isolated", True)) for row in rows}
-    lines.append("Each run trained in a fresh process." if isolated == {True} else
-                 "Runs trained one after another in one process: memory freed by earlier runs can be reused "
-                 "without raising RSS, so later runs' figures can read low.")
+    lines.append(
+        "Each run trained in a fresh process."
+        if isolated == {True}
+        else "Runs trained one after another in one process: memory freed by earlier runs can be reused "
+        "without raising RSS, so later runs' figures can read low."
+    )
     return "\n".join(lines)
 
 

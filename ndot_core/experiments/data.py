@@ -43,7 +43,9 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "nmnist-small": DatasetSpec(10, None, {}, heldout_fraction=0.2),
     "nmnist": DatasetSpec(10, None, {}),
-    "dvsgesture": DatasetSpec(20, (48, 48), {"padding": 4, "flip": False}),  # flipping swaps left/right-arm classes
+    "dvsgesture": DatasetSpec(
+        20, (48, 48), {"padding": 4, "flip": False}
+    ),  # flipping swaps left/right-arm classes
     "cifar10dvs": DatasetSpec(10, (48, 48), {"padding": 4, "flip": True}, heldout_fraction=0.1),
     "cifar10": DatasetSpec(None, None, {"padding": 4, "flip": True, "cutout_size": 16}),
     "cifar100": DatasetSpec(None, None, {"padding": 4, "flip": True, "cutout_size": 16}),
@@ -76,8 +78,15 @@ def load_frames(
     if spec.time_steps is None:
         train_x, train_y = load_cifar(name, data_dir, train=True, download=download)
         test_x, test_y = load_cifar(name, data_dir, train=False, download=False)
-        return FrameSplits(name, normalize_images(train_x, name), train_y, normalize_images(test_x, name), test_y,
-                           CIFAR_SPECS[name].num_classes, dict(spec.augmentation))
+        return FrameSplits(
+            name,
+            normalize_images(train_x, name),
+            train_y,
+            normalize_images(test_x, name),
+            test_y,
+            CIFAR_SPECS[name].num_classes,
+            dict(spec.augmentation),
+        )
     if split_by not in ("events", "time"):
         raise DatasetError(f"split_by must be 'events' or 'time', got {split_by!r}")
     steps = time_steps or spec.time_steps

@@ -84,13 +84,24 @@ def load_frame_sets(
 
     ``limit=N`` keeps a stratified ~N items, split in the dataset's train/held-out proportion.
     """
-    splits = load_frames(dataset, data_dir, steps, output_size=output_size, split_by=split_by,
-                         heldout_fraction=heldout_fraction, seed=seed, download=download, progress=progress)
+    splits = load_frames(
+        dataset,
+        data_dir,
+        steps,
+        output_size=output_size,
+        split_by=split_by,
+        heldout_fraction=heldout_fraction,
+        seed=seed,
+        download=download,
+        progress=progress,
+    )
     train_x, train_y, test_x, test_y = splits.train_x, splits.train_y, splits.test_x, splits.test_y
     if limit is not None:
         share = limit / max(1, len(train_y) + len(test_y))
         train_x, train_y = _stratified_subset(train_x, train_y, round(share * len(train_y)), seed)
         test_x, test_y = _stratified_subset(test_x, test_y, round(share * len(test_y)), seed + 1)
     augment = splits.augment if splits.augmentation else None
-    return (FrameSet(train_x, train_y, splits.num_classes, steps, augment),
-            FrameSet(test_x, test_y, splits.num_classes, steps))
+    return (
+        FrameSet(train_x, train_y, splits.num_classes, steps, augment),
+        FrameSet(test_x, test_y, splits.num_classes, steps),
+    )

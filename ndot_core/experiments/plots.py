@@ -24,8 +24,10 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: Path, title
         values = [r.get(key) for r in history]
         if any(v is not None for v in values):
             ax_acc.plot(epochs, [100 * v if v is not None else None for v in values], marker="o", label=label)
-    for key, label in (("train_loss", "train (Eq. 13, summed over T)"),
-                       ("test_loss", "held-out (CE of time-averaged logits)")):
+    for key, label in (
+        ("train_loss", "train (Eq. 13, summed over T)"),
+        ("test_loss", "held-out (CE of time-averaged logits)"),
+    ):
         values = [r.get(key) for r in history]
         if any(v is not None for v in values):
             ax_loss.plot(epochs, values, marker="o", label=label)
@@ -63,8 +65,14 @@ def plot_comparison(
     styles = {steps_t: ("-", "--", ":", "-.")[j % 4] for j, steps_t in enumerate(steps)}
     for row in rows:
         history = histories.get(f"{row['name']} T={row['T']}", [])
-        ax_curve.plot([r["epoch"] for r in history], [100 * r["test_acc"] for r in history], marker=".",
-                      color=colours[row["name"]], linestyle=styles[int(row["T"])], label=f"{row['name']} T={row['T']}")
+        ax_curve.plot(
+            [r["epoch"] for r in history],
+            [100 * r["test_acc"] for r in history],
+            marker=".",
+            color=colours[row["name"]],
+            linestyle=styles[int(row["T"])],
+            label=f"{row['name']} T={row['T']}",
+        )
     ax_curve.set(xlabel="epoch", ylabel="held-out accuracy (%)", title="held-out accuracy per epoch")
     ax_curve.grid(alpha=0.3)
     ax_curve.legend(fontsize=7)

@@ -152,7 +152,9 @@ def load_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
     data = tensor_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != document["tensor_sha256"]:
-        raise CheckpointError(f"{tensor_path} has SHA-256 {digest}, {json_path} expects {document['tensor_sha256']}")
+        raise CheckpointError(
+            f"{tensor_path} has SHA-256 {digest}, {json_path} expects {document['tensor_sha256']}"
+        )
     tensors = load_file(str(tensor_path))
     return unflatten_state(document["state"], tensors), document["metadata"]
 

@@ -46,8 +46,22 @@ from ndot_core.experiments.run_files import (
 SCHEDULES = ("constant", "cosine")
 MIB = float(1 << 20)
 # Settings that must match for --resume to continue a run (epochs, device and lr schedule may change).
-RESUME_KEYS = ("dataset", "model", "model_args", "rule", "mode", "steps", "split_by", "output_size",
-               "optimizer", "batch_size", "seed", "heldout_fraction", "limit", "alpha")
+RESUME_KEYS = (
+    "dataset",
+    "model",
+    "model_args",
+    "rule",
+    "mode",
+    "steps",
+    "split_by",
+    "output_size",
+    "optimizer",
+    "batch_size",
+    "seed",
+    "heldout_fraction",
+    "limit",
+    "alpha",
+)
 
 
 class ExperimentError(RuntimeError):
@@ -141,9 +155,18 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
 
 def load_run_data(config: RunConfig) -> tuple[FrameSet, FrameSet]:
     """``(train, held-out)`` frame sets for ``config`` (its dataset, T, framing, split and ``--limit``)."""
-    return load_frame_sets(config.dataset, config.dataset_dir, config.steps, output_size=config.output_size,
-                           split_by=config.split_by, heldout_fraction=config.heldout_fraction, seed=config.seed,
-                           limit=config.limit, download=config.download, progress=config.progress)
+    return load_frame_sets(
+        config.dataset,
+        config.dataset_dir,
+        config.steps,
+        output_size=config.output_size,
+        split_by=config.split_by,
+        heldout_fraction=config.heldout_fraction,
+        seed=config.seed,
+        limit=config.limit,
+        download=config.download,
+        progress=config.progress,
+    )
 
 
 @torch.no_grad()
@@ -160,8 +183,14 @@ def evaluate(
     model.eval()
     correct, loss_sum = 0, 0.0
     try:
-        bar = tqdm(data.batches(batch_size, None), total=data.num_batches(batch_size),
-                   desc="held-out", leave=False, disable=not progress, file=sys.stderr)
+        bar = tqdm(
+            data.batches(batch_size, None),
+            total=data.num_batches(batch_size),
+            desc="held-out",
+            leave=False,
+            disable=not progress,
+            file=sys.stderr,
+        )
         for frames, labels in bar:
             frames = frames.to(learner.device, learner.dtype)
             labels = labels.to(learner.device)
@@ -203,12 +232,25 @@ def build_learner(config: RunConfig, train_set: FrameSet) -> OnlineLearner:
     """Model and learner for ``config``, seeded by ``config.seed``."""
     torch.manual_seed(config.seed)
     channels, height, width = train_set.frame_shape
-    model = build_model(config.model, in_channels=channels, num_classes=train_set.num_classes,
-                        input_size=(height, width), **config.model_args)
-    return OnlineLearner(model, rule=config.rule, mode="accumulate" if config.rule == "bptt" else config.mode,
-                         optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
-                         alpha=config.alpha, steps_per_sample=config.steps, device=config.device,
-                         weight_decay=config.weight_decay)
+    model = build_model(
+        config.model,
+        in_channels=channels,
+        num_classes=train_set.num_classes,
+        input_size=(height, width),
+        **config.model_args,
+    )
+    return OnlineLearner(
+        model,
+        rule=config.rule,
+        mode="accumulate" if config.rule == "bptt" else config.mode,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        alpha=config.alpha,
+        steps_per_sample=config.steps,
+        device=config.device,
+        weight_decay=config.weight_decay,
+    )
 
 
 def _resume_point(config: RunConfig, learner: OnlineLearner) -> tuple[int, list[dict[str, Any]]]:
@@ -216,8 +258,10 @@ def _resume_point(config: RunConfig, learner: OnlineLearner) -> tuple[int, list[
     _, json_path = checkpoint_paths(config.out)
     if not config.resume:
         if json_path.exists():
-            raise ExperimentError(f"{config.out} already holds a checkpoint; pass --resume to continue it "
-                                  "or choose another --out")
+            raise ExperimentError(
+                f"{config.out} already holds a checkpoint; pass --resume to continue it "
+                "or choose another --out"
+            )
         return 1, []
     if not json_path.exists():
         raise ExperimentError(f"--resume: no checkpoint at {json_path}")
@@ -239,10 +283,14 @@ def train_epoch(
     learner.model.train()
     recorder = ReadoutRecorder(learner) if hasattr(learner.model, "readout") else None
     loss_sum, correct, seen, batches = 0.0, 0, 0, 0
-    bar = tqdm(data.batches(config.batch_size, config.seed * 1_000_003 + epoch),
-               total=data.num_batches(config.batch_size), leave=False, file=sys.stderr,
-               desc=f"{config.run_name} T={config.steps} epoch {epoch}/{config.epochs}",
-               disable=not config.progress)
+    bar = tqdm(
+        data.batches(config.batch_size, config.seed * 1_000_003 + epoch),
+        total=data.num_batches(config.batch_size),
+        leave=False,
+        file=sys.stderr,
+        desc=f"{config.run_name} T={config.steps} epoch {epoch}/{config.epochs}",
+        disable=not config.progress,
+    )
     try:
         for frames, labels in bar:
             loss_sum += learner.learn_sequence(frames, labels)
@@ -282,14 +330,18 @@ def _train(
         raise ExperimentError(f"unknown schedule {config.schedule!r}; expected one of {SCHEDULES}")
     train_set, test_set = data if data is not None else load_run_data(config)
     if train_set.steps != config.steps or train_set.frame_shape != test_set.frame_shape:
-        raise ExperimentError(f"data has T={train_set.steps}, frames {train_set.frame_shape} / "
-                              f"{test_set.frame_shape}; the run asks for T={config.steps}")
+        raise ExperimentError(
+            f"data has T={train_set.steps}, frames {train_set.frame_shape} / "
+            f"{test_set.frame_shape}; the run asks for T={config.steps}"
+        )
     learner = build_learner(config, train_set)
     start_epoch, history = _resume_point(config, learner)
     base_lr = learner.lr
-    say(f"{config.run_name} T={config.steps} {config.model} on {config.dataset}: {len(train_set)} train / "
+    say(
+        f"{config.run_name} T={config.steps} {config.model} on {config.dataset}: {len(train_set)} train / "
         f"{len(test_set)} held-out, frames {(config.steps, *train_set.frame_shape)}, device {learner.device}"
-        + (f", resuming at epoch {start_epoch}" if start_epoch > 1 else ""))
+        + (f", resuming at epoch {start_epoch}" if start_epoch > 1 else "")
+    )
     for epoch in range(start_epoch, config.epochs + 1):
         lr = cosine_lr(base_lr, epoch, config.epochs) if config.schedule == "cosine" else base_lr
         for group in learner.optimizer.param_groups:
@@ -299,22 +351,43 @@ def _train(
             train_loss, train_acc = train_epoch(learner, train_set, config, epoch)
             epoch_s = time.perf_counter() - started
         test_acc, test_loss = evaluate(learner, test_set, config.batch_size, config.progress)
-        record = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                  "test_loss": test_loss, "test_acc": test_acc, "epoch_s": epoch_s,
-                  "peak_mem_mib": meter.peak_bytes / MIB, "mem_measure": meter.measure,
-                  "saved_peak_mib": saved.peak_bytes / MIB,
-                  "model_version": learner.version}
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "epoch_s": epoch_s,
+            "peak_mem_mib": meter.peak_bytes / MIB,
+            "mem_measure": meter.measure,
+            "saved_peak_mib": saved.peak_bytes / MIB,
+            "model_version": learner.version,
+        }
         history.append(record)
         write_records(config.out, "metrics", history)
-        save_checkpoint(config.out, learner.state_dict(),
-                        {"config": config.to_json(), "epoch": epoch, "history": history,
-                         "num_classes": train_set.num_classes, "frame_shape": list(train_set.frame_shape)})
-        plot_training_curves(history, config.out / "curves.png",
-                             title=f"{config.run_name} T={config.steps} {config.model} / {config.dataset}")
+        save_checkpoint(
+            config.out,
+            learner.state_dict(),
+            {
+                "config": config.to_json(),
+                "epoch": epoch,
+                "history": history,
+                "num_classes": train_set.num_classes,
+                "frame_shape": list(train_set.frame_shape),
+            },
+        )
+        plot_training_curves(
+            history,
+            config.out / "curves.png",
+            title=f"{config.run_name} T={config.steps} {config.model} / {config.dataset}",
+        )
         train_part = f"acc {100 * train_acc:.1f}%" if train_acc is not None else ""
-        say(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f} {train_part}  held-out acc "
+        say(
+            f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f} {train_part}  held-out acc "
             f"{100 * test_acc:.2f}%  {epoch_s:.1f} s  peak {meter.peak_bytes / MIB:.1f} MiB ({meter.measure}), "
-            f"autograd saved {saved.peak_bytes / MIB:.1f} MiB")
+            f"autograd saved {saved.peak_bytes / MIB:.1f} MiB"
+        )
     if not history:
         raise ExperimentError(f"nothing to do: --epochs {config.epochs} is below the first epoch to run")
     summary = summarise(config, history)
@@ -328,9 +401,13 @@ def summarise(config: RunConfig, history: list[dict[str, Any]]) -> dict[str, Any
     The median resists epochs slowed by other work on a shared machine (all epochs are in metrics.json).
     """
     return {
-        "name": config.run_name, "rule": config.rule, "mode": config.mode if config.rule != "bptt" else "-",
-        "T": config.steps, "epochs": len(history),
-        "test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
+        "name": config.run_name,
+        "rule": config.rule,
+        "mode": config.mode if config.rule != "bptt" else "-",
+        "T": config.steps,
+        "epochs": len(history),
+        "test_acc": history[-1]["test_acc"],
+        "best_test_acc": max(r["test_acc"] for r in history),
         "train_acc": history[-1]["train_acc"],
         "epoch_s": float(np.median([r["epoch_s"] for r in history])),
         "peak_mem_mib": max(r["peak_mem_mib"] for r in history),
@@ -340,8 +417,13 @@ def summarise(config: RunConfig, history: list[dict[str, Any]]) -> dict[str, Any
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, data_dir: Path | None = None, device: str | None = None, batch_size: int | None = None,
-    split: str = "test", download: bool = False, progress: bool = True,
+    checkpoint: Path,
+    data_dir: Path | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    split: str = "test",
+    download: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint, rebuild its dataset split and report ``{"accuracy", "loss", "samples", ...}``."""
     state, metadata = load_checkpoint(checkpoint)
@@ -361,5 +443,13 @@ def evaluate_checkpoint(
         learner = build_learner(config, train_set)
         learner.load_state_dict(state)
         accuracy, loss = evaluate(learner, data, batch_size or config.batch_size, progress)
-    return {"checkpoint": str(checkpoint), "epoch": metadata.get("epoch"), "name": config.run_name,
-            "T": config.steps, "split": split, "samples": len(data), "accuracy": accuracy, "loss": loss}
+    return {
+        "checkpoint": str(checkpoint),
+        "epoch": metadata.get("epoch"),
+        "name": config.run_name,
+        "T": config.steps,
+        "split": split,
+        "samples": len(data),
+        "accuracy": accuracy,
+        "loss": loss,
+    }

@@ -111,8 +111,11 @@ class Gate:
             presented = bearer or api_key
             if not presented:
                 self.on_refused("unauthenticated")
-                raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                               {"WWW-Authenticate": "Bearer"})  # fmt: skip
+                raise ApiError(
+                    401,
+                    "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
             found = self.keys.identify(presented)
             if found is None:
                 self.on_refused("unauthenticated")
@@ -120,13 +123,20 @@ class Gate:
             held, caller = found
             if held < role:
                 self.on_refused("forbidden")
-                raise ApiError(403, f"{request.method} {request.url.path} needs an admin key; "
-                                    f"the key given ({caller}) is an ingest key")  # fmt: skip
+                raise ApiError(
+                    403,
+                    f"{request.method} {request.url.path} needs an admin key; "
+                    f"the key given ({caller}) is an ingest key",
+                )
         wait_s = self.limiter.take(caller)
         if wait_s > 0:
             self.on_refused("rate_limited")
-            raise ApiError(429, f"rate limit of {self.limiter.describe()} per API key exceeded "
-                                f"({caller}); retry after {wait_s:.2f} s", retry_after_header(wait_s))  # fmt: skip
+            raise ApiError(
+                429,
+                f"rate limit of {self.limiter.describe()} per API key exceeded "
+                f"({caller}); retry after {wait_s:.2f} s",
+                retry_after_header(wait_s),
+            )
         return caller
 
 

@@ -46,7 +46,9 @@ def parse_events(body: bytes, content_type: str, sensor: tuple[int, int], max_ev
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"body is not valid JSON: {err}") from err
     if not isinstance(columns, dict):
-        raise ApiError(422, f"JSON body must be an object of columns t, x, y, p, got {type(columns).__name__}")
+        raise ApiError(
+            422, f"JSON body must be an object of columns t, x, y, p, got {type(columns).__name__}"
+        )
     return events_to_bytes(events_from_columns(columns, sensor_size=sensor, max_events=max_events))
 
 
@@ -55,9 +57,13 @@ EVENTS_BODY = {
     "description": "Event packet: packed little-endian 13-byte records `t:int64 µs, x:uint16, y:uint16, "
     "p:uint8` (aedat's layout, `WIRE_DTYPE`), or JSON columns. Empty = no events (e.g. `end=true`).",
     "content": {
-        BINARY: {"schema": {"type": "string", "format": "binary"},
-                 "example": "<13 bytes per event: e8 03 00 00 00 00 00 00 | 03 00 | 0a 00 | 01>"},
-        JSON: {"schema": EventColumns.model_json_schema(),
-               "example": {"t": [1000, 1005, 1020], "x": [3, 4, 4], "y": [10, 10, 11], "p": [1, 0, 1]}},
+        BINARY: {
+            "schema": {"type": "string", "format": "binary"},
+            "example": "<13 bytes per event: e8 03 00 00 00 00 00 00 | 03 00 | 0a 00 | 01>",
+        },
+        JSON: {
+            "schema": EventColumns.model_json_schema(),
+            "example": {"t": [1000, 1005, 1020], "x": [3, 4, 4], "y": [10, 10, 11], "p": [1, 0, 1]},
+        },
     },
-}  # fmt: skip
+}

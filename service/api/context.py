@@ -81,7 +81,9 @@ class ServiceContext:
         raw = await self.bus.get_value(messages.status_key(self.prefix))
         return json.loads(raw) if raw else {}
 
-    async def request(self, kind: str, stream_id: str, fields: dict[str, bytes] | None = None) -> dict[str, Any]:
+    async def request(
+        self, kind: str, stream_id: str, fields: dict[str, bytes] | None = None
+    ) -> dict[str, Any]:
         """Publish a control entry and wait for the worker's answer (504 on timeout)."""
         entry_id = await self.bus.publish(kind, stream_id, fields or {})
         return await self.reply(entry_id)

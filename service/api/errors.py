@@ -1,10 +1,10 @@
 """Every error the API answers, mapped to HTTP in one place: ``{"detail": "<message>"}`` bodies.
 
-    ApiError(status)          -> status (404 unknown stream, 409, 413, 415, 422, 504 ...)
-    EventError                -> 422, its message (names the event index and value)
-    RequestValidationError    -> 422, "query.label: ..." (one line per problem)
-    BusFull                   -> 503 + Retry-After (backpressure)
-    BusUnavailable            -> 503 + Retry-After (bus down)
+ApiError(status)          -> status (404 unknown stream, 409, 413, 415, 422, 504 ...)
+EventError                -> 422, its message (names the event index and value)
+RequestValidationError    -> 422, "query.label: ..." (one line per problem)
+BusFull                   -> 503 + Retry-After (backpressure)
+BusUnavailable            -> 503 + Retry-After (bus down)
 """
 
 from __future__ import annotations
@@ -49,12 +49,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        if request.method == "POST" and request.url.path.endswith("/events"):  # a packet refused before its route
+        if request.method == "POST" and request.url.path.endswith(
+            "/events"
+        ):  # a packet refused before its route
             request.app.state.service.metrics.packets.labels(outcome="rejected").inc()
         lines = []
         for problem in err.errors():
             where = ".".join(str(part) for part in problem.get("loc", ()))
-            got = f" (got {problem['input']!r:.60})" if "input" in problem and problem["input"] is not None else ""
+            got = (
+                f" (got {problem['input']!r:.60})"
+                if "input" in problem and problem["input"] is not None
+                else ""
+            )
             lines.append(f"{where}: {problem.get('msg', 'invalid')}{got}")
         return _answer(422, "; ".join(lines) or "invalid request")
 

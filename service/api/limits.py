@@ -81,8 +81,12 @@ def retry_after_header(wait_s: float) -> dict[str, str]:
 class BodyLimit:
     """ASGI middleware: 413 for bodies over ``limit_for(path)`` bytes (``None`` = the route checks itself)."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int | None],
-                 on_refused: Callable[[], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit_for: Callable[[str], int | None],
+        on_refused: Callable[[], None] | None = None,
+    ) -> None:
         self.app = app
         self.limit_for = limit_for
         self.on_refused = on_refused
@@ -96,8 +100,11 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > limit:
-                await self._refuse(send, f"body of {declared.decode(errors='replace')!s:.20} bytes exceeds the "
-                                         f"limit of {limit} bytes for this route")  # fmt: skip
+                await self._refuse(
+                    send,
+                    f"body of {declared.decode(errors='replace')!s:.20} bytes exceeds the "
+                    f"limit of {limit} bytes for this route",
+                )
                 return
             await self.app(scope, receive, send)
             return
@@ -122,7 +129,15 @@ class BodyLimit:
         if self.on_refused is not None:
             self.on_refused()
         body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

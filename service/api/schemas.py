@@ -21,7 +21,9 @@ class EventColumns(BaseModel):
     """JSON body of a packet: one list per field, equal lengths, ``t`` in microseconds."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"t": [1000, 1005, 1020], "x": [3, 4, 4], "y": [10, 10, 11], "p": [1, 0, 1]}]}
+        json_schema_extra={
+            "examples": [{"t": [1000, 1005, 1020], "x": [3, 4, 4], "y": [10, 10, 11], "p": [1, 0, 1]}]
+        }
     )
     t: list[int]
     x: list[int]
@@ -32,9 +34,15 @@ class EventColumns(BaseModel):
 class StepResult(BaseModel):
     """One time-step a packet completed: the prediction (made before learning from its label)."""
 
-    step: int = Field(..., description="Index of the time-step within the stream's current sequence (from 0).")
-    predicted: int = Field(..., description="Predicted class: argmax of the readout summed over the sequence.")
-    probabilities: list[float] = Field(..., description="Softmax of the mean readout over the sequence (K values).")
+    step: int = Field(
+        ..., description="Index of the time-step within the stream's current sequence (from 0)."
+    )
+    predicted: int = Field(
+        ..., description="Predicted class: argmax of the readout summed over the sequence."
+    )
+    probabilities: list[float] = Field(
+        ..., description="Softmax of the mean readout over the sequence (K values)."
+    )
     label: int | None = Field(None, description="The packet's label, when it had one.")
     learned: bool = Field(..., description="True when the step's label updated the weights.")
     model_version: int = Field(..., description="Optimizer steps the model had taken after this step.")
@@ -50,9 +58,14 @@ class PacketResult(BaseModel):
                     "stream_id": "cam-1",
                     "packet_id": "1718000000000-0",
                     "steps": [
-                        {"step": 12, "predicted": 3, "probabilities": [0.01, 0.02, 0.05, 0.8, 0.02, 0.02,
-                                                                        0.02, 0.02, 0.02, 0.02],
-                         "label": 3, "learned": True, "model_version": 120}
+                        {
+                            "step": 12,
+                            "predicted": 3,
+                            "probabilities": [0.01, 0.02, 0.05, 0.8, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02],
+                            "label": 3,
+                            "learned": True,
+                            "model_version": 120,
+                        }
                     ],
                 }
             ]
@@ -66,7 +79,9 @@ class PacketResult(BaseModel):
 class PacketAccepted(BaseModel):
     """202 answer with ``wait=false``: the packet is on the bus and will be applied."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"stream_id": "cam-1", "packet_id": "1718000000000-0"}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"stream_id": "cam-1", "packet_id": "1718000000000-0"}]}
+    )
     stream_id: str
     packet_id: str
 
@@ -77,8 +92,16 @@ class StreamInfo(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"stream_id": "cam-1", "width": 34, "height": 34, "steps": 930, "sequences": 31,
-                 "last_prediction": 3, "online_accuracy": 0.82, "labelled_steps": 900}
+                {
+                    "stream_id": "cam-1",
+                    "width": 34,
+                    "height": 34,
+                    "steps": 930,
+                    "sequences": 31,
+                    "last_prediction": 3,
+                    "online_accuracy": 0.82,
+                    "labelled_steps": 900,
+                }
             ]
         }
     )
@@ -88,7 +111,9 @@ class StreamInfo(BaseModel):
     steps: int = Field(..., description="Time-steps applied since the stream opened.")
     sequences: int = Field(..., description="Sequences begun (packets with start=true, or the first one).")
     last_prediction: int | None = Field(None, description="Predicted class of the latest step.")
-    online_accuracy: float | None = Field(None, description="Correct / labelled steps (predicted before learning).")
+    online_accuracy: float | None = Field(
+        None, description="Correct / labelled steps (predicted before learning)."
+    )
     labelled_steps: int = Field(0, description="Steps that carried a label.")
 
 
@@ -99,7 +124,9 @@ class StreamList(BaseModel):
 class StreamAction(BaseModel):
     """Answer to reset / delete / open of a stream."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"stream_id": "cam-1", "action": "reset", "ok": True}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"stream_id": "cam-1", "action": "reset", "ok": True}]}
+    )
     stream_id: str
     action: str
     ok: bool = True
@@ -110,8 +137,15 @@ class CheckpointInfo(BaseModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"name": "ckpt-20250101T120000.000000-v120", "model_version": 120, "streams": 3,
-                          "created": 1735732800.0, "bytes": 1843200}]
+            "examples": [
+                {
+                    "name": "ckpt-20250101T120000.000000-v120",
+                    "model_version": 120,
+                    "streams": 3,
+                    "created": 1735732800.0,
+                    "bytes": 1843200,
+                }
+            ]
         }
     )
     name: str
@@ -138,8 +172,17 @@ class Readiness(BaseModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"ready": True, "bus": True, "worker": True, "model": "stream_cnn",
-                          "model_version": 120, "heartbeat_age_s": 0.1, "reasons": []}]
+            "examples": [
+                {
+                    "ready": True,
+                    "bus": True,
+                    "worker": True,
+                    "model": "stream_cnn",
+                    "model_version": 120,
+                    "heartbeat_age_s": 0.1,
+                    "reasons": [],
+                }
+            ]
         }
     )
     ready: bool

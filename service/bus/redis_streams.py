@@ -274,9 +274,13 @@ class RedisStreamBus:
             while len(raw_claimed) < count:
                 try:
                     reply = await self._redis.xautoclaim(
-                        self.stream, self.group, consumer, max(int(min_idle_ms), 0),
-                        start_id=cursor, count=count - len(raw_claimed),
-                    )  # fmt: skip
+                        self.stream,
+                        self.group,
+                        consumer,
+                        max(int(min_idle_ms), 0),
+                        start_id=cursor,
+                        count=count - len(raw_claimed),
+                    )
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise
@@ -300,9 +304,13 @@ class RedisStreamBus:
         start = ids[0] if ids else None
         while start is not None and len(counts) < len(wanted):
             rows = await self._redis.xpending_range(
-                self.stream, self.group, min=start, max=ids[-1], count=len(wanted) - len(counts) + 16,
+                self.stream,
+                self.group,
+                min=start,
+                max=ids[-1],
+                count=len(wanted) - len(counts) + 16,
                 consumername=consumer,
-            )  # fmt: skip
+            )
             for row in rows:
                 if _text(row["message_id"]) in wanted:
                     counts[_text(row["message_id"])] = int(row["times_delivered"])

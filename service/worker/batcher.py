@@ -5,7 +5,9 @@ as they arrive and their frames queue on their stream, in order, with ``reset`` 
 sequence starts. A tick takes the head frame of every stream that has one, stacks them into one
 batch ``[B, C, H, W]`` and runs::
 
-    sub = state.select(rows); logits = learner.step(frames, labels, sub); state.assign(rows, sub)
+    sub = state.select(rows)
+    logits = learner.step(frames, labels, sub)
+    state.assign(rows, sub)
 
 (labels -1 for unlabelled rows: they infer only; labelled rows predict first, then learn).
 ``drain`` repeats ticks until no stream has a frame ready. The prediction of a step is
@@ -134,9 +136,16 @@ class Batcher:
                 while len(slot.pending) > queued:
                     slot.pending.pop()
                 self.metrics.packets.labels(outcome="failed").inc()
-                log.warning("event=framing_failed id=%s stream=%s attempt=%d error=%r", entry_id, stream_id,
-                            attempt, f"{type(err).__name__}: {err}")  # fmt: skip
-        raise PacketFailed(f"framing failed {self.max_failures} times on this packet: {type(error).__name__}: {error}")
+                log.warning(
+                    "event=framing_failed id=%s stream=%s attempt=%d error=%r",
+                    entry_id,
+                    stream_id,
+                    attempt,
+                    f"{type(err).__name__}: {err}",
+                )
+        raise PacketFailed(
+            f"framing failed {self.max_failures} times on this packet: {type(error).__name__}: {error}"
+        )
 
     def _frame(self, entry_id: str, slot: StreamSlot, packet: EventsPacket, events: np.ndarray) -> None:
         """Frame one packet's (valid) events onto ``slot``'s queue."""
@@ -220,8 +229,11 @@ class Batcher:
             if len(batch) == 1:
                 self._run_alone(batch[0], err)
             else:
-                log.warning("event=batch_step_failed rows=%d error=%r; running each row alone", len(batch),
-                            f"{type(err).__name__}: {err}")  # fmt: skip
+                log.warning(
+                    "event=batch_step_failed rows=%d error=%r; running each row alone",
+                    len(batch),
+                    f"{type(err).__name__}: {err}",
+                )
                 for item in batch:
                     self._run_alone(item, None)
         return len(batch)
@@ -236,9 +248,16 @@ class Batcher:
         while failure is None or attempts < self.max_failures:
             if failure is not None:
                 self.metrics.packets.labels(outcome="failed").inc()
-                log.warning("event=step_failed id=%s stream=%s attempt=%d error=%r", step.entry_id, slot.stream_id,
-                            attempts, f"{type(failure).__name__}: {failure}")  # fmt: skip
-                if self.learner.device.type == "cuda":  # a transient out-of-memory may pass once the cache is freed
+                log.warning(
+                    "event=step_failed id=%s stream=%s attempt=%d error=%r",
+                    step.entry_id,
+                    slot.stream_id,
+                    attempts,
+                    f"{type(failure).__name__}: {failure}",
+                )
+                if (
+                    self.learner.device.type == "cuda"
+                ):  # a transient out-of-memory may pass once the cache is freed
                     torch.cuda.empty_cache()
             try:
                 self._step([item])
@@ -246,8 +265,9 @@ class Batcher:
             except Exception as err:
                 failure, attempts = err, attempts + 1
         self.metrics.packets.labels(outcome="failed").inc()
-        self.poisoned[step.entry_id] = (f"learner step failed {attempts} times on this packet: "
-                                        f"{type(failure).__name__}: {failure}")  # fmt: skip
+        self.poisoned[step.entry_id] = (
+            f"learner step failed {attempts} times on this packet: {type(failure).__name__}: {failure}"
+        )
         slot.pending = type(slot.pending)(
             work for work in slot.pending if not (work[0] == STEP and work[1].entry_id == step.entry_id)
         )
@@ -274,10 +294,16 @@ class Batcher:
         learned = 0
         for (slot, step), guess, probs in zip(batch, predicted, probabilities, strict=True):
             correct = None if step.label is None else guess == step.label
-            self.results[step.entry_id].append({
-                "step": slot.sequence_step, "predicted": guess, "probabilities": probs,
-                "label": step.label, "learned": step.label is not None, "model_version": version,
-            })  # fmt: skip
+            self.results[step.entry_id].append(
+                {
+                    "step": slot.sequence_step,
+                    "predicted": guess,
+                    "probabilities": probs,
+                    "label": step.label,
+                    "learned": step.label is not None,
+                    "model_version": version,
+                }
+            )
             slot.sequence_step += 1
             slot.steps += 1
             slot.last_prediction = guess
@@ -313,18 +339,25 @@ class Batcher:
         """
         try:
             saved_state = NetworkState.from_state_dict(tree["network_state"])
-            check_like(self.learner.new_state(saved_state.batch_size).state_dict(), tree["network_state"],
-                       "network_state")  # fmt: skip
+            check_like(
+                self.learner.new_state(saved_state.batch_size).state_dict(),
+                tree["network_state"],
+                "network_state",
+            )
             check_like(self.learner.model.state_dict(), tree["learner"]["model"], "learner.model")
             registry, rows = StreamRegistry.from_state_dict(
                 tree["registry"], self.registry.capacity, self.new_framer, StreamFramer.from_state_dict
             )
             if saved_state.batch_size != len(rows):
-                raise CheckpointError(f"checkpoint has {saved_state.batch_size} state rows for {len(rows)} streams")
+                raise CheckpointError(
+                    f"checkpoint has {saved_state.batch_size} state rows for {len(rows)} streams"
+                )
             for slot in registry:
                 if slot.framer.frame_shape != self.input_size:
-                    raise CheckpointError(f"stream {slot.stream_id!r}: frames {slot.framer.frame_shape}, "
-                                          f"the model takes {self.input_size}")  # fmt: skip
+                    raise CheckpointError(
+                        f"stream {slot.stream_id!r}: frames {slot.framer.frame_shape}, "
+                        f"the model takes {self.input_size}"
+                    )
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, IndexError) as err:

@@ -44,7 +44,9 @@ class CheckpointError(ValueError):
 def validate_name(name: str) -> str:
     """``name`` if it is a safe file stem: ``[A-Za-z0-9_.-]{1,128}``, no ``..``, no leading dot."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name or name.startswith("."):
-        raise CheckpointError(f"checkpoint name {name!r} must match [A-Za-z0-9_.-]{{1,128}} without '..' or a leading '.'")
+        raise CheckpointError(
+            f"checkpoint name {name!r} must match [A-Za-z0-9_.-]{{1,128}} without '..' or a leading '.'"
+        )
     return name
 
 
@@ -188,7 +190,9 @@ def check_like(reference: Any, candidate: Any, path: str = "") -> None:
     elif isinstance(reference, dict):
         if not isinstance(candidate, dict) or set(candidate) != set(reference):
             found = sorted(map(str, candidate)) if isinstance(candidate, dict) else type(candidate).__name__
-            raise CheckpointError(f"{where}: keys {found} differ from the model's {sorted(map(str, reference))}")
+            raise CheckpointError(
+                f"{where}: keys {found} differ from the model's {sorted(map(str, reference))}"
+            )
         for key, value in reference.items():
             check_like(value, candidate[key], f"{path}.{key}")
     elif isinstance(reference, list | tuple):
@@ -212,8 +216,13 @@ class CheckpointInfo:
     bytes: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model_version": self.model_version, "streams": self.streams,
-                "created": self.created, "bytes": self.bytes}  # fmt: skip
+        return {
+            "name": self.name,
+            "model_version": self.model_version,
+            "streams": self.streams,
+            "created": self.created,
+            "bytes": self.bytes,
+        }
 
 
 class CheckpointStore:
@@ -241,7 +250,9 @@ class CheckpointStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, target)
-        return CheckpointInfo(name, version, len(tree.get("registry", {}).get("streams", [])), created, len(data))
+        return CheckpointInfo(
+            name, version, len(tree.get("registry", {}).get("streams", [])), created, len(data)
+        )
 
     def load(self, name: str) -> dict[str, Any]:
         """The tree of checkpoint ``name``; ``CheckpointError`` when missing or corrupt."""
@@ -261,8 +272,13 @@ class CheckpointStore:
             data = head + handle.read(min(header_len, _MAX_HEADER_BYTES))
         tree = json.loads(read_metadata(data)["tree"])
         streams = tree.get("registry", {}).get("streams", []) if isinstance(tree, dict) else []
-        return CheckpointInfo(name, int(tree.get("model_version", 0)), len(streams),
-                              float(tree.get("created", 0.0)), path.stat().st_size)  # fmt: skip
+        return CheckpointInfo(
+            name,
+            int(tree.get("model_version", 0)),
+            len(streams),
+            float(tree.get("created", 0.0)),
+            path.stat().st_size,
+        )
 
     def list(self) -> list[CheckpointInfo]:
         """Readable checkpoints, oldest first (by write time); unreadable files are left out."""

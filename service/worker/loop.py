@@ -60,8 +60,9 @@ class Applied:
 class Worker:
     """One persistent SNN fed by the bus; see the module docstring."""
 
-    def __init__(self, settings: Settings, bus: Bus, metrics: ServiceMetrics | None = None,
-                 consumer: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, settings: Settings, bus: Bus, metrics: ServiceMetrics | None = None, consumer: str | None = None
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.metrics = metrics or ServiceMetrics(settings.accuracy_window)
@@ -69,7 +70,9 @@ class Worker:
         self.store = CheckpointStore(settings.checkpoint_dir)
         self.prefix = settings.bus_stream
         self.batcher: Batcher | None = None
-        self.last_entry_id: str | None = None  # the watermark: newest entry applied (entries come in id order)
+        self.last_entry_id: str | None = (
+            None  # the watermark: newest entry applied (entries come in id order)
+        )
         self.checkpoints: list[dict[str, Any]] = []
         self._dirty = False
         self._applied_since_save = 0
@@ -84,20 +87,41 @@ class Worker:
 
     def _model_descriptor(self) -> dict[str, Any]:
         s = self.settings
-        return {"name": s.model, "num_classes": s.num_classes, "in_channels": s.in_channels,
-                "input_size": list(s.input_size)}  # fmt: skip
+        return {
+            "name": s.model,
+            "num_classes": s.num_classes,
+            "in_channels": s.in_channels,
+            "input_size": list(s.input_size),
+        }
 
     def _build(self) -> Batcher:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         torch.manual_seed(s.seed)
-        model = build_model(s.model, in_channels=s.in_channels, num_classes=s.num_classes, input_size=s.input_size)
-        learner = OnlineLearner(model, rule=s.rule, mode=s.mode, optimizer=s.optimizer, lr=s.lr,
-                                momentum=s.momentum, alpha=s.alpha, steps_per_sample=s.steps_per_sample,
-                                device=s.torch_device())  # fmt: skip
-        return Batcher(learner, s.max_streams, s.window_us, self.metrics, s.max_events_per_packet,
-                       max_failures=s.max_failures, max_sensor_size=s.max_sensor_size)  # fmt: skip
+        model = build_model(
+            s.model, in_channels=s.in_channels, num_classes=s.num_classes, input_size=s.input_size
+        )
+        learner = OnlineLearner(
+            model,
+            rule=s.rule,
+            mode=s.mode,
+            optimizer=s.optimizer,
+            lr=s.lr,
+            momentum=s.momentum,
+            alpha=s.alpha,
+            steps_per_sample=s.steps_per_sample,
+            device=s.torch_device(),
+        )
+        return Batcher(
+            learner,
+            s.max_streams,
+            s.window_us,
+            self.metrics,
+            s.max_events_per_packet,
+            max_failures=s.max_failures,
+            max_sensor_size=s.max_sensor_size,
+        )
 
     def _restore_newest(self) -> None:
         """Load the newest readable checkpoint (falling back to older ones), if any."""
@@ -108,12 +132,17 @@ class Worker:
                 log.warning("event=checkpoint_refused name=%s error=%r", info.name, str(err))
                 continue
             self.last_entry_id = tree.get("last_entry_id")
-            log.info("event=checkpoint_restored name=%s model_version=%d streams=%d", info.name,
-                     info.model_version, len(self.batcher.registry))  # fmt: skip
+            log.info(
+                "event=checkpoint_restored name=%s model_version=%d streams=%d",
+                info.name,
+                info.model_version,
+                len(self.batcher.registry),
+            )
             return
 
     async def start(self) -> None:
         """Build the model (restoring the newest checkpoint) and announce the worker on the bus."""
+
         def build() -> None:
             self.batcher = self._build()
             if self.settings.restore_on_start:
@@ -123,8 +152,13 @@ class Worker:
         await asyncio.to_thread(build)
         self.metrics.model_version.set(self.batcher.learner.version)
         await self._publish_state(Applied(values=self._sensor_values()))
-        log.info("event=worker_started consumer=%s model=%s device=%s streams=%d", self.consumer,
-                 self.settings.model, self.batcher.learner.device, len(self.batcher.registry))  # fmt: skip
+        log.info(
+            "event=worker_started consumer=%s model=%s device=%s streams=%d",
+            self.consumer,
+            self.settings.model,
+            self.batcher.learner.device,
+            len(self.batcher.registry),
+        )
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -181,8 +215,9 @@ class Worker:
         if not self.settings.restore_on_start:  # a fresh model: what came before is not its history
             await self._claim_and_apply(min_idle_ms=0)
             return 0
-        return await recover(self.bus, self.consumer, lambda: self.last_entry_id, self._handle,
-                             self.settings.read_count)  # fmt: skip
+        return await recover(
+            self.bus, self.consumer, lambda: self.last_entry_id, self._handle, self.settings.read_count
+        )
 
     async def _claim_and_apply(self, min_idle_ms: int) -> None:
         self._last_claim_s = time.monotonic()
@@ -219,21 +254,32 @@ class Worker:
             await self.bus.set_value(key, value)
         if changed:
             await self.bus.set_value(messages.status_key(self.prefix), self.status_json())
-        await self.bus.set_value(messages.heartbeat_key(self.prefix), repr(time.time()).encode(),
-                                 ttl_s=max(60.0, 10 * self.settings.heartbeat_timeout_s))  # fmt: skip
+        await self.bus.set_value(
+            messages.heartbeat_key(self.prefix),
+            repr(time.time()).encode(),
+            ttl_s=max(60.0, 10 * self.settings.heartbeat_timeout_s),
+        )
 
     def _sensor_values(self) -> dict[str, bytes]:
         """The sensor value of every live stream (what the API checks packets against)."""
-        return {messages.sensor_key(self.prefix, s.stream_id): messages.encode_sensor(s.width, s.height)
-                for s in self.batcher.registry}  # fmt: skip
+        return {
+            messages.sensor_key(self.prefix, s.stream_id): messages.encode_sensor(s.width, s.height)
+            for s in self.batcher.registry
+        }
 
     def status_json(self) -> bytes:
         batcher = self.batcher
-        return json.dumps({
-            "time": time.time(), "consumer": self.consumer, "model": self.settings.model,
-            "model_version": batcher.learner.version, "device": str(batcher.learner.device),
-            "streams": batcher.registry.infos(), "checkpoints": self.checkpoints,
-        }).encode()  # fmt: skip
+        return json.dumps(
+            {
+                "time": time.time(),
+                "consumer": self.consumer,
+                "model": self.settings.model,
+                "model_version": batcher.learner.version,
+                "device": str(batcher.learner.device),
+                "streams": batcher.registry.infos(),
+                "checkpoints": self.checkpoints,
+            }
+        ).encode()
 
     # --- applying entries (runs in a thread) ------------------------------------------------------
 
@@ -247,8 +293,10 @@ class Worker:
             self.batcher.results.clear()
             self.metrics.packets.labels(outcome="failed").inc(len(entries))
             detail = f"worker failed on this batch: {type(err).__name__}: {err}"
-            return Applied(replies=[(e.id, messages.error_reply(500, detail)) for e in entries],
-                           dead=[(e, detail) for e in entries])  # fmt: skip
+            return Applied(
+                replies=[(e.id, messages.error_reply(500, detail)) for e in entries],
+                dead=[(e, detail) for e in entries],
+            )
 
     def _already_applied(self, entry: BusEntry) -> bool:
         """At or below the watermark: applied before (by this worker or the checkpoint it restored)."""
@@ -263,8 +311,13 @@ class Worker:
                 out.acks.append(entry.id)
                 continue
             if entry.deliveries > self.settings.max_deliveries:
-                self._refuse(out, entry, 500, f"entry delivered {entry.deliveries} times (a crash loop?); "
-                                              f"dead-lettered after max_deliveries={self.settings.max_deliveries}")  # fmt: skip
+                self._refuse(
+                    out,
+                    entry,
+                    500,
+                    f"entry delivered {entry.deliveries} times (a crash loop?); "
+                    f"dead-lettered after max_deliveries={self.settings.max_deliveries}",
+                )
                 continue
             if entry.kind == messages.EVENTS:
                 try:
@@ -278,8 +331,9 @@ class Worker:
                     self._refuse(out, entry, 500, str(err))
                     continue
                 if created:
-                    out.values[messages.sensor_key(self.prefix, entry.stream_id)] = \
-                        messages.encode_sensor(packet.width, packet.height)  # fmt: skip
+                    out.values[messages.sensor_key(self.prefix, entry.stream_id)] = messages.encode_sensor(
+                        packet.width, packet.height
+                    )
                 for slot in evicted:
                     out.values[messages.sensor_key(self.prefix, slot.stream_id)] = b""
                     log.info("event=stream_evicted stream=%s", slot.stream_id)
@@ -311,8 +365,14 @@ class Worker:
         return out
 
     def _refuse(self, out: Applied, entry: BusEntry, status: int, detail: str) -> None:
-        log.warning("event=entry_refused id=%s kind=%s stream=%s status=%d error=%r", entry.id, entry.kind,
-                    entry.stream_id, status, detail)  # fmt: skip
+        log.warning(
+            "event=entry_refused id=%s kind=%s stream=%s status=%d error=%r",
+            entry.id,
+            entry.kind,
+            entry.stream_id,
+            status,
+            detail,
+        )
         out.dead.append((entry, detail))
         out.replies.append((entry.id, messages.error_reply(status, detail)))
         self.metrics.packets.labels(outcome="dead_lettered").inc()
@@ -320,17 +380,24 @@ class Worker:
     def _housekeeping(self, out: Applied) -> None:
         for slot in self.batcher.expire(self.settings.stream_ttl_s):
             out.values[messages.sensor_key(self.prefix, slot.stream_id)] = b""
-            log.info("event=stream_expired stream=%s idle_s=%.0f", slot.stream_id, time.time() - slot.last_active_s)
+            log.info(
+                "event=stream_expired stream=%s idle_s=%.0f", slot.stream_id, time.time() - slot.last_active_s
+            )
 
     def _checkpoint_if_due(self) -> None:
         """Periodic checkpoint: every ``checkpoint_interval_s`` or ``checkpoint_max_entries`` applied entries."""
         s = self.settings
-        by_time = s.checkpoint_interval_s > 0 and time.monotonic() - self._last_save_s >= s.checkpoint_interval_s
+        by_time = (
+            s.checkpoint_interval_s > 0 and time.monotonic() - self._last_save_s >= s.checkpoint_interval_s
+        )
         by_count = 0 < s.checkpoint_max_entries <= self._applied_since_save
         if self._dirty and (by_time or by_count):
             try:
                 info = self._save()
-            except (OSError, CheckpointError) as err:  # a full disk must not stop the stream; retried when due
+            except (
+                OSError,
+                CheckpointError,
+            ) as err:  # a full disk must not stop the stream; retried when due
                 self._last_save_s = time.monotonic()
                 log.error("event=checkpoint_failed error=%r", str(err))
                 return
@@ -391,8 +458,10 @@ class Worker:
         """Read, check and swap in checkpoint ``name``; ``CheckpointError`` leaves the model untouched."""
         tree = self.store.load(name)
         if tree.get("model") != self._model_descriptor():
-            raise CheckpointError(f"checkpoint {name!r} is for model {tree.get('model')}, "
-                                  f"the worker runs {self._model_descriptor()}")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint {name!r} is for model {tree.get('model')}, "
+                f"the worker runs {self._model_descriptor()}"
+            )
         self.batcher.load(tree)
         return tree
 
@@ -400,7 +469,9 @@ class Worker:
         before = {slot.stream_id for slot in self.batcher.registry}
         self._load(name)
         for slot in self.batcher.registry:
-            out.values[messages.sensor_key(self.prefix, slot.stream_id)] = messages.encode_sensor(slot.width, slot.height)
+            out.values[messages.sensor_key(self.prefix, slot.stream_id)] = messages.encode_sensor(
+                slot.width, slot.height
+            )
             before.discard(slot.stream_id)
         for stream_id in before:
             out.values[messages.sensor_key(self.prefix, stream_id)] = b""

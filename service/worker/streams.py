@@ -72,13 +72,20 @@ class StreamSlot:
     def metadata(self) -> dict[str, Any]:
         """Everything but the framer and the queue, as JSON-able values (for checkpoints)."""
         return {
-            "stream_id": self.stream_id, "row": self.row, "width": self.width, "height": self.height,
-            "last_active_s": self.last_active_s, "steps": self.steps, "sequences": self.sequences,
-            "sequence_step": self.sequence_step, "sequence_events": self.sequence_events,
+            "stream_id": self.stream_id,
+            "row": self.row,
+            "width": self.width,
+            "height": self.height,
+            "last_active_s": self.last_active_s,
+            "steps": self.steps,
+            "sequences": self.sequences,
+            "sequence_step": self.sequence_step,
+            "sequence_events": self.sequence_events,
             "labelled_steps": self.labelled_steps,
-            "correct_steps": self.correct_steps, "last_prediction": self.last_prediction,
+            "correct_steps": self.correct_steps,
+            "last_prediction": self.last_prediction,
             "last_entry_id": self.last_entry_id,
-        }  # fmt: skip
+        }
 
 
 class StreamRegistry:
@@ -111,7 +118,9 @@ class StreamRegistry:
     def least_recently_used(self) -> StreamSlot | None:
         return next(iter(self._slots.values()), None)
 
-    def open(self, stream_id: str, width: int, height: int, now_s: float) -> tuple[StreamSlot, StreamSlot | None]:
+    def open(
+        self, stream_id: str, width: int, height: int, now_s: float
+    ) -> tuple[StreamSlot, StreamSlot | None]:
         """The stream's slot, created when new; returns ``(slot, evicted)``.
 
         Creating a stream when every row is taken evicts the least recently used one and returns
@@ -132,7 +141,9 @@ class StreamRegistry:
             evicted = self.least_recently_used()
             assert evicted is not None
             self.remove(evicted.stream_id)
-        slot = StreamSlot(stream_id, self._free_rows.pop(), width, height, self.new_framer(width, height), now_s)
+        slot = StreamSlot(
+            stream_id, self._free_rows.pop(), width, height, self.new_framer(width, height), now_s
+        )
         self._slots[stream_id] = slot
         return slot, evicted
 

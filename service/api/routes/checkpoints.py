@@ -13,7 +13,9 @@ from service.bus import messages
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["model"], dependencies=ADMIN, responses=ERRORS)
 
-CheckpointName = Annotated[str, Path(pattern=CHECKPOINT_NAME_PATTERN, examples=["ckpt-20250101T120000.000000-v120"])]
+CheckpointName = Annotated[
+    str, Path(pattern=CHECKPOINT_NAME_PATTERN, examples=["ckpt-20250101T120000.000000-v120"])
+]
 
 
 @router.post("", response_model=CheckpointInfo, summary="Save a checkpoint now")

@@ -57,7 +57,9 @@ async def readyz(ctx: Context) -> Any:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus text exposition", responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics", summary="Prometheus text exposition", responses={200: {"content": {"text/plain": {}}}}
+)
 async def metrics(ctx: Context) -> Response:
     try:
         ctx.metrics.bus_lag.set(await ctx.bus.lag())

@@ -35,7 +35,9 @@ async def post_events(
     stream_id: StreamId,
     label: Annotated[int | None, Query(description="Class of every step this packet completes.")] = None,
     start: Annotated[bool, Query(description="Begin a new sequence: fresh neuron and framer state.")] = False,
-    end: Annotated[bool, Query(description="Close the sequence: flush the open window as a last frame.")] = False,
+    end: Annotated[
+        bool, Query(description="Close the sequence: flush the open window as a last frame.")
+    ] = False,
     wait: Annotated[bool, Query(description="Wait for the predictions (200) or not (202).")] = True,
     width: Annotated[int | None, Query(description="Sensor width, to open the stream.")] = None,
     height: Annotated[int | None, Query(description="Sensor height, to open the stream.")] = None,
@@ -46,7 +48,9 @@ async def post_events(
     try:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in (BINARY, JSON):
-            raise ApiError(415, f"content type {content_type or '(none)'!r} not accepted; send {BINARY} or {JSON}")
+            raise ApiError(
+                415, f"content type {content_type or '(none)'!r} not accepted; send {BINARY} or {JSON}"
+            )
         if label is not None and not 0 <= label < settings.num_classes:
             raise ApiError(422, f"label {label} outside [0, {settings.num_classes})")
         if (width is None) != (height is None):
@@ -77,7 +81,12 @@ async def post_events(
     return {"stream_id": stream_id, "packet_id": entry_id, "steps": answer.get("steps", [])}
 
 
-@router.put("/{stream_id}", dependencies=INGEST, response_model=StreamInfo, summary="Open a stream with its sensor size")
+@router.put(
+    "/{stream_id}",
+    dependencies=INGEST,
+    response_model=StreamInfo,
+    summary="Open a stream with its sensor size",
+)
 async def open_stream(ctx: Context, stream_id: StreamId, sensor: SensorSize) -> Any:
     await ctx.open_sensor(stream_id, sensor.width, sensor.height)
     fields = {"width": str(sensor.width).encode(), "height": str(sensor.height).encode()}
@@ -89,7 +98,12 @@ async def list_streams(ctx: Context) -> Any:
     return {"streams": (await ctx.status()).get("streams", [])}
 
 
-@router.get("/{stream_id}", dependencies=INGEST, response_model=StreamInfo, summary="One stream: steps, last prediction, online accuracy")
+@router.get(
+    "/{stream_id}",
+    dependencies=INGEST,
+    response_model=StreamInfo,
+    summary="One stream: steps, last prediction, online accuracy",
+)
 async def get_stream(ctx: Context, stream_id: StreamId) -> Any:
     for info in (await ctx.status()).get("streams", []):
         if info["stream_id"] == stream_id:
@@ -98,7 +112,10 @@ async def get_stream(ctx: Context, stream_id: StreamId) -> Any:
 
 
 @router.post(
-    "/{stream_id}/reset", dependencies=INGEST, response_model=StreamAction, summary="Fresh neuron and framer state for this stream only"
+    "/{stream_id}/reset",
+    dependencies=INGEST,
+    response_model=StreamAction,
+    summary="Fresh neuron and framer state for this stream only",
 )
 async def reset_stream(ctx: Context, stream_id: StreamId) -> Any:
     await ctx.known_sensor(stream_id)
@@ -107,7 +124,10 @@ async def reset_stream(ctx: Context, stream_id: StreamId) -> Any:
 
 
 @router.delete(
-    "/{stream_id}", dependencies=ADMIN, response_model=StreamAction, summary="Close a stream and free its state slot"
+    "/{stream_id}",
+    dependencies=ADMIN,
+    response_model=StreamAction,
+    summary="Close a stream and free its state slot",
 )
 async def delete_stream(ctx: Context, stream_id: StreamId) -> Any:
     await ctx.known_sensor(stream_id)
