@@ -4,6 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := ndot_core service clients tests benchmarks
+# torch is installed first and pinned, so the range in pyproject.toml pulls nothing bigger.
+# TORCH_INDEX_URL empty (default): pip's own index. On an ordinary x86_64 Linux machine that is the
+# CUDA build (several GB); on the project's build machines pip finds the CPU wheel on local disk.
+# For the CPU-only build anywhere: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 
 .PHONY: install test demo lint format bench clean
 
@@ -12,8 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU wheel of torch first: a bare `torch` would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

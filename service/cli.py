@@ -106,12 +106,15 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Env vars, overridden by the flags that were given (``--insecure-local`` = ``--auth off``)."""
+    """Env vars, overridden by the flags given (``--insecure-local`` = ``--auth off``, ``--fresh`` =
+    ``--no-restore-on-start``)."""
     given = {
         name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
     }
     if getattr(args, "insecure_local", False):
         given["auth"] = "off"
+    if getattr(args, "fresh", False):
+        given["restore_on_start"] = False
     return Settings(**given)
 
 
@@ -134,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="no API keys (same as --auth off / NDOT_AUTH=off): for a service only you can "
                 "reach; the server logs a warning at start",
+            )
+        if name != "api":
+            sub.add_argument(
+                "--fresh",
+                action="store_true",
+                help="start from fresh weights: do not restore the newest checkpoint of NDOT_CHECKPOINT_DIR "
+                "(same as --no-restore-on-start / NDOT_RESTORE_ON_START=false); the start-up log names "
+                "the checkpoint restored otherwise",
             )
         add_settings_flags(sub)
     for name in OFFLINE_COMMANDS:

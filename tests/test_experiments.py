@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from ndot_core import OnlineLearner, build_model
 from ndot_core.experiments.compare import RunSpec, format_table, parse_runs
+from ndot_core.experiments.config import ExperimentError, RunConfig, cosine_lr, run_display_name
 from ndot_core.experiments.frame_sets import FrameSet
 from ndot_core.experiments.memory import MEASURE_RSS_HWM, MEASURE_RU_MAXRSS, SavedTensorsPeak
 from ndot_core.experiments.plots import plot_training_curves
@@ -28,16 +29,7 @@ from ndot_core.experiments.run_files import (
     unflatten_state,
     write_records,
 )
-from ndot_core.experiments.runs import (
-    ExperimentError,
-    RunConfig,
-    cosine_lr,
-    evaluate,
-    evaluate_checkpoint,
-    load_run_data,
-    run_display_name,
-    train,
-)
+from ndot_core.experiments.runs import evaluate, evaluate_checkpoint, load_run_data, train
 
 
 def tiny_learner(optimizer: str = "sgd", seed: int = 0, rule: str = "ndot") -> OnlineLearner:

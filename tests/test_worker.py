@@ -202,8 +202,8 @@ def test_after_a_crash_entries_the_checkpoint_covers_are_not_applied_twice(tmp_p
         first = await new_worker("w1")
         entry_id = await post(bus, "a", wire(TWO_FRAMES), label=1)
         entries = await bus.read("w1", 10, 0)
-        first._apply(entries, housekeeping=False)  # applied and checkpointed ...
-        first._save()  # ... then the process dies before its reply and ack
+        first.applier.apply(entries, housekeeping=False)  # applied and checkpointed ...
+        first.applier.save()  # ... then the process dies before its reply and ack
         version = first.batcher.learner.version
 
         second = await new_worker("w2")  # restores the newest checkpoint
@@ -249,3 +249,35 @@ def test_model_reset_gives_fresh_weights_and_rests_every_stream(tmp_path: Path) 
         assert not worker.batcher.state.readout_sum.any()
 
     run(tmp_path, scenario)
+
+
+def test_a_restart_says_which_checkpoint_it_continues_from_and_fresh_starts_anew(
+    tmp_path: Path, caplog
+) -> None:
+    """A second worker on the same checkpoint folder continues the first's model and logs the checkpoint's
+    name; with ``restore_on_start=False`` (``ndot serve --fresh``) it starts from fresh weights."""
+
+    async def scenario(bus: LocalBus, new_worker) -> None:
+        first = await new_worker("w1")
+        await post(bus, "a", wire(TWO_FRAMES), label=1)
+        await first.run_once(block_ms=0)
+        saved = first.applier.save()["name"]
+        with caplog.at_level("INFO", logger="ndot.worker"):
+            second = await new_worker("w2")
+        assert second.restored_from == saved and second.batcher.learner.version == 2
+        assert any(f"continuing from checkpoint {saved}" in r.getMessage() for r in caplog.records)
+
+    run(tmp_path, scenario)
+
+    async def fresh(bus: LocalBus, new_worker) -> None:
+        worker = await new_worker("w3")
+        assert worker.restored_from is None and worker.batcher.learner.version == 0
+
+    run(tmp_path, fresh, restore_on_start=False)
+
+
+def test_the_fresh_flag_turns_restore_off() -> None:
+    from service.cli import build_parser, settings_from_args
+
+    assert settings_from_args(build_parser().parse_args(["serve", "--fresh"])).restore_on_start is False
+    assert settings_from_args(build_parser().parse_args(["worker"])).restore_on_start is True

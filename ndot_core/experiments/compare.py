@@ -17,17 +17,12 @@ from typing import Any
 
 from ndot_core.engine.learner import MODES
 from ndot_core.engine.rules import RULES
+from ndot_core.experiments.config import ExperimentError, RunConfig, run_display_name
 from ndot_core.experiments.frame_sets import FrameSet
 from ndot_core.experiments.memory import MEASURE_CUDA, MEASURE_RSS_HWM, MEASURE_RU_MAXRSS
 from ndot_core.experiments.plots import plot_comparison
 from ndot_core.experiments.run_files import CheckpointError, read_records, write_records
-from ndot_core.experiments.runs import (
-    ExperimentError,
-    RunConfig,
-    load_run_data,
-    run_display_name,
-    train,
-)
+from ndot_core.experiments.runs import load_run_data, train
 
 DEFAULT_RUNS = "ndot:online,ndot:accumulate,ottt:accumulate,bptt"
 MEMORY_MEANING = {

@@ -1,0 +1,317 @@
+"""Applying bus entries to the model, in bus order: the worker's synchronous half (run in a thread).
+
+``EntryApplier`` holds the model (``Batcher``), the checkpoint store and the *watermark*, the id of
+the newest entry applied. For a batch of entries it::
+
+    skips entries at or below the watermark (applied before: by this process or its checkpoint)
+    events  -> frames onto its stream's queue (batcher.push_packet)
+    control -> drain queued steps, then apply (open, reset, delete, checkpoint, restore, model_reset)
+    drain (batched ticks until no frame is ready); expire idle streams; periodic checkpoint when due
+
+and returns what the async side must send (``Applied``: replies, values, dead letters, acks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ndot_core import OnlineLearner, build_model
+from ndot_core.events.layout import EventError
+from service.bus import BusEntry, entry_id_key, messages
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.worker.batcher import Batcher, PacketFailed
+from service.worker.checkpoints import CheckpointError, CheckpointStore
+from service.worker.streams import StreamError
+
+log = logging.getLogger("ndot.worker")
+
+
+@dataclass
+class Applied:
+    """What one batch of entries produced, for the async side to send."""
+
+    replies: list[tuple[str, bytes]] = field(default_factory=list)
+    values: dict[str, bytes] = field(default_factory=dict)
+    dead: list[tuple[BusEntry, str]] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+
+
+class EntryApplier:
+    """The model, its checkpoints and the watermark; applies batches of entries (see the module docstring)."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.prefix = settings.bus_stream
+        self.store = CheckpointStore(settings.checkpoint_dir)
+        self.batcher = self._build()
+        self.last_entry_id: str | None = (
+            None  # the watermark: newest entry applied (entries come in id order)
+        )
+        self.checkpoints: list[dict[str, Any]] = []
+        self.dirty = False
+        self._applied_since_save = 0
+        self._last_save_s = time.monotonic()
+
+    def _model_descriptor(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "name": s.model,
+            "num_classes": s.num_classes,
+            "in_channels": s.in_channels,
+            "input_size": list(s.input_size),
+        }
+
+    def _build(self) -> Batcher:
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        torch.manual_seed(s.seed)
+        model = build_model(
+            s.model, in_channels=s.in_channels, num_classes=s.num_classes, input_size=s.input_size
+        )
+        learner = OnlineLearner(
+            model,
+            rule=s.rule,
+            mode=s.mode,
+            optimizer=s.optimizer,
+            lr=s.lr,
+            momentum=s.momentum,
+            alpha=s.alpha,
+            steps_per_sample=s.steps_per_sample,
+            device=s.torch_device(),
+        )
+        return Batcher(
+            learner,
+            s.max_streams,
+            s.window_us,
+            self.metrics,
+            s.max_events_per_packet,
+            max_failures=s.max_failures,
+            max_sensor_size=s.max_sensor_size,
+        )
+
+    def restore_newest(self) -> str | None:
+        """Load the newest readable checkpoint (falling back to older ones); its name, or None."""
+        for info in reversed(self.store.list()):
+            try:
+                tree = self._load(info.name)
+            except CheckpointError as err:
+                log.warning("event=checkpoint_refused name=%s error=%r", info.name, str(err))
+                continue
+            self.last_entry_id = tree.get("last_entry_id")
+            log.info(
+                "event=checkpoint_restored name=%s model_version=%d streams=%d",
+                info.name,
+                info.model_version,
+                len(self.batcher.registry),
+            )
+            return info.name
+        return None
+
+    def sensor_values(self) -> dict[str, bytes]:
+        """The sensor value of every live stream (what the API checks packets against)."""
+        return {
+            messages.sensor_key(self.prefix, s.stream_id): messages.encode_sensor(s.width, s.height)
+            for s in self.batcher.registry
+        }
+
+    def apply(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
+        try:
+            return self._apply_in_order(entries, housekeeping)
+        except Exception as err:  # a bug outside a packet's framing / step (those the batcher confines)
+            log.exception("event=batch_failed entries=%d", len(entries))
+            for slot in self.batcher.registry:
+                slot.pending.clear()
+            self.batcher.results.clear()
+            self.metrics.packets.labels(outcome="failed").inc(len(entries))
+            detail = f"worker failed on this batch: {type(err).__name__}: {err}"
+            return Applied(
+                replies=[(e.id, messages.error_reply(500, detail)) for e in entries],
+                dead=[(e, detail) for e in entries],
+            )
+
+    def already_applied(self, entry: BusEntry) -> bool:
+        """At or below the watermark: applied before (by this worker or the checkpoint it restored)."""
+        return self.last_entry_id is not None and entry_id_key(entry.id) <= entry_id_key(self.last_entry_id)
+
+    def _apply_in_order(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
+        batcher, out = self.batcher, Applied()
+        packets: list[BusEntry] = []
+        for entry in entries:
+            if self.already_applied(entry):
+                out.replies.append((entry.id, messages.ok_reply(steps=[], skipped=True)))
+                out.acks.append(entry.id)
+                continue
+            if entry.deliveries > self.settings.max_deliveries:
+                self._refuse(
+                    out,
+                    entry,
+                    500,
+                    f"entry delivered {entry.deliveries} times (a crash loop?); "
+                    f"dead-lettered after max_deliveries={self.settings.max_deliveries}",
+                )
+                continue
+            if entry.kind == messages.EVENTS:
+                try:
+                    packet = messages.EventsPacket.from_fields(entry.fields)
+                    created = entry.stream_id not in batcher.registry
+                    evicted = batcher.push_packet(entry.id, entry.stream_id, packet)
+                except (EventError, StreamError, ValueError) as err:
+                    self._refuse(out, entry, 409 if isinstance(err, StreamError) else 422, str(err))
+                    continue
+                except PacketFailed as err:
+                    self._refuse(out, entry, 500, str(err))
+                    continue
+                if created:
+                    out.values[messages.sensor_key(self.prefix, entry.stream_id)] = messages.encode_sensor(
+                        packet.width, packet.height
+                    )
+                for slot in evicted:
+                    out.values[messages.sensor_key(self.prefix, slot.stream_id)] = b""
+                    log.info("event=stream_evicted stream=%s", slot.stream_id)
+                packets.append(entry)
+            elif entry.kind in messages.CONTROL_KINDS:
+                batcher.drain()  # bus order: everything before the control entry is applied first
+                out.replies.append((entry.id, self._control(entry, out)))
+                out.acks.append(entry.id)
+            else:
+                self._refuse(out, entry, 400, f"unknown entry kind {entry.kind!r}")
+                continue
+            self.last_entry_id = entry.id
+            self.dirty = True
+            self._applied_since_save += 1
+        batcher.drain()
+        applied = 0
+        for entry in packets:
+            poisoned = batcher.poisoned.pop(entry.id, None)
+            if poisoned is not None:
+                self._refuse(out, entry, 500, poisoned)
+                continue
+            out.replies.append((entry.id, messages.ok_reply(steps=batcher.results.pop(entry.id, []))))
+            out.acks.append(entry.id)
+            applied += 1
+        self.metrics.packets.labels(outcome="applied").inc(applied)
+        if housekeeping:
+            self._housekeeping(out)
+        self._checkpoint_if_due()
+        return out
+
+    def _refuse(self, out: Applied, entry: BusEntry, status: int, detail: str) -> None:
+        log.warning(
+            "event=entry_refused id=%s kind=%s stream=%s status=%d error=%r",
+            entry.id,
+            entry.kind,
+            entry.stream_id,
+            status,
+            detail,
+        )
+        out.dead.append((entry, detail))
+        out.replies.append((entry.id, messages.error_reply(status, detail)))
+        self.metrics.packets.labels(outcome="dead_lettered").inc()
+
+    def _housekeeping(self, out: Applied) -> None:
+        for slot in self.batcher.expire(self.settings.stream_ttl_s):
+            out.values[messages.sensor_key(self.prefix, slot.stream_id)] = b""
+            log.info(
+                "event=stream_expired stream=%s idle_s=%.0f", slot.stream_id, time.time() - slot.last_active_s
+            )
+
+    def _checkpoint_if_due(self) -> None:
+        """Periodic checkpoint: every ``checkpoint_interval_s`` or ``checkpoint_max_entries`` applied entries."""
+        s = self.settings
+        by_time = (
+            s.checkpoint_interval_s > 0 and time.monotonic() - self._last_save_s >= s.checkpoint_interval_s
+        )
+        by_count = 0 < s.checkpoint_max_entries <= self._applied_since_save
+        if self.dirty and (by_time or by_count):
+            try:
+                info = self.save()
+            except (
+                OSError,
+                CheckpointError,
+            ) as err:  # a full disk must not stop the stream; retried when due
+                self._last_save_s = time.monotonic()
+                log.error("event=checkpoint_failed error=%r", str(err))
+                return
+            log.info("event=periodic_checkpoint name=%s entries=%d", info["name"], self._applied_since_save)
+
+    def _control(self, entry: BusEntry, out: Applied) -> bytes:
+        batcher, kind, stream_id = self.batcher, entry.kind, entry.stream_id
+        key = messages.sensor_key(self.prefix, stream_id)
+        try:
+            if kind == messages.OPEN:
+                width, height = int(entry.fields["width"]), int(entry.fields["height"])
+                slot, evicted = batcher.open(stream_id, width, height)
+                out.values[key] = messages.encode_sensor(width, height)
+                for gone in evicted:
+                    out.values[messages.sensor_key(self.prefix, gone.stream_id)] = b""
+                return messages.ok_reply(stream=slot.info())
+            if kind == messages.RESET:
+                slot = batcher.registry.get(stream_id)
+                if slot is None:
+                    return messages.error_reply(404, f"stream {stream_id!r} is not live in the worker")
+                batcher.reset_stream(slot)
+                return messages.ok_reply()
+            if kind == messages.DELETE:
+                out.values[key] = b""
+                return messages.ok_reply(was_live=batcher.remove(stream_id) is not None)
+            if kind == messages.CHECKPOINT:
+                return messages.ok_reply(checkpoint=self.save())
+            if kind == messages.RESTORE:
+                return messages.ok_reply(checkpoint=self._restore(entry.fields["name"].decode(), out))
+            if kind == messages.MODEL_RESET:
+                batcher.reset_model(self.settings.seed)
+                return messages.ok_reply(model=self.settings.model, model_version=batcher.learner.version)
+        except StreamError as err:
+            return messages.error_reply(409, str(err))
+        except CheckpointError as err:
+            return messages.error_reply(404 if "no checkpoint named" in str(err) else 422, str(err))
+        except OSError as err:
+            return messages.error_reply(500, f"checkpoint folder unusable: {err}")
+        except (KeyError, ValueError, UnicodeDecodeError) as err:
+            return messages.error_reply(422, f"malformed {kind} entry: {err}")
+        return messages.error_reply(400, f"unknown control {kind!r}")
+
+    def save(self) -> dict[str, Any]:
+        tree = self.batcher.snapshot()
+        tree["model"] = self._model_descriptor()
+        tree["last_entry_id"] = self.last_entry_id
+        info = self.store.save(tree)
+        self.store.prune(self.settings.checkpoint_keep)
+        self.checkpoints = [i.as_dict() for i in self.store.list()]
+        self.dirty = False
+        self._applied_since_save = 0
+        self._last_save_s = time.monotonic()
+        return info.as_dict()
+
+    def _load(self, name: str) -> dict[str, Any]:
+        """Read, check and swap in checkpoint ``name``; ``CheckpointError`` leaves the model untouched."""
+        tree = self.store.load(name)
+        if tree.get("model") != self._model_descriptor():
+            raise CheckpointError(
+                f"checkpoint {name!r} is for model {tree.get('model')}, "
+                f"the worker runs {self._model_descriptor()}"
+            )
+        self.batcher.load(tree)
+        return tree
+
+    def _restore(self, name: str, out: Applied) -> dict[str, Any]:
+        before = {slot.stream_id for slot in self.batcher.registry}
+        self._load(name)
+        for slot in self.batcher.registry:
+            out.values[messages.sensor_key(self.prefix, slot.stream_id)] = messages.encode_sensor(
+                slot.width, slot.height
+            )
+            before.discard(slot.stream_id)
+        for stream_id in before:
+            out.values[messages.sensor_key(self.prefix, stream_id)] = b""
+        self.dirty = False
+        log.info("event=checkpoint_restored name=%s model_version=%d", name, self.batcher.learner.version)
+        return self.store.info(name).as_dict()
