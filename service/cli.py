@@ -161,6 +161,7 @@ def run_http(settings: Settings, run_worker: bool) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.server import uvicorn_config
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown (exit code -15); after a clean
@@ -178,16 +179,7 @@ def run_http(settings: Settings, run_worker: bool) -> None:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
-    app = create_app(settings, run_worker=run_worker)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=30,
-    )
-    Server(config).run()
+    Server(uvicorn_config(create_app(settings, run_worker=run_worker), settings)).run()
 
 
 async def run_worker_apart(settings: Settings) -> None:

@@ -131,6 +131,27 @@ class Settings(BaseSettings):
     max_control_body_bytes: int = Field(
         64 * 1024, ge=64, description="Largest body of any route but POST .../events (413 above)."
     )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers, from connecting or from "
+        "its first byte; slower connections are answered 408 and closed (slowloris).",
+    )
+    http_body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client has to send a request's whole body once its headers are in; "
+        "slower uploads are cut off.",
+    )
+    http_keep_alive_s: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
+    )
+    http_max_connections: int = Field(
+        2048,
+        ge=1,
+        description="Connections and requests in flight one API process serves at once (uvicorn "
+        "limit_concurrency); above it new requests are answered 503.",
+    )
 
     # --- security ------------------------------------------------------------------------------
     auth: Literal["on", "off"] = Field(

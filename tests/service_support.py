@@ -42,10 +42,13 @@ def free_port() -> int:
 class ServerThread:
     """A real uvicorn server for ``app`` on a free port, in a thread of this process."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, config: uvicorn.Config | None = None) -> None:
+        """``config``: a uvicorn config for ``app`` (its port is replaced by a free one)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        if config is None:
+            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config.host, config.port = "127.0.0.1", self.port
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

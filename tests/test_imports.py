@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "service.api": 5,
     "service.worker": 5,
     "service.app": 6,
+    "service.server": 6,
     "service.cli": 7,
     "service": 7,
     "clients": 8,
