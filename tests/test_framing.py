@@ -304,3 +304,49 @@ def test_framer_rejects_events_outside_its_sensor_and_bad_state():
     del state["window_us"]
     with pytest.raises(EventError, match="lacks 'window_us'"):
         StreamFramer.from_state_dict(state)
+
+
+def _spread_packet(count: int, spacing_us: int, start_us: int = 0) -> np.ndarray:
+    events = np.zeros(count, dtype=EVENT_DTYPE)
+    events["t"] = start_us + spacing_us * np.arange(count)
+    return events
+
+
+@pytest.mark.parametrize("max_gap", [0, 3, 100])
+def test_max_frames_counts_exactly_what_a_push_would_emit(max_gap: int) -> None:
+    """The dry-run count equals the frames a push emits, from any state: fresh, mid-window, after gaps."""
+    rng = np.random.default_rng(max_gap)
+    for _ in range(20):
+        framer = StreamFramer((34, 34), window_us=1_000, max_gap_windows=max_gap)
+        clock = 0
+        for _ in range(5):
+            times = np.sort(clock + rng.integers(0, 20_000, rng.integers(1, 30)))
+            clock = int(times[-1])
+            packet = np.zeros(len(times), dtype=EVENT_DTYPE)
+            packet["t"] = times
+            expected = len(StreamFramer.from_state_dict(framer.state_dict()).push(packet))
+            if expected:
+                with pytest.raises(EventError, match=f"would close {expected} windows"):
+                    framer.push(packet, max_frames=expected - 1)
+            assert len(framer.push(packet, max_frames=expected)) == expected
+
+
+def test_a_refused_packet_changes_nothing() -> None:
+    framer = StreamFramer((34, 34), window_us=10_000)
+    framer.push(_spread_packet(3, 1_000))
+    before = framer.state_dict()
+    hostile = _spread_packet(30, 1_000_000, start_us=5_000)  # 30 events, 1 s apart: ~3,000 frames
+    with pytest.raises(EventError, match="at most 50 per packet"):
+        framer.push(hostile, max_frames=50)
+    after = framer.state_dict()
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_windows_spanned_is_the_packets_own_window_count() -> None:
+    from ndot_core.events.framing import windows_spanned
+
+    assert windows_spanned(np.array([], dtype=np.int64), 10_000) == 0
+    assert windows_spanned(np.array([5, 9_999]), 10_000) == 0
+    assert windows_spanned(np.array([9_999, 10_000]), 10_000) == 1
+    assert windows_spanned(_spread_packet(30, 1_000_000)["t"], 10_000) == 2_900

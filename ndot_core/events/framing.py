@@ -18,137 +18,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ndot_core.events.layout import (
-    EVENT_DTYPE,
-    WIRE_DTYPE,
-    EventError,
-    SensorSize,
-    as_event_array,
-    check_sensor_size,
+from ndot_core.events.layout import EventError, check_sensor_size
+from ndot_core.events.pixels import (
+    MAX_FRAMES,
+    _index_pass,
+    _packed,
+    _pixel_map,
+    count_into,
+    flat_pixel_index,
+    output_shape,
 )
 
-# x (uint16 at byte 8) and y (uint16 at byte 10) of EVENT_DTYPE / WIRE_DTYPE read as one uint32 y<<16 | x.
-_XY_VIEW = np.dtype({"names": ["xy"], "formats": ["<u4"], "offsets": [8], "itemsize": EVENT_DTYPE.itemsize})
-_CHUNK = 1 << 16  # events per chunk: the temporaries stay in L2 cache
-MAX_FRAMES = 1_000_000  # to_frames refuses more time windows than this (a unit mistake, not a recording)
-
-
-def _packed(events: np.ndarray) -> np.ndarray:
-    """``events`` in the 13-byte t/x/y/p layout (a view when it already is), else a converted copy."""
-    if events.dtype in (EVENT_DTYPE, WIRE_DTYPE):
-        return events
-    return as_event_array(events)
-
-
-def output_shape(sensor_size: Sequence[int], output_size: Sequence[int] | None) -> tuple[int, int]:
-    """``(H', W')`` of the frames: ``output_size`` or the sensor's ``(H, W)``."""
-    width, height = check_sensor_size(sensor_size)
-    if output_size is None:
-        return height, width
-    out_height, out_width = (int(v) for v in output_size)
-    if out_height <= 0 or out_width <= 0:
-        raise EventError(f"output_size (height, width) must be positive, got {tuple(output_size)}")
-    return out_height, out_width
-
-
-def flat_pixel_index(
-    events: np.ndarray, sensor_size: Sequence[int], output_size: Sequence[int] | None = None
-) -> np.ndarray:
-    """Flat index ``p H' W' + y' W' + x'`` (int64) of each event in a ``[2, H', W']`` frame.
-
-    Raises :class:`EventError` naming the first event outside the sensor.
-    """
-    sensor = check_sensor_size(sensor_size)
-    frame_shape = output_shape(sensor, output_size)
-    return _index_pass(_packed(events), sensor, frame_shape, _pixel_map(sensor, frame_shape))[0]
-
-
-def _pixel_map(sensor_size: SensorSize, frame_shape: tuple[int, int]) -> np.ndarray | None:
-    """Output pixel ``y' W' + x'`` of each sensor pixel ``y W + x`` (None when no resize)."""
-    width, height = sensor_size
-    out_height, out_width = frame_shape
-    if (out_height, out_width) == (height, width):
-        return None
-    columns = (np.arange(width, dtype=np.int64) * out_width) // width
-    rows = (np.arange(height, dtype=np.int64) * out_height) // height
-    return (rows[:, None] * out_width + columns[None, :]).ravel()
-
-
-def _index_pass(
-    events: np.ndarray,
-    sensor: SensorSize,
-    frame_shape: tuple[int, int],
-    pixel_map: np.ndarray | None,
-    edges_us: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """One chunked pass over packed events: their flat indices and, given sorted ``edges_us``, the
-    cuts ``cuts[k] = first i with t[i] >= edges_us[k]`` (len(events) when none), found chunk by
-    chunk so t is read once, in cache. With ``edges_us`` t must be non-decreasing (else EventError)."""
-    width, height = sensor
-    count = len(events)
-    index = np.empty(count, dtype=np.int64)
-    xy, polarity, t = events.view(_XY_VIEW)["xy"], events["p"], events["t"]
-    scratch = np.empty(min(count, _CHUNK), dtype=np.int64)
-    times = np.empty(min(count, _CHUNK), dtype=np.int64)
-    cuts = None if edges_us is None else np.full(len(edges_us), count, dtype=np.int64)
-    resolved, previous_t = 0, None
-    for start in range(0, count, _CHUNK):
-        stop = min(count, start + _CHUNK)
-        out, tmp = index[start:stop], scratch[: stop - start]
-        np.copyto(tmp, xy[start:stop], casting="unsafe")
-        np.right_shift(tmp, 16, out=out)  # y
-        np.bitwise_and(tmp, 0xFFFF, out=tmp)  # x
-        if out.max() >= height or tmp.max() >= width:
-            _raise_outside(events[start:stop], start, width, height)
-        out *= width
-        out += tmp
-        if pixel_map is not None:
-            np.take(pixel_map, out, out=out)
-        np.copyto(tmp, polarity[start:stop], casting="unsafe")
-        tmp *= frame_shape[0] * frame_shape[1]
-        out += tmp
-        if cuts is not None:
-            chunk_t = times[: stop - start]
-            np.copyto(chunk_t, t[start:stop])
-            backwards = chunk_t[1:] < chunk_t[:-1]
-            if backwards.any() or (previous_t is not None and chunk_t[0] < previous_t):
-                bad = (
-                    start
-                    if previous_t is not None and chunk_t[0] < previous_t
-                    else start + 1 + int(backwards.argmax())
-                )
-                raise EventError(
-                    f"event {bad}: t={t[bad]} decreases (previous t={t[bad - 1]}); sort events by t"
-                )
-            previous_t = int(chunk_t[-1])
-            upto = int(np.searchsorted(edges_us, previous_t, side="right"))  # edges this chunk resolves
-            if upto > resolved:
-                cuts[resolved:upto] = start + np.searchsorted(chunk_t, edges_us[resolved:upto], side="left")
-                resolved = upto
-    return index, cuts
-
-
-def _raise_outside(events: np.ndarray, offset: int, width: int, height: int) -> None:
-    bad = int(np.argmax((events["x"] >= width) | (events["y"] >= height)))
-    raise EventError(
-        f"event {offset + bad}: (x={events['x'][bad]}, y={events['y'][bad]}) outside the {width}x{height} sensor"
-    )
-
-
-def count_into(frame: np.ndarray, index: np.ndarray, binary: bool = False) -> None:
-    """Add 1 to the zero-initialised flat float32 ``frame`` at each of ``index`` (then clip to 1 when binary).
-
-    ``np.bincount`` when there are at least as many events as bins; ``np.add.at`` (numpy >= 2
-    makes it a tight loop) for sparse frames, where zero-filling and converting bincount's int64
-    histogram would cost more than the events themselves.
-    """
-    if len(index) >= frame.size:
-        counts = np.bincount(index, minlength=frame.size)
-        frame[:] = counts > 0 if binary else counts
-    else:
-        np.add.at(frame, index, np.float32(1))
-        if binary:
-            np.minimum(frame, 1, out=frame)
+__all__ = [
+    "MAX_FRAMES",
+    "StreamFramer",
+    "count_into",
+    "flat_pixel_index",
+    "output_shape",
+    "to_frames",
+    "windows_spanned",
+]
 
 
 def _count_frames(
@@ -161,6 +50,17 @@ def _count_frames(
         if cuts[k + 1] > cuts[k]:
             count_into(frames[k], index[cuts[k] : cuts[k + 1]], binary)
     return frames.reshape(len(cuts) - 1, 2, out_height, out_width)
+
+
+def windows_spanned(t: np.ndarray, window_us: int, origin_us: int = 0) -> int:
+    """Window boundaries the times ``t`` cross: ``(max t - o) // w - (min t - o) // w`` (0 when empty).
+
+    A packet closes at most this many windows of its own (gap frames included), plus the one open
+    before it and the gap up to its first event: the stateless bound the API checks before publishing.
+    """
+    if len(t) == 0:
+        return 0
+    return int((int(t.max()) - origin_us) // window_us - (int(t.min()) - origin_us) // window_us)
 
 
 def to_frames(
@@ -311,8 +211,12 @@ class StreamFramer:
         count_into(frame, np.concatenate(pending) if len(pending) > 1 else pending[0], self.binary)
         return frame.reshape(2, *self.frame_shape)
 
-    def push(self, events: np.ndarray) -> list[np.ndarray]:
-        """Add a packet; return the frames of the windows it closed (gap frames included), oldest first."""
+    def push(self, events: np.ndarray, max_frames: int | None = None) -> list[np.ndarray]:
+        """Add a packet; return the frames of the windows it closed (gap frames included), oldest first.
+
+        ``max_frames``: a packet that would close more windows than this (gap frames included) raises
+        :class:`EventError` and changes nothing, counters included (a bound on the work one packet causes).
+        """
         events = _packed(events)
         if len(events) == 0:
             return []
@@ -331,14 +235,22 @@ class StreamFramer:
             np.maximum(clock, self._clock_us, out=clock)
         window = (clock - origin) // w
         late = t < origin + window * w
-        if late.any():
-            self.late_events += int(late.sum())
+        late_count = int(late.sum())
+        if late_count:
             window, index = window[~late], index[~late]
+        change = np.flatnonzero(window[1:] != window[:-1]) + 1
+        bounds = np.concatenate(([0], change, [len(window)]))
+        if max_frames is not None and len(window):
+            frames_due = self._frames_closed(window[bounds[:-1]])
+            if frames_due > max_frames:
+                raise EventError(
+                    f"packet would close {frames_due} windows of {w} µs (events from t={int(t.min())} "
+                    f"to t={int(t.max())}); at most {max_frames} per packet: send smaller packets"
+                )
+        self.late_events += late_count
         self._clock_us = int(clock[-1])
         if len(window) == 0:  # every event was late
             return []
-        change = np.flatnonzero(window[1:] != window[:-1]) + 1
-        bounds = np.concatenate(([0], change, [len(window)]))
         frames: list[np.ndarray] = []
         current, pending = self._open_window, self._pending
         for begin, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
@@ -355,6 +267,15 @@ class StreamFramer:
         self._open_window, self._pending = current, pending
         self.frames_emitted += len(frames)
         return frames
+
+    def _frames_closed(self, window_ids: np.ndarray) -> int:
+        """Frames a push emits for the packet's distinct windows in order: a closed window plus its gap
+        frames (at most ``max_gap_windows``) per change of window."""
+        ids = window_ids.astype(np.int64)
+        if self._open_window is not None and ids[0] != self._open_window:
+            ids = np.concatenate(([self._open_window], ids))
+        gaps = np.diff(ids) - 1
+        return int(len(gaps) + np.minimum(gaps, self.max_gap_windows).sum())
 
     def flush(self) -> list[np.ndarray]:
         """Close the open window (end of a sequence): ``[frame]``, or ``[]`` when no window is open."""

@@ -133,8 +133,43 @@ def events_to_bytes(events: np.ndarray) -> bytes:
     return wire.tobytes()
 
 
-def _integer_column(name: str, values: Sequence[int], lower: int, upper: int) -> np.ndarray:
-    """One JSON column as int64, raising :class:`EventError` at the first non-integer or out-of-range value."""
+def _describe(value: object) -> str:
+    """A short, safe rendering of one untrusted JSON value (no repr of a nested container)."""
+    if isinstance(value, list | tuple | dict | Mapping):
+        return f"a {type(value).__name__}"
+    return f"{value!r:.40}"
+
+
+def _checked_values(name: str, values: object, allow_bool: bool) -> Sequence[int] | np.ndarray:
+    """``values`` when it is a flat list (tuple, 1-D array) of integers, else :class:`EventError`.
+
+    Booleans count as integers only where ``allow_bool`` (the polarity): JSON's ``true`` is no pixel
+    or time. The element types are checked before numpy sees the list, so scalars, nested lists and
+    strings are refused with the index of the first bad value, never crash the caller.
+    """
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise EventError(f"column {name!r} must be a flat list, got shape {values.shape}")
+        if values.dtype.kind == "b" and not allow_bool:
+            raise EventError(f"column {name!r} holds booleans; {name} must be integers")
+        return values
+    if not isinstance(values, list | tuple):
+        raise EventError(f"column {name!r} must be a list of integers, got {_describe(values)}")
+    kinds = set(map(type, values))
+    if kinds <= {int} or (allow_bool and kinds <= {int, bool}):
+        return values
+    for index, value in enumerate(values):
+        if isinstance(value, list | tuple):
+            raise EventError(f"column {name!r} must be a flat list: event {index} is {_describe(value)}")
+        if isinstance(value, bool | np.bool_) and not allow_bool:
+            raise EventError(f"event {index}: {name}={value} is a boolean, not an integer")
+        if not isinstance(value, int | np.integer | bool):
+            raise EventError(f"event {index}: {name}={_describe(value)} is not an integer")
+    return values
+
+
+def _integer_column(name: str, values: Sequence[int] | np.ndarray, lower: int, upper: int) -> np.ndarray:
+    """One column (checked by ``_checked_values``) as int64; :class:`EventError` at the first out-of-range value."""
     try:
         column = np.asarray(values)
     except (ValueError, TypeError) as error:
@@ -142,10 +177,10 @@ def _integer_column(name: str, values: Sequence[int], lower: int, upper: int) ->
     if column.ndim != 1:
         raise EventError(f"column {name!r} must be a flat list, got shape {column.shape}")
     if column.dtype.kind not in "biu":
-        # Slow path (floats, strings, None, ints beyond int64): find the first bad value.
+        # Slow path (floats, ints beyond int64): find the first bad value.
         for index, value in enumerate(values):
             if not isinstance(value, int | np.integer):
-                raise EventError(f"event {index}: {name}={value!r} is not an integer")
+                raise EventError(f"event {index}: {name}={_describe(value)} is not an integer")
             if not lower <= int(value) <= upper:
                 raise EventError(f"event {index}: {name}={value} outside [{lower}, {upper}]")
         raise EventError(f"column {name!r} cannot be read as integers (dtype {column.dtype})")
@@ -166,12 +201,19 @@ def events_from_columns(
     max_events: int | None = DEFAULT_MAX_EVENTS,
     t_min: int | None = None,
 ) -> np.ndarray:
-    """Build and validate an :data:`EVENT_DTYPE` array from ``{"t": [...], "x": [...], "y": [...], "p": [...]}``."""
+    """Build and validate an :data:`EVENT_DTYPE` array from ``{"t": [...], "x": [...], "y": [...], "p": [...]}``.
+
+    Each column must be a flat list (tuple, 1-D array) of integers; ``p`` may hold booleans, ``t``,
+    ``x`` and ``y`` may not. Anything else (scalars, null, strings, nested lists) is an :class:`EventError`.
+    """
     width, height = check_sensor_size(sensor_size)
+    if not isinstance(columns, Mapping):
+        raise EventError(f"columns must be an object of lists t, x, y, p, got {_describe(columns)}")
     missing = [name for name in EVENT_FIELDS if name not in columns]
     if missing:
         raise EventError(f"columns {EVENT_FIELDS} required, missing {missing}")
-    lengths = {name: len(columns[name]) for name in EVENT_FIELDS}
+    values = {name: _checked_values(name, columns[name], allow_bool=name == "p") for name in EVENT_FIELDS}
+    lengths = {name: len(values[name]) for name in EVENT_FIELDS}
     if len(set(lengths.values())) != 1:
         raise EventError(f"columns differ in length: {lengths}")
     count = lengths["t"]
@@ -180,7 +222,7 @@ def events_from_columns(
     bounds = {"t": (-(2**63), 2**63 - 1), "x": (0, width - 1), "y": (0, height - 1), "p": (0, 1)}
     events = np.empty(count, dtype=EVENT_DTYPE)
     for name in EVENT_FIELDS:
-        events[name] = _integer_column(name, columns[name], *bounds[name])
+        events[name] = _integer_column(name, values[name], *bounds[name])
     return validate_events(events, (width, height), max_events, t_min)
 
 
