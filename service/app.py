@@ -18,12 +18,14 @@ from service.settings import Settings
 from service.worker import Worker
 
 
-def worker_companion(settings: Settings) -> Companion:
-    """A lifespan companion that runs a ``Worker`` in the app's event loop."""
+def worker_companion(settings: Settings, started: list[Worker] | None = None) -> Companion:
+    """A lifespan companion that runs a ``Worker`` in the app's event loop (appended to ``started``)."""
 
     @asynccontextmanager
     async def run(bus: Bus, metrics: ServiceMetrics) -> AsyncIterator[Worker]:
         worker = Worker(settings, bus, metrics)
+        if started is not None:
+            started.append(worker)
         await worker.start()
         worker.run_in_background()
         try:
@@ -41,7 +43,14 @@ def create_app(
     run_worker: bool | None = None,
     metrics: ServiceMetrics | None = None,
 ) -> FastAPI:
-    """The API app; ``run_worker``: None = run the worker in-process when the bus is embedded."""
+    """The API app; ``run_worker``: None = run the worker in-process when the bus is embedded.
+
+    ``app.state.workers`` lists the in-process workers once started (``ndot serve`` reads their
+    ``shutdown_error`` for its exit code).
+    """
     with_worker = (settings.redis_url is None) if run_worker is None else run_worker
-    companions = [worker_companion(settings)] if with_worker else []
-    return create_api(settings, bus, metrics=metrics, companions=companions)
+    workers: list[Worker] = []
+    companions = [worker_companion(settings, workers)] if with_worker else []
+    app = create_api(settings, bus, metrics=metrics, companions=companions)
+    app.state.workers = workers
+    return app

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands --------------------------------------------------------------------------------------
 
 
-def run_http(settings: Settings, run_worker: bool) -> None:
+def run_http(settings: Settings, run_worker: bool) -> int:
+    """Serve until SIGTERM / SIGINT; the exit code: 1 when the in-process worker's last checkpoint failed."""
     import uvicorn
 
     from service.app import create_app
@@ -179,11 +180,16 @@ def run_http(settings: Settings, run_worker: bool) -> None:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
-    Server(uvicorn_config(create_app(settings, run_worker=run_worker), settings)).run()
+    app = create_app(settings, run_worker=run_worker)
+    Server(uvicorn_config(app, settings)).run()
+    return 1 if any(worker.shutdown_error for worker in app.state.workers) else 0
 
 
-async def run_worker_apart(settings: Settings) -> None:
-    """The worker as its own process: Redis bus, own /metrics, checkpoint on SIGTERM / SIGINT."""
+async def run_worker_apart(settings: Settings) -> int:
+    """The worker as its own process: Redis bus, own /metrics, checkpoint on SIGTERM / SIGINT.
+
+    Returns the exit code: 1 when the checkpoint on the way out failed (logged in one line), else 0.
+    """
     from prometheus_client import start_http_server
 
     from service.bus import make_bus
@@ -204,6 +210,7 @@ async def run_worker_apart(settings: Settings) -> None:
         await worker.run()
     finally:
         await bus.close()
+    return 1 if worker.shutdown_error else 0
 
 
 def run_offline(argv: list[str]) -> int:
@@ -241,16 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         settings.model,
     )
     if args.command == "worker":
-        asyncio.run(run_worker_apart(settings))
-        return 0
+        return asyncio.run(run_worker_apart(settings))
     from service.api.auth import AuthConfigError
 
     try:
-        run_http(settings, run_worker=args.command == "serve")
+        return run_http(settings, run_worker=args.command == "serve")
     except AuthConfigError as err:
         print(f"ndot {args.command}: refusing to start: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

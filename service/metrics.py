@@ -9,8 +9,9 @@ Who increments what: the API counts packets ``accepted`` / ``rejected`` / ``thro
 backpressure or the per-key rate limit), requests refused before their route
 (``ndot_requests_refused_total{reason}``) and the POST -> prediction latency; the worker counts
 everything it applies (events, steps, predictions, accuracy, streams, bus lag, memory, model
-version, step duration), each failed attempt at a packet (``failed``) and each packet moved to the
-dead-letter stream (``dead_lettered``).
+version, step duration), each failed attempt at a packet (``failed``), each packet moved to the
+dead-letter stream (``dead_lettered``), each entry skipped as applied before and each checkpoint
+file or write that failed (``ndot_checkpoint_errors_total{stage}``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ PACKET_OUTCOMES = ("accepted", "rejected", "applied", "failed", "dead_lettered",
 STEP_KINDS = ("learn", "infer")
 #: Why the API refused a request before it reached a route's own checks (auth, rate limit, body size).
 REFUSAL_REASONS = ("unauthenticated", "forbidden", "rate_limited", "too_large")
+#: Where a checkpoint failed: a file unreadable when listed, refused at restore, a write, deleting old
+#: ones, the checkpoint written on SIGTERM.
+CHECKPOINT_STAGES = ("list", "restore", "save", "prune", "shutdown")
 
 
 class ServiceMetrics:
@@ -98,6 +102,17 @@ class ServiceMetrics:
             "ndot_device_memory_bytes", "Bytes held by the torch device allocator (0 on CPU).", registry=r
         )
         self.model_version = Gauge("ndot_model_version", "Optimizer steps taken by the model.", registry=r)
+        self.entries_skipped = Counter(
+            "ndot_entries_skipped",
+            "Bus entries skipped as applied before (at or below the worker's watermark).",
+            registry=r,
+        )
+        self.checkpoint_errors = Counter(
+            "ndot_checkpoint_errors",
+            "Checkpoint files skipped as unreadable and checkpoint writes that failed, by stage.",
+            ["stage"],
+            registry=r,
+        )
         self.step_duration = Histogram(
             "ndot_step_duration_seconds",
             "Duration of one batched learner step.",
@@ -116,6 +131,8 @@ class ServiceMetrics:
             self.steps.labels(kind=kind)
         for reason in REFUSAL_REASONS:
             self.refused.labels(reason=reason)
+        for stage in CHECKPOINT_STAGES:
+            self.checkpoint_errors.labels(stage=stage)
         self._recent_correct: deque[bool] = deque(maxlen=accuracy_window)
         self._recent_correct_count = 0
 

@@ -90,6 +90,26 @@ class Settings(BaseSettings):
         64, ge=1, description="Live streams the worker holds; the least recently used is evicted."
     )
     stream_ttl_s: float = Field(300.0, gt=0, description="Idle seconds after which a stream expires.")
+    max_gap_windows: int = Field(
+        100,
+        ge=0,
+        description="Empty frames a silent gap inside a sequence becomes (real time-steps: membranes decay); "
+        "the rest of a longer gap is skipped and counted.",
+    )
+    max_packet_windows: int = Field(
+        100,
+        ge=1,
+        description="Window boundaries one packet's events may cross (max t // window - min t // window); "
+        "the API answers 422 above it, before publishing. A packet then closes at most "
+        "max_packet_windows + max_gap_windows + 1 frames; the worker refuses (422) any that would close more.",
+    )
+    max_stream_backlog_frames: int = Field(
+        600,
+        ge=1,
+        description="Frames one stream may have queued for its ticks; a packet that would queue more is "
+        "refused with 429 and not applied (send it again after Retry-After), so one fast stream cannot "
+        "hold the worker.",
+    )
     accuracy_window: int = Field(
         500, ge=1, description="Labelled predictions the ndot_online_accuracy gauge averages over."
     )
@@ -213,6 +233,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @property
+    def max_packet_frames(self) -> int:
+        """Frames one packet may close: its own windows, the one open before it and the gap up to it."""
+        return self.max_packet_windows + self.max_gap_windows + 1
 
     @property
     def input_size(self) -> tuple[int, int]:

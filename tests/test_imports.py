@@ -135,7 +135,9 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
 
 def _modules_after(statement: str) -> set[str]:
     code = f"import sys\n{statement}\nprint('\\n'.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
     return set(out.stdout.split())
 
 

@@ -163,7 +163,7 @@ def test_the_live_stream_cap_evicts_the_least_recently_used_and_counts_it(tmp_pa
             await worker.run_once(block_ms=0)
         assert sorted(s.stream_id for s in worker.batcher.registry) == ["mid", "new"]
         assert worker.metrics.registry.get_sample_value("ndot_streams_evicted_total") == 1
-        assert await bus.get_value(messages.sensor_key("ndot:events", "old")) == b""
+        assert await bus.get_value(messages.sensor_key("ndot:events", "old")) is None
         assert await bus.get_value(messages.sensor_key("ndot:events", "new")) == b"34x34"
 
     run(tmp_path, scenario, max_streams=2)
@@ -178,7 +178,7 @@ def test_idle_streams_expire_after_their_ttl(tmp_path: Path) -> None:
         await asyncio.sleep(1.1)  # past the TTL and the housekeeping interval
         await worker.run_once(block_ms=0)
         assert "idle" not in worker.batcher.registry
-        assert await bus.get_value(messages.sensor_key("ndot:events", "idle")) == b""
+        assert await bus.get_value(messages.sensor_key("ndot:events", "idle")) is None
         status = json.loads(await bus.get_value(messages.status_key("ndot:events")))
         assert status["streams"] == []
 

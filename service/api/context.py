@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -15,11 +16,13 @@ from service.bus import Bus, BusUnavailable, messages
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
+log = logging.getLogger("ndot.api")
 INGEST = [Depends(require_ingest)]  # route dependencies: the key check and rate limit (service.api.auth)
 ADMIN = [Depends(require_admin)]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorDetail, "description": text}
     for code, text in {
+        400: "Body is not valid JSON (syntax, encoding, nesting too deep), or the client hung up mid-upload.",
         401: "No API key, or an unknown one (send `Authorization: Bearer <key>` or `X-API-Key`).",
         403: "An ingest key on an admin route.",
         404: "Unknown stream or checkpoint.",
@@ -59,8 +62,12 @@ class ServiceContext:
             )
         return sensor
 
-    async def open_sensor(self, stream_id: str, width: int, height: int) -> tuple[int, int]:
-        """Declare a stream's sensor size (returned); 409 when it is open with another one."""
+    async def check_sensor(self, stream_id: str, width: int, height: int) -> tuple[tuple[int, int], bool]:
+        """Check a declared sensor size (422 outside the limit, 409 when open with another one).
+
+        Returns ``((width, height), known)``; writes nothing: a stream is registered only once a
+        packet or an open for it is on the bus (``register_sensor``), so a refused request leaves none.
+        """
         limit = self.settings.max_sensor_size
         if not (1 <= width <= limit and 1 <= height <= limit):
             raise ApiError(422, f"sensor size {width}x{height} outside 1..{limit} pixels per side")
@@ -71,10 +78,23 @@ class ServiceContext:
                 f"stream {stream_id!r} is open with sensor {sensor[0]}x{sensor[1]}, "
                 f"not {width}x{height}; DELETE it first",
             )
-        if sensor is None:
-            key = messages.sensor_key(self.prefix, stream_id)
-            await self.bus.set_value(key, messages.encode_sensor(width, height))
-        return width, height
+        return (width, height), sensor is not None
+
+    async def register_sensor(self, stream_id: str, width: int, height: int) -> None:
+        """Record a stream's sensor size for the packets that follow, before the worker applies the first.
+
+        Best effort, after the packet is on the bus: the worker writes the same value when it applies
+        it, so a bus failure here must not turn an accepted packet into an error (a client would resend).
+        """
+        key = messages.sensor_key(self.prefix, stream_id)
+        try:
+            await self.bus.set_value(
+                key,
+                messages.encode_sensor(width, height),
+                ttl_s=messages.sensor_ttl_s(self.settings.stream_ttl_s),
+            )
+        except BusUnavailable as err:
+            log.warning("event=sensor_not_registered stream=%s error=%r", stream_id, str(err))
 
     async def status(self) -> dict[str, Any]:
         """The worker's latest status snapshot (empty before the worker first wrote one)."""
@@ -98,10 +118,11 @@ class ServiceContext:
         try:
             payload = await self.bus.wait_reply(entry_id, timeout_s)
         except BusUnavailable as err:
+            log.warning("event=reply_lost entry=%s error=%r", entry_id, str(err))  # the cause: for operators
             raise ApiError(
                 504,
                 f"entry {entry_id} was accepted, but the bus failed while waiting for its "
-                f"reply ({err}); do not send it again",
+                "reply; do not send it again",
             ) from err
         if payload is None:
             raise ApiError(

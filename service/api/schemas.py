@@ -13,8 +13,8 @@ class SensorSize(BaseModel):
     """Sensor size a stream declares when it opens (``PUT /v1/streams/{id}``)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"width": 34, "height": 34}]})
-    width: int = Field(..., ge=1, le=65535, description="Sensor width in pixels (x < width).")
-    height: int = Field(..., ge=1, le=65535, description="Sensor height in pixels (y < height).")
+    width: int = Field(..., strict=True, ge=1, le=65535, description="Sensor width in pixels (x < width).")
+    height: int = Field(..., strict=True, ge=1, le=65535, description="Sensor height in pixels (y < height).")
 
 
 class EventColumns(BaseModel):

@@ -20,11 +20,15 @@ import contextlib
 import heapq
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from service.bus.base import BusEntry, BusFull, BusInputError, BusUnavailable, entry_id_key, validate_publish
 
 __all__ = ["LocalBus"]
+
+#: Expired values removed per ``set_value`` at most (the rest expire lazily, on read or later sets).
+VALUE_SWEEP = 8
 
 
 @dataclass(slots=True)
@@ -53,10 +57,21 @@ class LocalBus:
         max_lag: bound on ``unread + pending`` entries; ``publish`` raises ``BusFull`` at it.
         retry_after_s: the ``BusFull.retry_after_s`` hint given to producers.
         dead_letter_maxlen: how many dead letters are kept (oldest dropped first).
+        clock_ms: wall clock in ms the ids are made of (``time.time_ns() // 10**6``). Ids stay strictly
+            increasing when it steps back: the id keeps the last millisecond and counts up its sequence.
+
+    Values: a dict for the values and a heap of ``(expires_at, key)`` for those with a TTL. Reads
+    expire lazily; each set removes at most ``VALUE_SWEEP`` expired keys from the heap top; the heap
+    is rebuilt when stale records (keys re-set or deleted) outnumber the live keys, so every value
+    operation is O(1) amortised (O(log n) for the heap), whatever the number of keys.
     """
 
     def __init__(
-        self, max_lag: int = 1_000, retry_after_s: float = 1.0, dead_letter_maxlen: int = 10_000
+        self,
+        max_lag: int = 1_000,
+        retry_after_s: float = 1.0,
+        dead_letter_maxlen: int = 10_000,
+        clock_ms: Callable[[], int] | None = None,
     ) -> None:
         if not isinstance(max_lag, int) or max_lag < 1:
             raise ValueError(f"max_lag must be an int >= 1, got {max_lag!r}")
@@ -75,6 +90,10 @@ class LocalBus:
         self._reply_ready: dict[str, asyncio.Event] = {}
         self._reply_waiters: dict[str, int] = {}
         self._values: dict[str, tuple[bytes, float | None]] = {}  # key -> (value, expires_at_s)
+        self._value_expiry: list[
+            tuple[float, str]
+        ] = []  # heap of (expires_at_s, key); may hold stale records
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,7 +117,7 @@ class LocalBus:
 
     # -- the stream --------------------------------------------------------------------------
     def _next_id(self) -> str:
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = self._clock_ms()
         last_ms, last_seq = self._last_id
         self._last_id = (now_ms, 0) if now_ms > last_ms else (last_ms, last_seq + 1)
         return f"{self._last_id[0]}-{self._last_id[1]}"
@@ -182,6 +201,11 @@ class LocalBus:
         held = sorted((e for e in held if entry_id_key(e.id) > floor), key=lambda e: entry_id_key(e.id))
         return [replace(e, deliveries=0) for e in held[:count]]
 
+    async def newest_id(self) -> str | None:
+        """The newest id handed out (entries and dead letters); None before the first."""
+        self._check_open()
+        return None if self._last_id == (0, 0) else f"{self._last_id[0]}-{self._last_id[1]}"
+
     async def pending_count(self) -> int:
         self._check_open()
         return len(self._pending)
@@ -258,15 +282,31 @@ class LocalBus:
                 del self._reply_ready[request_id]
 
     # -- values ------------------------------------------------------------------------------
+    def _sweep_values(self, now: float) -> None:
+        """Remove at most ``VALUE_SWEEP`` expired keys; rebuild the heap when mostly stale."""
+        heap = self._value_expiry
+        for _ in range(VALUE_SWEEP):
+            if not heap or heap[0][0] > now:
+                break
+            _, key = heapq.heappop(heap)
+            item = self._values.get(key)
+            if item is not None and item[1] is not None and item[1] <= now:
+                del self._values[key]
+        if len(heap) > 2 * len(self._values) + 64:
+            self._value_expiry = [(item[1], key) for key, item in self._values.items() if item[1] is not None]
+            heapq.heapify(self._value_expiry)
+
     async def set_value(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         _check_name("key", key)
         if ttl_s is not None:
             _check_positive("ttl_s", ttl_s)
         self._check_open()
         now = time.monotonic()
-        if len(self._values) > 1024:
-            self._values = {k: v for k, v in self._values.items() if v[1] is None or v[1] > now}
-        self._values[key] = (bytes(value), None if ttl_s is None else now + ttl_s)
+        self._sweep_values(now)
+        expires_at = None if ttl_s is None else now + ttl_s
+        self._values[key] = (bytes(value), expires_at)
+        if expires_at is not None:
+            heapq.heappush(self._value_expiry, (expires_at, key))
 
     async def get_value(self, key: str) -> bytes | None:
         _check_name("key", key)
@@ -278,3 +318,8 @@ class LocalBus:
             del self._values[key]
             return None
         return item[0]
+
+    async def delete_value(self, key: str) -> None:
+        _check_name("key", key)
+        self._check_open()
+        self._values.pop(key, None)  # its heap record, if any, goes stale

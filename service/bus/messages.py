@@ -4,7 +4,8 @@
                    label (absent = unlabelled), start, end, posted_s}
     control entry  kind in CONTROL_KINDS, stream_id (MODEL_STREAM for model-wide ones), fields
     reply          per entry id: JSON {"ok": true, ...result} or {"ok": false, "status": 4xx/5xx, "detail"}
-    values         {prefix}:sensor:{stream_id} = b"WxH" (b"" = closed), {prefix}:worker:heartbeat = unix s,
+    values         {prefix}:sensor:{stream_id} = b"WxH" (absent = closed; TTL ``sensor_ttl_s``, refreshed by the
+                   worker while the stream lives), {prefix}:worker:heartbeat = unix s (TTL),
                    {prefix}:worker:status = JSON snapshot (model, version, streams, checkpoints)
 
 ``prefix`` is the bus stream name, so two deployments on one Redis do not mix.
@@ -29,6 +30,25 @@ def sensor_key(prefix: str, stream_id: str) -> str:
     return f"{prefix}:sensor:{stream_id}"
 
 
+#: Seconds a sensor value outlives two stream TTLs: slack for the worker's housekeeping cadence (1 s).
+SENSOR_TTL_SLACK_S = 2.0
+
+
+def sensor_ttl_s(stream_ttl_s: float) -> float:
+    """TTL of a sensor value: twice the stream TTL (``NDOT_STREAM_TTL_S``) plus ``SENSOR_TTL_SLACK_S``.
+
+    The worker re-sets the values of its live streams every ``stream_ttl_s / 2`` (``sensor_refresh_s``),
+    so a live stream's value never lapses; one that nobody refreshes (a stream the worker never
+    applied, or one dropped while the bus was down) is gone within two stream TTLs.
+    """
+    return 2.0 * stream_ttl_s + SENSOR_TTL_SLACK_S
+
+
+def sensor_refresh_s(stream_ttl_s: float) -> float:
+    """How often the worker re-sets its live streams' sensor values (see ``sensor_ttl_s``)."""
+    return stream_ttl_s / 2.0
+
+
 def heartbeat_key(prefix: str) -> str:
     return f"{prefix}:worker:heartbeat"
 
@@ -42,7 +62,7 @@ def encode_sensor(width: int, height: int) -> bytes:
 
 
 def decode_sensor(value: bytes | None) -> tuple[int, int] | None:
-    """``(width, height)`` of a sensor value; None when absent or closed (``b""``)."""
+    """``(width, height)`` of a sensor value; None when absent (or ``b""``, how older versions closed one)."""
     if not value:
         return None
     width, _, height = value.decode().partition("x")

@@ -9,7 +9,8 @@ Redis commands per method::
     dead_letter  MULTI XADD s:dead … ; XACK s g id EXEC
     replay       XRANGE s (after_id + COUNT n                      (history, read or not, acked or not)
     put_reply    MULTI RPUSH s:reply:<id> payload ; PEXPIRE EXEC        wait_reply  BLPOP s:reply:<id> t
-    set_value    SET s:value:<key> v PX ttl                                get_value   GET
+    set_value    SET s:value:<key> v PX ttl            get_value   GET         delete_value   DEL
+    newest_id    XINFO STREAM s → last-generated-id (survives trimming; 0-0 / no stream = None)
 
 Backpressure is exact: the lag check and the XADD run in one Lua script, atomically on the server,
 so ``unread + pending`` never exceeds ``max_lag`` (slack 0), however many API processes publish,
@@ -34,6 +35,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -51,36 +53,18 @@ from service.bus.base import (
     entry_id_key,
     validate_publish,
 )
+from service.bus.redis_lua import PUBLISH_LUA
 
 __all__ = ["RedisStreamBus"]
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)  # OSError covers TimeoutError
 
-# KEYS[1] = stream; ARGV = group, max_lag, maxlen, field1, value1, ...
-# Returns {1, id} when appended, {0, lag} when lag = unread + pending reached max_lag.
-_PUBLISH_LUA = """
-local stream, group = KEYS[1], ARGV[1]
-local max_lag = tonumber(ARGV[2])
-if redis.call('EXISTS', stream) == 0 then
-  redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
-end
-local lag = nil
-for _, row in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-  local info = {}
-  for i = 1, #row, 2 do info[row[i]] = row[i + 1] end
-  if info['name'] == group then
-    local unread = info['lag']
-    if not unread then unread = redis.call('XLEN', stream) end -- lag unknown: XLEN bounds it from above
-    lag = unread + info['pending']
-  end
-end
-if lag == nil then
-  redis.call('XGROUP', 'CREATE', stream, group, '0')
-  lag = redis.call('XLEN', stream)
-end
-if lag >= max_lag then return {0, lag} end
-return {1, redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))}
-"""
+
+def _redacted(url: str) -> str:
+    """``host:port/db`` of a Redis URL (a unix socket's path), without user, password or query."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return f"{host}{parts.path}" if host else parts.path or "?"
 
 
 def _text(value: Any) -> str:
@@ -153,7 +137,7 @@ class RedisStreamBus:
         self.dead_stream = f"{stream}:dead"
         self.lost_pending = 0  # pending entries found trimmed by XAUTOCLAIM (see module docstring)
         self._command_timeout_s = command_timeout_s
-        self._where = url.rsplit("@", 1)[-1]  # never echo credentials in errors
+        self._where = _redacted(url)  # logs name the server, never its credentials
         options: dict[str, Any] = {
             "decode_responses": False,
             "protocol": 2,
@@ -171,7 +155,7 @@ class RedisStreamBus:
         self._replies = Redis.from_pool(
             BlockingConnectionPool.from_url(url, max_connections=max_reply_waiters, **options)
         )
-        self._publish_script = self._redis.register_script(_PUBLISH_LUA)
+        self._publish_script = self._redis.register_script(PUBLISH_LUA)
 
     # -- plumbing ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -331,6 +315,17 @@ class RedisStreamBus:
             rows = await self._redis.xrange(self.stream, min=start, max="+", count=count)
         return [_decode_entry(eid, raw, 0) for eid, raw in rows]
 
+    async def newest_id(self) -> str | None:
+        """The stream's last generated id (None when the stream is missing or has never had an entry)."""
+        async with self._guard():
+            try:
+                newest = _text((await self._redis.xinfo_stream(self.stream))["last-generated-id"])
+            except ResponseError as exc:
+                if "no such key" not in str(exc):
+                    raise
+                return None
+        return None if entry_id_key(newest) == (0, 0) else newest
+
     async def pending_count(self) -> int:
         async with self._guard():
             info = await self._group_info()
@@ -405,3 +400,8 @@ class RedisStreamBus:
         name = self._value_key(key)
         async with self._guard():
             return await self._redis.get(name)
+
+    async def delete_value(self, key: str) -> None:
+        name = self._value_key(key)
+        async with self._guard():
+            await self._redis.delete(name)

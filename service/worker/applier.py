@@ -3,12 +3,16 @@
 ``EntryApplier`` holds the model (``Batcher``), the checkpoint store and the *watermark*, the id of
 the newest entry applied. For a batch of entries it::
 
-    skips entries at or below the watermark (applied before: by this process or its checkpoint)
+    skips entries at or below the watermark (applied before: by this process or its checkpoint;
+        logged and counted in ndot_entries_skipped_total, never silent)
     events  -> frames onto its stream's queue (batcher.push_packet)
     control -> drain queued steps, then apply (open, reset, delete, checkpoint, restore, model_reset)
     drain (batched ticks until no frame is ready); expire idle streams; periodic checkpoint when due
 
-and returns what the async side must send (``Applied``: replies, values, dead letters, acks).
+and returns what the async side must send (``Applied``: replies, values, dead letters, acks). The
+periodic checkpoint runs after the batch's outcomes are settled: a checkpoint that fails (disk full,
+a bad file in the folder) is logged and counted (``ndot_checkpoint_errors_total{stage}``) and changes
+none of them. Checkpoint files are checked whole (digest) and field by field (``checkpoint_tree``).
 """
 
 from __future__ import annotations
@@ -26,10 +30,23 @@ from service.bus import BusEntry, entry_id_key, messages
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.worker.batcher import Batcher, PacketFailed
+from service.worker.checkpoint_tree import beyond, validate_tree
 from service.worker.checkpoints import CheckpointError, CheckpointStore
 from service.worker.streams import StreamError
 
 log = logging.getLogger("ndot.worker")
+
+
+def _named(entry: BusEntry) -> str:
+    """The checkpoint a control entry names (restore), or its kind (checkpoint)."""
+    return entry.fields.get("name", entry.kind.encode()).decode(errors="replace")
+
+
+def reason(error: BaseException) -> str:
+    """An error for a reply: an ``OSError`` without its file name (no server path reaches a client)."""
+    if isinstance(error, OSError):
+        return f"{type(error).__name__}: {error.strerror or 'failed'}"
+    return str(error) or type(error).__name__
 
 
 @dataclass
@@ -37,7 +54,8 @@ class Applied:
     """What one batch of entries produced, for the async side to send."""
 
     replies: list[tuple[str, bytes]] = field(default_factory=list)
-    values: dict[str, bytes] = field(default_factory=dict)
+    #: Sensor values to write (with their TTL), ``None`` = delete the key (the stream closed).
+    values: dict[str, bytes | None] = field(default_factory=dict)
     dead: list[tuple[BusEntry, str]] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
 
@@ -49,7 +67,7 @@ class EntryApplier:
         self.settings = settings
         self.metrics = metrics
         self.prefix = settings.bus_stream
-        self.store = CheckpointStore(settings.checkpoint_dir)
+        self.store = CheckpointStore(settings.checkpoint_dir, report=self.checkpoint_failed)
         self.batcher = self._build()
         self.last_entry_id: str | None = (
             None  # the watermark: newest entry applied (entries come in id order)
@@ -58,6 +76,7 @@ class EntryApplier:
         self.dirty = False
         self._applied_since_save = 0
         self._last_save_s = time.monotonic()
+        self._last_refresh_s = time.monotonic()
 
     def _model_descriptor(self) -> dict[str, Any]:
         s = self.settings
@@ -95,17 +114,40 @@ class EntryApplier:
             s.max_events_per_packet,
             max_failures=s.max_failures,
             max_sensor_size=s.max_sensor_size,
+            max_gap_windows=s.max_gap_windows,
+            max_packet_frames=s.max_packet_frames,
         )
 
-    def restore_newest(self) -> str | None:
-        """Load the newest readable checkpoint (falling back to older ones); its name, or None."""
+    def checkpoint_failed(self, stage: str, name: str, error: BaseException) -> None:
+        """Log and count a checkpoint file or write that failed (``ndot_checkpoint_errors_total{stage}``)."""
+        self.metrics.checkpoint_errors.labels(stage=stage).inc()
+        log.error("event=checkpoint_error stage=%s name=%s error=%r", stage, name, str(error))
+
+    def restore_newest(self, bus_newest: str | None) -> str | None:
+        """Load the newest usable checkpoint (skipping, logging and counting bad ones); its name, or None.
+
+        ``bus_newest``: the bus's newest id. A watermark beyond it names entries this bus never had
+        (a new or emptied bus, another one, a clock stepped back): the weights are kept, the
+        watermark dropped, so no entry of this bus is skipped as applied before.
+        """
         for info in reversed(self.store.list()):
             try:
                 tree = self._load(info.name)
             except CheckpointError as err:
-                log.warning("event=checkpoint_refused name=%s error=%r", info.name, str(err))
+                self.checkpoint_failed("restore", info.name, err)
                 continue
-            self.last_entry_id = tree.get("last_entry_id")
+            watermark = tree.get("last_entry_id")
+            if beyond(watermark, bus_newest):
+                log.warning(
+                    "event=watermark_beyond_bus name=%s watermark=%s bus_newest=%s action=%r",
+                    info.name,
+                    watermark,
+                    bus_newest,
+                    "the bus never handed out this id, so it does not hold the checkpoint's history: "
+                    "every entry it holds is applied",
+                )
+                watermark = None
+            self.last_entry_id = watermark
             log.info(
                 "event=checkpoint_restored name=%s model_version=%d streams=%d",
                 info.name,
@@ -124,7 +166,7 @@ class EntryApplier:
 
     def apply(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
         try:
-            return self._apply_in_order(entries, housekeeping)
+            out = self._apply_in_order(entries, housekeeping)
         except Exception as err:  # a bug outside a packet's framing / step (those the batcher confines)
             log.exception("event=batch_failed entries=%d", len(entries))
             for slot in self.batcher.registry:
@@ -136,6 +178,8 @@ class EntryApplier:
                 replies=[(e.id, messages.error_reply(500, detail)) for e in entries],
                 dead=[(e, detail) for e in entries],
             )
+        self._checkpoint_if_due()  # the outcomes above are settled: a failing checkpoint changes none
+        return out
 
     def already_applied(self, entry: BusEntry) -> bool:
         """At or below the watermark: applied before (by this worker or the checkpoint it restored)."""
@@ -144,10 +188,12 @@ class EntryApplier:
     def _apply_in_order(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
         batcher, out = self.batcher, Applied()
         packets: list[BusEntry] = []
+        skipped: list[str] = []
         for entry in entries:
             if self.already_applied(entry):
                 out.replies.append((entry.id, messages.ok_reply(steps=[], skipped=True)))
                 out.acks.append(entry.id)
+                skipped.append(entry.id)
                 continue
             if entry.deliveries > self.settings.max_deliveries:
                 self._refuse(
@@ -174,7 +220,7 @@ class EntryApplier:
                         packet.width, packet.height
                     )
                 for slot in evicted:
-                    out.values[messages.sensor_key(self.prefix, slot.stream_id)] = b""
+                    out.values[messages.sensor_key(self.prefix, slot.stream_id)] = None
                     log.info("event=stream_evicted stream=%s", slot.stream_id)
                 packets.append(entry)
             elif entry.kind in messages.CONTROL_KINDS:
@@ -187,6 +233,16 @@ class EntryApplier:
             self.last_entry_id = entry.id
             self.dirty = True
             self._applied_since_save += 1
+        if skipped:
+            self.metrics.entries_skipped.inc(len(skipped))
+            log.info(
+                "event=entries_skipped count=%d first=%s last=%s watermark=%s reason=%r",
+                len(skipped),
+                skipped[0],
+                skipped[-1],
+                self.last_entry_id,
+                "at or below the watermark: applied before, by this worker or the checkpoint it restored",
+            )
         batcher.drain()
         applied = 0
         for entry in packets:
@@ -200,7 +256,6 @@ class EntryApplier:
         self.metrics.packets.labels(outcome="applied").inc(applied)
         if housekeeping:
             self._housekeeping(out)
-        self._checkpoint_if_due()
         return out
 
     def _refuse(self, out: Applied, entry: BusEntry, status: int, detail: str) -> None:
@@ -217,8 +272,12 @@ class EntryApplier:
         self.metrics.packets.labels(outcome="dead_lettered").inc()
 
     def _housekeeping(self, out: Applied) -> None:
-        for slot in self.batcher.expire(self.settings.stream_ttl_s):
-            out.values[messages.sensor_key(self.prefix, slot.stream_id)] = b""
+        ttl_s = self.settings.stream_ttl_s
+        if time.monotonic() - self._last_refresh_s >= messages.sensor_refresh_s(ttl_s):
+            self._last_refresh_s = time.monotonic()  # live streams' sensor values must not lapse
+            out.values = {**self.sensor_values(), **out.values}
+        for slot in self.batcher.expire(ttl_s):
+            out.values[messages.sensor_key(self.prefix, slot.stream_id)] = None
             log.info(
                 "event=stream_expired stream=%s idle_s=%.0f", slot.stream_id, time.time() - slot.last_active_s
             )
@@ -233,12 +292,9 @@ class EntryApplier:
         if self.dirty and (by_time or by_count):
             try:
                 info = self.save()
-            except (
-                OSError,
-                CheckpointError,
-            ) as err:  # a full disk must not stop the stream; retried when due
+            except Exception as err:  # a full disk must not stop the stream; retried when due
                 self._last_save_s = time.monotonic()
-                log.error("event=checkpoint_failed error=%r", str(err))
+                self.checkpoint_failed("save", "periodic", err)
                 return
             log.info("event=periodic_checkpoint name=%s entries=%d", info["name"], self._applied_since_save)
 
@@ -251,7 +307,7 @@ class EntryApplier:
                 slot, evicted = batcher.open(stream_id, width, height)
                 out.values[key] = messages.encode_sensor(width, height)
                 for gone in evicted:
-                    out.values[messages.sensor_key(self.prefix, gone.stream_id)] = b""
+                    out.values[messages.sensor_key(self.prefix, gone.stream_id)] = None
                 return messages.ok_reply(stream=slot.info())
             if kind == messages.RESET:
                 slot = batcher.registry.get(stream_id)
@@ -260,7 +316,7 @@ class EntryApplier:
                 batcher.reset_stream(slot)
                 return messages.ok_reply()
             if kind == messages.DELETE:
-                out.values[key] = b""
+                out.values[key] = None
                 return messages.ok_reply(was_live=batcher.remove(stream_id) is not None)
             if kind == messages.CHECKPOINT:
                 return messages.ok_reply(checkpoint=self.save())
@@ -272,11 +328,17 @@ class EntryApplier:
         except StreamError as err:
             return messages.error_reply(409, str(err))
         except CheckpointError as err:
-            return messages.error_reply(404 if "no checkpoint named" in str(err) else 422, str(err))
-        except OSError as err:
-            return messages.error_reply(500, f"checkpoint folder unusable: {err}")
+            if "no checkpoint named" in str(err):
+                return messages.error_reply(404, str(err))
+            self.checkpoint_failed("restore" if kind == messages.RESTORE else "save", _named(entry), err)
+            return messages.error_reply(422, str(err))
         except (KeyError, ValueError, UnicodeDecodeError) as err:
             return messages.error_reply(422, f"malformed {kind} entry: {err}")
+        except Exception as err:  # disk full, read-only folder: this entry fails, and no other
+            if kind not in (messages.CHECKPOINT, messages.RESTORE):
+                raise
+            self.checkpoint_failed("save" if kind == messages.CHECKPOINT else "restore", _named(entry), err)
+            return messages.error_reply(500, f"{kind} failed: {reason(err)}")
         return messages.error_reply(400, f"unknown control {kind!r}")
 
     def save(self) -> dict[str, Any]:
@@ -299,7 +361,13 @@ class EntryApplier:
                 f"checkpoint {name!r} is for model {tree.get('model')}, "
                 f"the worker runs {self._model_descriptor()}"
             )
-        self.batcher.load(tree)
+        validate_tree(tree, self.batcher.learner, self.settings.num_classes)
+        try:
+            self.batcher.load(tree)
+        except CheckpointError:
+            raise
+        except Exception as err:  # whatever the file holds, it is refused, never a crash
+            raise CheckpointError(f"checkpoint {name!r} unusable: {type(err).__name__}: {err}") from err
         return tree
 
     def _restore(self, name: str, out: Applied) -> dict[str, Any]:
@@ -311,7 +379,7 @@ class EntryApplier:
             )
             before.discard(slot.stream_id)
         for stream_id in before:
-            out.values[messages.sensor_key(self.prefix, stream_id)] = b""
+            out.values[messages.sensor_key(self.prefix, stream_id)] = None
         self.dirty = False
         log.info("event=checkpoint_restored name=%s model_version=%d", name, self.batcher.learner.version)
         return self.store.info(name).as_dict()

@@ -38,7 +38,7 @@ import torch
 
 from ndot_core import NetworkState, OnlineLearner
 from ndot_core.events.framing import StreamFramer
-from ndot_core.events.layout import events_from_bytes
+from ndot_core.events.layout import EventError, events_from_bytes
 from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
 from service.worker.checkpoints import CheckpointError, check_like
@@ -73,9 +73,14 @@ class Batcher:
         max_events: int | None = None,
         max_failures: int = 3,
         max_sensor_size: int = 65535,
+        max_gap_windows: int = 100,
+        max_packet_frames: int | None = None,
     ) -> None:
         self.learner = learner
         self.window_us = window_us
+        self.max_gap_windows = max_gap_windows
+        self.max_packet_frames = max_packet_frames
+        self.step_s_average = 0.01  # moving average of a learner step's seconds (for Retry-After)
         self.metrics = metrics
         self.max_events = max_events
         self.max_failures = max_failures
@@ -89,7 +94,12 @@ class Batcher:
         self.poisoned: dict[str, str] = {}
 
     def new_framer(self, width: int, height: int) -> StreamFramer:
-        return StreamFramer((width, height), window_us=self.window_us, output_size=self.input_size)
+        return StreamFramer(
+            (width, height),
+            window_us=self.window_us,
+            output_size=self.input_size,
+            max_gap_windows=self.max_gap_windows,
+        )
 
     # --- streams ----------------------------------------------------------------------------------
 
@@ -118,8 +128,9 @@ class Batcher:
     def push_packet(self, entry_id: str, stream_id: str, packet: EventsPacket) -> list[StreamSlot]:
         """Frame a packet's events onto its stream's queue; returns streams evicted to make room.
 
-        Raises ``EventError`` when the events are invalid (nothing is queued then), ``PacketFailed``
-        when framing them failed ``max_failures`` times (each attempt undone).
+        Raises ``EventError`` when the events are invalid or would close more than ``max_packet_frames``
+        windows (nothing is queued then), ``PacketFailed`` when framing them failed ``max_failures``
+        times (each attempt undone).
         """
         events = events_from_bytes(packet.events, (packet.width, packet.height), self.max_events)
         slot, evicted = self.open(stream_id, packet.width, packet.height)
@@ -129,12 +140,14 @@ class Batcher:
             try:
                 self._frame(entry_id, slot, packet, events)
                 return evicted
-            except Exception as err:  # the events were valid: undo the half-framed packet, then try again
+            except Exception as err:  # undo the half-framed packet; a refusal is final, a failure retried
                 error = err
                 framer_state, queued, slot.sequences, slot.sequence_events = undo
                 slot.framer = StreamFramer.from_state_dict(framer_state)
                 while len(slot.pending) > queued:
                     slot.pending.pop()
+                if isinstance(err, EventError):  # the packet itself is refused: no retry
+                    raise
                 self.metrics.packets.labels(outcome="failed").inc()
                 log.warning(
                     "event=framing_failed id=%s stream=%s attempt=%d error=%r",
@@ -152,9 +165,10 @@ class Batcher:
         if packet.start and slot.sequence_events:  # a sequence without events yet is already fresh
             self._begin_sequence(slot)
         late_before = slot.framer.late_events
-        frames = slot.framer.push(events)
+        frames = slot.framer.push(events, max_frames=self.max_packet_frames)
         if packet.end:
             frames += slot.framer.flush()
+
         if len(events) and not slot.sequence_events:
             slot.sequences += 1
         slot.sequence_events += len(events)
@@ -282,7 +296,9 @@ class Batcher:
         sub = self.state.select(rows)
         started = time.perf_counter()
         self.learner.step(frames, labels, sub)
-        self.metrics.step_duration.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.step_duration.observe(elapsed)
+        self.step_s_average += 0.05 * (elapsed - self.step_s_average)
         self.state.assign(rows, sub)
         self._record(batch, sub)
 

@@ -4,14 +4,20 @@ A checkpoint is a tree of plain values (dicts, lists, numbers, strings) whose le
 tensors or numpy arrays: learner weights + optimizer state, the ``NetworkState`` of every slot,
 the registry with each stream's framer state, and the last applied bus id per stream. ``pack``
 splits the tree into the tensors (stored by safetensors) and a JSON skeleton stored in the file's
-own safetensors header metadata together with a SHA-256 of the tensor bytes, so one ``os.replace``
-publishes everything at once and a flipped or missing byte is refused on load.
+own safetensors header metadata together with a SHA-256 over the format, the JSON skeleton and the
+tensors (names, dtypes, shapes, bytes): the whole file. One ``os.replace`` publishes everything at
+once (a failed write leaves no temp file behind), and a flipped or missing byte anywhere, in a
+tensor or in the tree (bus ids, framer state, registry, optimizer structure), is refused on load.
+What the tree's values mean is checked against the running model by ``service.worker.checkpoint_tree``.
 
 The tree encoding is hand-written because safetensors stores only a flat ``str -> tensor`` map
 and the optimizer / framer states are nested with int keys and numpy (even structured) arrays;
 the only alternative, ``torch.save``, is a pickle.
 
     file = <safetensors header {"__metadata__": {"format", "tree", "sha256"}, tensors...}> <tensor bytes>
+    sha256 = SHA-256(format | tree | for each tensor by name: name, dtype, shape, bytes)
+
+Files of the first format (``ndot-checkpoint/1``, digest over the tensors only) are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import re
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +38,9 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-FORMAT = "ndot-checkpoint/1"
+FORMAT = "ndot-checkpoint/2"
+_OLD_FORMATS = ("ndot-checkpoint/1",)
+_METADATA_KEYS = {"format", "tree", "sha256"}
 SUFFIX = ".safetensors"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -124,8 +133,10 @@ def unpack(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     return walk(skeleton)
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], tree: str) -> str:
     sha = hashlib.sha256()
+    sha.update(f"{FORMAT}|{len(tree)}|".encode())
+    sha.update(tree.encode())
     for key in sorted(tensors):
         t = tensors[key]
         sha.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -136,8 +147,13 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def encode(tree: Any) -> bytes:
     """The bytes of a checkpoint file holding ``tree``."""
     tensors, skeleton = pack(tree)
-    metadata = {"format": FORMAT, "tree": json.dumps(skeleton), "sha256": _digest(tensors)}
-    return safetensors_save(tensors, metadata=metadata)
+    try:
+        text = json.dumps(skeleton, allow_nan=False)
+    except ValueError as err:  # NaN or infinity: JSON has none, and a restore would refuse it
+        raise CheckpointError(f"cannot store a non-finite number in a checkpoint: {err}") from err
+    return safetensors_save(
+        tensors, metadata={"format": FORMAT, "tree": text, "sha256": _digest(tensors, text)}
+    )
 
 
 def decode(data: bytes) -> Any:
@@ -147,11 +163,12 @@ def decode(data: bytes) -> Any:
         tensors = safetensors_load(data)
     except Exception as err:  # safetensors raises its own SafetensorError on any malformed body
         raise CheckpointError(f"checkpoint tensors unreadable: {err}") from err
-    if _digest(tensors) != metadata.get("sha256"):
-        raise CheckpointError("checkpoint tensor bytes do not match their SHA-256 (corrupt file)")
+    text = metadata.get("tree")
+    if not isinstance(text, str) or _digest(tensors, text) != metadata.get("sha256"):
+        raise CheckpointError("checkpoint content does not match its SHA-256 (corrupt or altered file)")
     try:
-        skeleton = json.loads(metadata["tree"])
-    except (KeyError, json.JSONDecodeError) as err:
+        skeleton = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"checkpoint tree unreadable: {err}") from err
     return unpack(tensors, skeleton)
 
@@ -168,8 +185,16 @@ def read_metadata(data: bytes) -> dict[str, str]:
         metadata = header["__metadata__"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint header unreadable: {err}") from err
+    if isinstance(metadata, dict) and metadata.get("format") in _OLD_FORMATS:
+        raise CheckpointError(
+            f"{metadata['format']} file of an older version (its digest does not cover the tree): refused"
+        )
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise CheckpointError(f"not an {FORMAT} file")
+    if set(metadata) != _METADATA_KEYS:
+        raise CheckpointError(
+            f"checkpoint metadata has keys {sorted(metadata)}, not {sorted(_METADATA_KEYS)}"
+        )
     return metadata
 
 
@@ -225,11 +250,21 @@ class CheckpointInfo:
         }
 
 
-class CheckpointStore:
-    """Checkpoint files in one folder; names never leave it."""
+#: ``report(stage, name, error)``: a checkpoint file that could not be listed, deleted, ...
+Report = Callable[[str, str, BaseException], None]
 
-    def __init__(self, directory: Path | str) -> None:
+
+class CheckpointStore:
+    """Checkpoint files in one folder; names never leave it.
+
+    A file that cannot be read is skipped, never fatal: ``report("list", name, error)`` is called once
+    per bad file (and again only if it changes), and listing, pruning and restoring go on without it.
+    """
+
+    def __init__(self, directory: Path | str, report: Report | None = None) -> None:
         self.directory = Path(directory)
+        self.report = report or (lambda stage, name, error: None)
+        self._reported: set[tuple[str, int, int]] = set()  # (name, size, mtime_ns) of bad files reported
 
     def path(self, name: str) -> Path:
         return self.directory / f"{validate_name(name)}{SUFFIX}"
@@ -245,11 +280,15 @@ class CheckpointStore:
         data = encode({**tree, "created": created})
         self.directory.mkdir(parents=True, exist_ok=True)
         temp = self.directory / f".{target.name}.{os.getpid()}.tmp"
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except BaseException:  # disk full, read-only folder, interrupted: no partial file stays behind
+            temp.unlink(missing_ok=True)
+            raise
         return CheckpointInfo(
             name, version, len(tree.get("registry", {}).get("streams", [])), created, len(data)
         )
@@ -257,8 +296,8 @@ class CheckpointStore:
     def load(self, name: str) -> dict[str, Any]:
         """The tree of checkpoint ``name``; ``CheckpointError`` when missing or corrupt."""
         path = self.path(name)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint named {name!r} in {self.directory}")
+        if not path.is_file():  # the answer names the checkpoint, never the server's folder
+            raise CheckpointError(f"no checkpoint named {name!r}; GET /v1/checkpoints lists them")
         tree = decode(path.read_bytes())
         if not isinstance(tree, dict):
             raise CheckpointError(f"checkpoint {name!r} does not hold a dict")
@@ -271,14 +310,13 @@ class CheckpointStore:
             (header_len,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
             data = head + handle.read(min(header_len, _MAX_HEADER_BYTES))
         tree = json.loads(read_metadata(data)["tree"])
-        streams = tree.get("registry", {}).get("streams", []) if isinstance(tree, dict) else []
-        return CheckpointInfo(
-            name,
-            int(tree.get("model_version", 0)),
-            len(streams),
-            float(tree.get("created", 0.0)),
-            path.stat().st_size,
-        )
+        if not isinstance(tree, dict) or not isinstance(tree.get("registry", {}), dict):
+            raise CheckpointError(f"checkpoint {name!r} does not hold a checkpoint tree")
+        streams = tree.get("registry", {}).get("streams", [])
+        version, created = tree.get("model_version", 0), tree.get("created", 0.0)
+        if not isinstance(streams, list) or type(version) is not int or type(created) not in (int, float):
+            raise CheckpointError(f"checkpoint {name!r}: streams, model_version or created of the wrong type")
+        return CheckpointInfo(name, version, len(streams), float(created), path.stat().st_size)
 
     def list(self) -> list[CheckpointInfo]:
         """Readable checkpoints, oldest first (by write time); unreadable files are left out."""
@@ -289,14 +327,29 @@ class CheckpointStore:
             name = path.name[: -len(SUFFIX)]
             try:
                 infos.append(self.info(name))
-            except (CheckpointError, OSError, ValueError, struct.error):
-                continue
+            except Exception as err:  # any bad file is skipped: one must never stop the others
+                self._report_once("list", name, path, err)
         return sorted(infos, key=lambda i: (i.created, i.name))
+
+    def _report_once(self, stage: str, name: str, path: Path, error: BaseException) -> None:
+        try:
+            stat = path.stat()
+            mark = (name, stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            mark = (name, -1, -1)
+        if mark not in self._reported:
+            self._reported.add(mark)
+            self.report(stage, name, error)
 
     def prune(self, keep: int) -> list[str]:
         """Delete all but the ``keep`` newest checkpoints; returns the deleted names."""
         infos = self.list()
         doomed = infos[: max(len(infos) - keep, 0)]
+        deleted = []
         for info in doomed:
-            self.path(info.name).unlink(missing_ok=True)
-        return [i.name for i in doomed]
+            try:
+                self.path(info.name).unlink(missing_ok=True)
+                deleted.append(info.name)
+            except OSError as err:  # reported; the checkpoint just written stays good
+                self.report("prune", info.name, err)
+        return deleted

@@ -13,7 +13,9 @@ from then on skips every entry at or below the newest id it applied, so each ste
 exactly once across crashes. A packet whose framing or learner step keeps failing is retried
 ``max_failures`` times, then dead-lettered with its error (``service.worker.batcher``); its stream
 and the others go on. SIGTERM: the batch in hand is finished, replied and acked, then a checkpoint
-is written.
+is written; when that fails (disk full, read-only folder) the worker logs one line
+(``event=shutdown_checkpoint_failed``) and sets ``shutdown_error``, and ``ndot worker`` / ``ndot
+serve`` exit 1 instead of 0.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from service.bus import Bus, BusEntry, BusUnavailable, messages
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.worker.applier import Applied, EntryApplier
+from service.worker.applier import Applied, EntryApplier, reason
 from service.worker.batcher import Batcher
 from service.worker.recovery import recover
 
@@ -54,6 +56,7 @@ class Worker:
         self.prefix = settings.bus_stream
         self.applier: EntryApplier | None = None  # built in start(), in a thread
         self.restored_from: str | None = None  # the checkpoint restored at start, if any
+        self.shutdown_error: str | None = None  # why the checkpoint on the way out failed, if it did
         self._resync_values = False  # after a bus outage: publish every stream's sensor value again
         self._last_claim_s = 0.0
         self._last_housekeeping_s = 0.0
@@ -78,11 +81,12 @@ class Worker:
 
     async def start(self) -> None:
         """Build the model (restoring the newest checkpoint) and announce the worker on the bus."""
+        bus_newest = await self.bus.newest_id()  # a checkpoint's watermark must not lie beyond it
 
         def build() -> EntryApplier:
             applier = EntryApplier(self.settings, self.metrics)
             if self.settings.restore_on_start:
-                self.restored_from = applier.restore_newest()
+                self.restored_from = applier.restore_newest(bus_newest)
             applier.checkpoints = [i.as_dict() for i in applier.store.list()]
             return applier
 
@@ -139,10 +143,21 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
         if self.applier.dirty:
-            info = await asyncio.to_thread(self.applier.save)
-            log.info("event=shutdown_checkpoint name=%s", info["name"])
+            try:
+                info = await asyncio.to_thread(self.applier.save)
+            except Exception as err:  # one clear line and a non-zero exit, not a traceback
+                self.shutdown_error = reason(err)
+                self.metrics.checkpoint_errors.labels(stage="shutdown").inc()
+                log.error(
+                    "event=shutdown_checkpoint_failed error=%r lost=%r",
+                    self.shutdown_error,
+                    "the model's changes since the last checkpoint: a restarted worker replays them from "
+                    "the bus history (Redis), or starts without them (embedded bus)",
+                )
+            else:
+                log.info("event=shutdown_checkpoint name=%s", info["name"])
         with contextlib.suppress(BusUnavailable):  # readiness drops at once, not a heartbeat timeout later
-            await self.bus.set_value(messages.heartbeat_key(self.prefix), b"")
+            await self.bus.delete_value(messages.heartbeat_key(self.prefix))
         log.info("event=worker_stopped consumer=%s", self.consumer)
 
     async def run_once(self, block_ms: int | None = None) -> int:
@@ -199,8 +214,12 @@ class Worker:
 
     async def _publish_state(self, applied: Applied, changed: bool = True) -> None:
         """Sensor values and the status snapshot (before replies: a client that got its reply sees them)."""
+        sensor_ttl_s = messages.sensor_ttl_s(self.settings.stream_ttl_s)
         for key, value in applied.values.items():
-            await self.bus.set_value(key, value)
+            if value is None:  # the stream closed: its key goes
+                await self.bus.delete_value(key)
+            else:
+                await self.bus.set_value(key, value, ttl_s=sensor_ttl_s)
         if changed:
             await self.bus.set_value(messages.status_key(self.prefix), self.status_json())
         await self.bus.set_value(

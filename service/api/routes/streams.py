@@ -55,10 +55,10 @@ async def post_events(
             raise ApiError(422, f"label {label} outside [0, {settings.num_classes})")
         if (width is None) != (height is None):
             raise ApiError(422, "give both width and height, or neither")
-        if width is not None and height is not None:
-            sensor = await ctx.open_sensor(stream_id, width, height)
+        if width is not None and height is not None:  # checked now, registered once the packet is on the bus
+            sensor, known = await ctx.check_sensor(stream_id, width, height)
         else:
-            sensor = await ctx.known_sensor(stream_id)
+            sensor, known = await ctx.known_sensor(stream_id), True
         body = await read_body(request, settings.max_body_bytes)
         parse_args = (body, content_type, sensor, settings.max_events_per_packet)
         if len(body) > LARGE_BODY_BYTES:  # keep the event loop free while a big packet is checked
@@ -67,6 +67,8 @@ async def post_events(
             events = parse_events(*parse_args)
         packet = messages.EventsPacket(events, sensor[0], sensor[1], label, start, end, posted_s)
         entry_id = await ctx.bus.publish(messages.EVENTS, stream_id, packet.to_fields())
+        if not known:
+            await ctx.register_sensor(stream_id, *sensor)
     except BusFull:
         metrics.packets.labels(outcome="throttled").inc()
         raise
@@ -88,7 +90,7 @@ async def post_events(
     summary="Open a stream with its sensor size",
 )
 async def open_stream(ctx: Context, stream_id: StreamId, sensor: SensorSize) -> Any:
-    await ctx.open_sensor(stream_id, sensor.width, sensor.height)
+    await ctx.check_sensor(stream_id, sensor.width, sensor.height)  # the worker registers it when it opens
     fields = {"width": str(sensor.width).encode(), "height": str(sensor.height).encode()}
     return (await ctx.request(messages.OPEN, stream_id, fields))["stream"]
 
@@ -131,6 +133,6 @@ async def reset_stream(ctx: Context, stream_id: StreamId) -> Any:
 )
 async def delete_stream(ctx: Context, stream_id: StreamId) -> Any:
     await ctx.known_sensor(stream_id)
-    await ctx.bus.set_value(messages.sensor_key(ctx.prefix, stream_id), b"")
+    await ctx.bus.delete_value(messages.sensor_key(ctx.prefix, stream_id))
     await ctx.request(messages.DELETE, stream_id)
     return {"stream_id": stream_id, "action": "delete", "ok": True}
