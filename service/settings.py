@@ -103,12 +103,18 @@ class Settings(BaseSettings):
         "the API answers 422 above it, before publishing. A packet then closes at most "
         "max_packet_windows + max_gap_windows + 1 frames; the worker refuses (422) any that would close more.",
     )
+    max_ticks_per_round: int = Field(
+        8,
+        ge=1,
+        description="Batched learner steps the worker runs before it answers the packets that finished and "
+        "reads the bus again; a stream with a long queue takes one frame per tick, the others go on.",
+    )
     max_stream_backlog_frames: int = Field(
         600,
         ge=1,
-        description="Frames one stream may have queued for its ticks; a packet that would queue more is "
-        "refused with 429 and not applied (send it again after Retry-After), so one fast stream cannot "
-        "hold the worker.",
+        description="Frames one stream may have queued for its ticks; above it the worker raises the "
+        "stream's busy flag and the API answers its packets 429 + Retry-After before publishing them, "
+        "until the queue is under half of this.",
     )
     accuracy_window: int = Field(
         500, ge=1, description="Labelled predictions the ndot_online_accuracy gauge averages over."

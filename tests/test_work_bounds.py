@@ -6,7 +6,14 @@ from pathlib import Path
 
 from test_worker import post, reply, run, wire
 
-from service.bus import LocalBus
+from service.bus import LocalBus, messages
+from service.worker import Worker
+
+
+async def settle(worker: Worker) -> None:
+    """Run rounds until no packet taken off the bus waits for ticks."""
+    while worker.applier.has_work:
+        await worker.run_once(block_ms=0)
 
 
 def test_a_packet_that_would_close_too_many_windows_is_refused_and_the_others_applied(tmp_path: Path) -> None:
@@ -37,7 +44,102 @@ def test_a_long_silence_inside_the_limit_still_becomes_empty_frames(tmp_path: Pa
         first = await post(bus, "cam", wire([0, 5_000]))
         second = await post(bus, "cam", wire([160_000, 165_000]))
         await worker.run_once(block_ms=0)
+        await settle(worker)
         assert (await reply(bus, first))["steps"] == []
         assert len((await reply(bus, second))["steps"]) == 16  # the open window + 15 empty ones
 
     run(tmp_path, scenario, max_packet_windows=20, max_gap_windows=15)
+
+
+def test_the_api_refuses_a_packet_spanning_too_many_windows_before_publishing(tmp_path: Path) -> None:
+    from service_support import ServerThread, http
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(redis_url=None, auth="off", checkpoint_dir=tmp_path / "ckpt", max_packet_windows=20)
+    with ServerThread(create_app(settings, run_worker=True)) as server, http(server.url) as client:
+        query = "width=34&height=34&start=true"
+        spread = {"t": [0, 10 * 20_000 + 5, 25 * 20_000], "x": [1, 2, 3], "y": [1, 2, 3], "p": [1, 0, 1]}
+        refused = client.post(f"/v1/streams/cam/events?{query}", json=spread)
+        assert refused.status_code == 422 and "spans 25 windows" in refused.json()["detail"]
+        assert client.get("/v1/streams/cam").status_code == 404  # nothing was published, no ghost
+        spread["t"] = [0, 10 * 20_000 + 5, 20 * 20_000]  # exactly at the limit: taken
+        taken = client.post(f"/v1/streams/cam/events?{query}", json=spread)
+        assert taken.status_code == 200 and len(taken.json()["steps"]) == 20
+
+
+def test_a_stream_with_a_long_queue_takes_its_share_of_ticks_and_the_others_are_answered_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """4 packets of 40 frames on one stream, 2 frames on another: the light stream is answered after the
+    first round of 8 ticks, the heavy one's busy flag goes up (the API then answers 429), and in the end
+    every step of every packet ran exactly once and the flag is cleared."""
+
+    async def scenario(bus: LocalBus, new_worker) -> None:
+        worker = await new_worker()
+        heavy = [
+            await post(bus, "heavy", wire(list(range(k * 400_000, (k + 1) * 400_000, 2_000)), seed=k))
+            for k in range(4)
+        ]
+        light = await post(bus, "light", wire(list(range(0, 25_000, 250))))
+        await worker.run_once(block_ms=0)
+        assert len((await reply(bus, light))["steps"]) == 2
+        assert await bus.wait_reply(heavy[-1], 0) is None and worker.applier.has_work
+        busy = await bus.get_value(messages.busy_key(worker.prefix, "heavy"))
+        assert busy is not None and float(busy) > 0
+        assert await bus.get_value(messages.busy_key(worker.prefix, "light")) is None
+        await settle(worker)
+        steps = [len((await reply(bus, entry_id))["steps"]) for entry_id in heavy]
+        assert steps == [39, 40, 40, 40]  # each packet closes its windows (the first opens its own)
+        assert worker.batcher.registry.get("heavy").steps == sum(steps)
+        assert await bus.get_value(messages.busy_key(worker.prefix, "heavy")) is None
+        assert await bus.pending_count() == 0
+
+    run(tmp_path, scenario, max_packet_windows=40, max_stream_backlog_frames=50)
+
+
+def test_the_api_answers_429_for_a_busy_stream_and_nothing_it_refused_is_applied(tmp_path: Path) -> None:
+    import time
+
+    import numpy as np
+    from service_support import BINARY, ServerThread, http
+
+    from ndot_core.events.framing import StreamFramer
+    from ndot_core.events.layout import WIRE_DTYPE
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(
+        redis_url=None,
+        auth="off",
+        checkpoint_dir=tmp_path / "ckpt",
+        window_us=10_000,
+        max_packet_windows=40,
+        max_stream_backlog_frames=50,
+        max_ticks_per_round=1,
+    )
+    framer = StreamFramer((34, 34), window_us=10_000, output_size=(34, 34))
+    accepted_frames, statuses = 0, []
+    with ServerThread(create_app(settings, run_worker=True)) as server, http(server.url) as client:
+        for k in range(60):
+            body = wire(list(range(k * 400_000, (k + 1) * 400_000, 2_000)), seed=k)
+            url = "/v1/streams/heavy/events?wait=false&width=34&height=34"
+            answer = client.post(url, content=body, headers=BINARY)
+            statuses.append(answer.status_code)
+            if answer.status_code == 202:
+                accepted_frames += len(framer.push(np.frombuffer(body, dtype=WIRE_DTYPE)))
+            else:
+                assert answer.status_code == 429 and int(answer.headers["retry-after"]) >= 1
+                assert "not taken" in answer.json()["detail"]
+            if 429 in statuses and statuses[-1] == 202 and statuses.index(429) < len(statuses) - 1:
+                break  # refused while busy, then taken again once the queue went down
+            time.sleep(0.02)
+        assert 429 in statuses and statuses[-1] == 202
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = client.get("/v1/streams/heavy").json()
+            if info["steps"] == accepted_frames:
+                break
+            time.sleep(0.1)
+        assert info["steps"] == accepted_frames  # every taken packet applied once, no refused one at all

@@ -49,6 +49,16 @@ def sensor_refresh_s(stream_ttl_s: float) -> float:
     return stream_ttl_s / 2.0
 
 
+def busy_key(prefix: str, stream_id: str) -> str:
+    """Set (value: Retry-After seconds) while the stream has more frames queued than it may."""
+    return f"{prefix}:busy:{stream_id}"
+
+
+#: TTL of a busy flag: the worker re-sets it every round while the stream stays busy, so a flag
+#: outlives a dead worker by this much at most.
+BUSY_TTL_S = 5.0
+
+
 def heartbeat_key(prefix: str) -> str:
     return f"{prefix}:worker:heartbeat"
 

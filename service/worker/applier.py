@@ -7,9 +7,14 @@ the newest entry applied. For a batch of entries it::
         logged and counted in ndot_entries_skipped_total, never silent)
     events  -> frames onto its stream's queue (batcher.push_packet)
     control -> drain queued steps, then apply (open, reset, delete, checkpoint, restore, model_reset)
-    drain (batched ticks until no frame is ready); expire idle streams; periodic checkpoint when due
+    at most max_ticks_per_round batched ticks (each steps every stream with a frame ready once)
+    settle: answer and ack the packets whose steps all ran; the rest stay in flight for the next round
+    busy flags: raised for streams with more than max_stream_backlog_frames queued (the API answers 429)
+    expire idle streams; periodic checkpoint when due (it drains, so settle again)
 
-and returns what the async side must send (``Applied``: replies, values, dead letters, acks). The
+and returns what the async side must send (``Applied``: replies, values, busy flags, dead letters,
+acks). The round's tick budget is the fair share: a stream with a long queue gets one frame per
+tick like every other, and the others' packets are answered after the round they finish in. The
 periodic checkpoint runs after the batch's outcomes are settled: a checkpoint that fails (disk full,
 a bad file in the folder) is logged and counted (``ndot_checkpoint_errors_total{stage}``) and changes
 none of them. Checkpoint files are checked whole (digest) and field by field (``checkpoint_tree``).
@@ -22,16 +27,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from ndot_core import OnlineLearner, build_model
 from ndot_core.events.layout import EventError
 from service.bus import BusEntry, entry_id_key, messages
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.worker.batcher import Batcher, PacketFailed
+from service.worker.batcher import PacketFailed
 from service.worker.checkpoint_tree import beyond, validate_tree
 from service.worker.checkpoints import CheckpointError, CheckpointStore
+from service.worker.model import build_batcher, model_descriptor
 from service.worker.streams import StreamError
 
 log = logging.getLogger("ndot.worker")
@@ -58,6 +61,8 @@ class Applied:
     values: dict[str, bytes | None] = field(default_factory=dict)
     dead: list[tuple[BusEntry, str]] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
+    #: Per-stream backpressure flags to write (value: Retry-After seconds), ``None`` = clear the flag.
+    busy: dict[str, bytes | None] = field(default_factory=dict)
 
 
 class EntryApplier:
@@ -68,55 +73,18 @@ class EntryApplier:
         self.metrics = metrics
         self.prefix = settings.bus_stream
         self.store = CheckpointStore(settings.checkpoint_dir, report=self.checkpoint_failed)
-        self.batcher = self._build()
+        self.batcher = build_batcher(settings, metrics)
         self.last_entry_id: str | None = (
             None  # the watermark: newest entry applied (entries come in id order)
         )
         self.checkpoints: list[dict[str, Any]] = []
+        #: Packets taken off the bus whose steps still wait for ticks, in bus order (not yet acked).
+        self.in_flight: dict[str, BusEntry] = {}
+        self.busy: set[str] = set()  # streams whose busy flag is raised
         self.dirty = False
         self._applied_since_save = 0
         self._last_save_s = time.monotonic()
         self._last_refresh_s = time.monotonic()
-
-    def _model_descriptor(self) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "name": s.model,
-            "num_classes": s.num_classes,
-            "in_channels": s.in_channels,
-            "input_size": list(s.input_size),
-        }
-
-    def _build(self) -> Batcher:
-        s = self.settings
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
-        torch.manual_seed(s.seed)
-        model = build_model(
-            s.model, in_channels=s.in_channels, num_classes=s.num_classes, input_size=s.input_size
-        )
-        learner = OnlineLearner(
-            model,
-            rule=s.rule,
-            mode=s.mode,
-            optimizer=s.optimizer,
-            lr=s.lr,
-            momentum=s.momentum,
-            alpha=s.alpha,
-            steps_per_sample=s.steps_per_sample,
-            device=s.torch_device(),
-        )
-        return Batcher(
-            learner,
-            s.max_streams,
-            s.window_us,
-            self.metrics,
-            s.max_events_per_packet,
-            max_failures=s.max_failures,
-            max_sensor_size=s.max_sensor_size,
-            max_gap_windows=s.max_gap_windows,
-            max_packet_frames=s.max_packet_frames,
-        )
 
     def checkpoint_failed(self, stage: str, name: str, error: BaseException) -> None:
         """Log and count a checkpoint file or write that failed (``ndot_checkpoint_errors_total{stage}``)."""
@@ -164,32 +132,83 @@ class EntryApplier:
             for s in self.batcher.registry
         }
 
-    def apply(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
+    @property
+    def has_work(self) -> bool:
+        """Packets taken whose steps still wait for ticks (the loop should not block on the bus)."""
+        return bool(self.in_flight)
+
+    def apply(self, entries: list[BusEntry], housekeeping: bool, drain: bool = False) -> Applied:
+        """Apply ``entries`` in bus order, then at most ``max_ticks_per_round`` ticks (all with ``drain``).
+
+        Packets whose steps all ran are answered and acked; the others stay in flight for later rounds.
+        """
         try:
-            out = self._apply_in_order(entries, housekeeping)
+            out = self._apply_in_order(
+                entries, housekeeping, None if drain else self.settings.max_ticks_per_round
+            )
         except Exception as err:  # a bug outside a packet's framing / step (those the batcher confines)
-            log.exception("event=batch_failed entries=%d", len(entries))
-            for slot in self.batcher.registry:
-                slot.pending.clear()
-            self.batcher.results.clear()
-            self.metrics.packets.labels(outcome="failed").inc(len(entries))
+            log.exception("event=batch_failed entries=%d in_flight=%d", len(entries), len(self.in_flight))
+            self.batcher.forget()
+            failed = [*self.in_flight.values(), *(e for e in entries if e.id not in self.in_flight)]
+            self.in_flight.clear()
+            self.metrics.packets.labels(outcome="failed").inc(len(failed))
             detail = f"worker failed on this batch: {type(err).__name__}: {err}"
             return Applied(
-                replies=[(e.id, messages.error_reply(500, detail)) for e in entries],
-                dead=[(e, detail) for e in entries],
+                replies=[(e.id, messages.error_reply(500, detail)) for e in failed],
+                dead=[(e, detail) for e in failed],
             )
         self._checkpoint_if_due()  # the outcomes above are settled: a failing checkpoint changes none
+        self._settle(out)  # a checkpoint drains: what it finished is answered now
         return out
+
+    def _settle(self, out: Applied) -> None:
+        """Answer and ack every in-flight packet whose steps have all run (in bus order)."""
+        applied = 0
+        for entry_id in list(self.in_flight):
+            taken = self.batcher.take(entry_id)
+            if taken is None:
+                continue
+            entry = self.in_flight.pop(entry_id)
+            steps, poisoned = taken
+            if poisoned is not None:
+                self._refuse(out, entry, 500, poisoned)
+                continue
+            out.replies.append((entry.id, messages.ok_reply(steps=steps)))
+            out.acks.append(entry.id)
+            applied += 1
+        if applied:
+            self.metrics.packets.labels(outcome="applied").inc(applied)
+
+    def _flag_busy(self, out: Applied) -> None:
+        """Raise a stream's busy flag over ``max_stream_backlog_frames`` queued frames, clear it below half.
+
+        The API answers 429 to a busy stream's packets before publishing them, so one fast stream
+        cannot fill the bus (whose lag limit every stream shares) nor queue unbounded frames here.
+        """
+        limit = self.settings.max_stream_backlog_frames
+        step_s = self.batcher.step_s_average
+        for slot in self.batcher.registry:
+            queued = len(slot.pending)
+            if queued > limit:
+                out.busy[slot.stream_id] = f"{max(0.1, (queued - limit // 2) * step_s):.2f}".encode()
+                self.busy.add(slot.stream_id)
+            elif slot.stream_id in self.busy and queued <= limit // 2:
+                out.busy[slot.stream_id] = None
+                self.busy.discard(slot.stream_id)
+        for stream_id in self.busy - {slot.stream_id for slot in self.batcher.registry}:
+            out.busy[stream_id] = None
+            self.busy.discard(stream_id)
 
     def already_applied(self, entry: BusEntry) -> bool:
         """At or below the watermark: applied before (by this worker or the checkpoint it restored)."""
         return self.last_entry_id is not None and entry_id_key(entry.id) <= entry_id_key(self.last_entry_id)
 
-    def _apply_in_order(self, entries: list[BusEntry], housekeeping: bool) -> Applied:
+    def _apply_in_order(self, entries: list[BusEntry], housekeeping: bool, max_ticks: int | None) -> Applied:
         batcher, out = self.batcher, Applied()
-        packets: list[BusEntry] = []
         skipped: list[str] = []
         for entry in entries:
+            if entry.id in self.in_flight:  # claimed again while its steps still wait: it is ours already
+                continue
             if self.already_applied(entry):
                 out.replies.append((entry.id, messages.ok_reply(steps=[], skipped=True)))
                 out.acks.append(entry.id)
@@ -222,9 +241,10 @@ class EntryApplier:
                 for slot in evicted:
                     out.values[messages.sensor_key(self.prefix, slot.stream_id)] = None
                     log.info("event=stream_evicted stream=%s", slot.stream_id)
-                packets.append(entry)
+                self.in_flight[entry.id] = entry
             elif entry.kind in messages.CONTROL_KINDS:
                 batcher.drain()  # bus order: everything before the control entry is applied first
+                self._settle(out)
                 out.replies.append((entry.id, self._control(entry, out)))
                 out.acks.append(entry.id)
             else:
@@ -243,17 +263,9 @@ class EntryApplier:
                 self.last_entry_id,
                 "at or below the watermark: applied before, by this worker or the checkpoint it restored",
             )
-        batcher.drain()
-        applied = 0
-        for entry in packets:
-            poisoned = batcher.poisoned.pop(entry.id, None)
-            if poisoned is not None:
-                self._refuse(out, entry, 500, poisoned)
-                continue
-            out.replies.append((entry.id, messages.ok_reply(steps=batcher.results.pop(entry.id, []))))
-            out.acks.append(entry.id)
-            applied += 1
-        self.metrics.packets.labels(outcome="applied").inc(applied)
+        batcher.drain(max_ticks)
+        self._settle(out)
+        self._flag_busy(out)
         if housekeeping:
             self._housekeeping(out)
         return out
@@ -343,7 +355,7 @@ class EntryApplier:
 
     def save(self) -> dict[str, Any]:
         tree = self.batcher.snapshot()
-        tree["model"] = self._model_descriptor()
+        tree["model"] = model_descriptor(self.settings)
         tree["last_entry_id"] = self.last_entry_id
         info = self.store.save(tree)
         self.store.prune(self.settings.checkpoint_keep)
@@ -356,10 +368,10 @@ class EntryApplier:
     def _load(self, name: str) -> dict[str, Any]:
         """Read, check and swap in checkpoint ``name``; ``CheckpointError`` leaves the model untouched."""
         tree = self.store.load(name)
-        if tree.get("model") != self._model_descriptor():
+        if tree.get("model") != model_descriptor(self.settings):
             raise CheckpointError(
                 f"checkpoint {name!r} is for model {tree.get('model')}, "
-                f"the worker runs {self._model_descriptor()}"
+                f"the worker runs {model_descriptor(self.settings)}"
             )
         validate_tree(tree, self.batcher.learner, self.settings.num_classes)
         try:

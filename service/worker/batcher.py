@@ -26,7 +26,6 @@ Everything here is synchronous torch / numpy work, run off the event loop by the
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections import defaultdict
@@ -36,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+import service.worker.batcher_state as batcher_state
 from ndot_core import NetworkState, OnlineLearner
 from ndot_core.events.framing import StreamFramer
 from ndot_core.events.layout import EventError, events_from_bytes
 from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
-from service.worker.checkpoints import CheckpointError, check_like
 from service.worker.streams import StreamRegistry, StreamSlot
 
 RESET, STEP = "reset", "step"
@@ -92,6 +91,8 @@ class Batcher:
         self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
         #: Packets given up after ``max_failures`` failed steps: entry id -> error (taken by the worker).
         self.poisoned: dict[str, str] = {}
+        #: Steps each packet still has queued; a packet is done when its count is 0 (``take``).
+        self.remaining: dict[str, int] = defaultdict(int)
 
     def new_framer(self, width: int, height: int) -> StreamFramer:
         return StreamFramer(
@@ -175,6 +176,7 @@ class Batcher:
         self.metrics.events.inc(len(events))
         self.metrics.late_events.inc(slot.framer.late_events - late_before)
         slot.pending.extend((STEP, PendingStep(f, packet.label, entry_id)) for f in frames)
+        self.remaining[entry_id] += len(frames)
         if packet.end:  # the next packet begins a new sequence
             self._begin_sequence(slot)
         slot.last_entry_id = entry_id
@@ -211,12 +213,30 @@ class Batcher:
     def has_work(self) -> bool:
         return any(slot.pending for slot in self.registry)
 
-    def drain(self) -> int:
-        """Run ticks until no stream has a frame ready; returns the number of ticks."""
+    def drain(self, max_ticks: int | None = None) -> int:
+        """Run ticks until no stream has a frame ready, or ``max_ticks`` ran; returns the number of ticks.
+
+        Every tick steps every stream that has a frame ready once, so with a budget a stream with a long
+        queue takes its share of ticks and the others' packets finish (and are answered) meanwhile.
+        """
         ticks = 0
-        while self.tick():
+        while (max_ticks is None or ticks < max_ticks) and self.tick():
             ticks += 1
         return ticks
+
+    def take(self, entry_id: str) -> tuple[list[dict[str, Any]], str | None] | None:
+        """A finished packet's step results and its error (``None`` = applied); ``None`` while steps wait."""
+        if self.remaining.get(entry_id, 0) > 0:
+            return None
+        self.remaining.pop(entry_id, None)
+        return self.results.pop(entry_id, []), self.poisoned.pop(entry_id, None)
+
+    def forget(self) -> None:
+        """Drop every queued step and result (after a failure outside any one packet)."""
+        for slot in self.registry:
+            slot.pending.clear()
+        self.results.clear()
+        self.remaining.clear()
 
     def tick(self) -> int:
         """One batched step over every stream with a frame ready; returns the batch size.
@@ -232,7 +252,9 @@ class Batcher:
                 fresh_rows.append(slot.row)
                 slot.sequence_step = 0
             if slot.pending:
-                batch.append((slot, slot.pending.popleft()[1]))
+                step = slot.pending.popleft()[1]
+                self.remaining[step.entry_id] -= 1
+                batch.append((slot, step))
         if fresh_rows:
             self.state.reset_rows(fresh_rows)
         if not batch:
@@ -285,7 +307,8 @@ class Batcher:
         slot.pending = type(slot.pending)(
             work for work in slot.pending if not (work[0] == STEP and work[1].entry_id == step.entry_id)
         )
-        self.results.pop(step.entry_id, None)
+        self.results[step.entry_id] = []
+        self.remaining[step.entry_id] = 0
 
     def _step(self, batch: list[tuple[StreamSlot, PendingStep]]) -> None:
         """``select`` -> ``learner.step`` -> ``assign`` -> record; the state changes only if the step succeeds."""
@@ -337,64 +360,10 @@ class Batcher:
     def snapshot(self) -> dict[str, Any]:
         """Learner, network state, streams (framers included) and RNG state; drains first."""
         self.drain()
-        rng = {"cpu": torch.get_rng_state()}
-        if self.learner.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.learner.device)
-        return {
-            "learner": self.learner.state_dict(),
-            "network_state": self.state.select(self.registry.rows()).state_dict(),
-            "registry": self.registry.state_dict(),
-            "rng": rng,
-            "model_version": self.learner.version,
-        }
+        return batcher_state.snapshot(self)
 
     def load(self, tree: dict[str, Any]) -> None:
-        """Swap in a snapshot after checking it against the running model; on error nothing changes.
-
-        Raises ``CheckpointError`` naming the first mismatch (model, tensor shape / dtype, stream).
-        """
-        try:
-            saved_state = NetworkState.from_state_dict(tree["network_state"])
-            check_like(
-                self.learner.new_state(saved_state.batch_size).state_dict(),
-                tree["network_state"],
-                "network_state",
-            )
-            check_like(self.learner.model.state_dict(), tree["learner"]["model"], "learner.model")
-            registry, rows = StreamRegistry.from_state_dict(
-                tree["registry"], self.registry.capacity, self.new_framer, StreamFramer.from_state_dict
-            )
-            if saved_state.batch_size != len(rows):
-                raise CheckpointError(
-                    f"checkpoint has {saved_state.batch_size} state rows for {len(rows)} streams"
-                )
-            for slot in registry:
-                if slot.framer.frame_shape != self.input_size:
-                    raise CheckpointError(
-                        f"stream {slot.stream_id!r}: frames {slot.framer.frame_shape}, "
-                        f"the model takes {self.input_size}"
-                    )
-        except CheckpointError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise CheckpointError(f"checkpoint does not fit the running model: {err}") from err
-        state = self.learner.new_state(self.registry.capacity)
-        if rows:
-            state.assign(rows, saved_state.to(self.learner.device))
-        backup = copy.deepcopy(self.learner.state_dict())  # state_dict() shares storage with the weights
-        try:
-            self.learner.load_state_dict(tree["learner"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            self.learner.load_state_dict(backup)
-            raise CheckpointError(f"learner state refused: {err}") from err
-        now = time.time()
-        for slot in registry:  # time spent down does not count towards a stream's idle TTL
-            slot.last_active_s = now
-        self.state, self.registry = state, registry
-        rng = tree.get("rng", {})
-        if isinstance(rng.get("cpu"), torch.Tensor):
-            torch.set_rng_state(rng["cpu"])
-        if self.learner.device.type == "cuda" and isinstance(rng.get("cuda"), torch.Tensor):
-            torch.cuda.set_rng_state(rng["cuda"], self.learner.device)
+        """Swap in a snapshot after checking it against the running model; on error nothing changes."""
+        self.state, self.registry = batcher_state.loaded(self, tree)
         self.metrics.active_streams.set(len(self.registry))
         self.metrics.model_version.set(self.learner.version)

@@ -142,6 +142,9 @@ class Worker:
                 self._resync_values = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
+        if self.applier.has_work:  # packets taken off the bus are finished, answered and acked
+            with contextlib.suppress(BusUnavailable):  # unacked, they are replayed by the next worker
+                await self._handle([], drain=True)
         if self.applier.dirty:
             try:
                 info = await asyncio.to_thread(self.applier.save)
@@ -166,6 +169,8 @@ class Worker:
         if now - self._last_claim_s >= self.settings.claim_interval_s:
             await self._claim_and_apply(self.settings.claim_idle_ms)
         block = self.settings.read_block_ms if block_ms is None else block_ms
+        if self.applier.has_work:  # queued steps wait: look for new entries, do not wait for them
+            block = 0
         entries = await self.bus.read(self.consumer, self.settings.read_count, block)
         await self._handle(entries)
         return len(entries)
@@ -189,11 +194,11 @@ class Worker:
             log.info("event=claimed_stale entries=%d", len(claimed))
             await self._handle(claimed)
 
-    async def _handle(self, entries: list[BusEntry]) -> None:
+    async def _handle(self, entries: list[BusEntry], drain: bool = False) -> None:
         now = time.monotonic()
         housekeeping = now - self._last_housekeeping_s >= HOUSEKEEPING_INTERVAL_S
-        if entries or housekeeping:
-            applied = await asyncio.to_thread(self.applier.apply, entries, housekeeping)
+        if entries or housekeeping or self.applier.has_work or drain:
+            applied = await asyncio.to_thread(self.applier.apply, entries, housekeeping, drain)
         else:
             applied = Applied()
         if housekeeping:
@@ -203,8 +208,14 @@ class Worker:
                 self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(self.batcher.learner.device))
         if self._resync_values:
             applied.values = {**self.applier.sensor_values(), **applied.values}
-        await self._publish_state(applied, changed=bool(entries) or bool(applied.values))
+        await self._publish_state(applied, changed=bool(entries or applied.values or applied.replies))
         self._resync_values = False
+        for stream_id, flag in applied.busy.items():
+            key = messages.busy_key(self.prefix, stream_id)
+            if flag is None:
+                await self.bus.delete_value(key)
+            else:
+                await self.bus.set_value(key, flag, ttl_s=messages.BUSY_TTL_S)
         for entry, error in applied.dead:
             await self.bus.dead_letter(entry, error)
         for entry_id, payload in applied.replies:

@@ -6,14 +6,19 @@ import asyncio
 import time
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from ndot_core.events.framing import windows_spanned
+from ndot_core.events.layout import WIRE_DTYPE
 from service.api.body import BINARY, EVENTS_BODY, JSON, LARGE_BODY_BYTES, parse_events, read_body
 from service.api.context import ADMIN, ERRORS, INGEST, Context, StreamId
 from service.api.errors import ApiError
+from service.api.limits import retry_after_header
 from service.api.schemas import PacketAccepted, PacketResult, SensorSize, StreamAction, StreamInfo, StreamList
 from service.bus import BusFull, messages
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"], responses=ERRORS)
 
@@ -59,12 +64,14 @@ async def post_events(
             sensor, known = await ctx.check_sensor(stream_id, width, height)
         else:
             sensor, known = await ctx.known_sensor(stream_id), True
+        await check_not_busy(ctx, stream_id)
         body = await read_body(request, settings.max_body_bytes)
         parse_args = (body, content_type, sensor, settings.max_events_per_packet)
         if len(body) > LARGE_BODY_BYTES:  # keep the event loop free while a big packet is checked
             events = await asyncio.to_thread(parse_events, *parse_args)
         else:
             events = parse_events(*parse_args)
+        check_work(np.frombuffer(events, dtype=WIRE_DTYPE)["t"], settings)
         packet = messages.EventsPacket(events, sensor[0], sensor[1], label, start, end, posted_s)
         entry_id = await ctx.bus.publish(messages.EVENTS, stream_id, packet.to_fields())
         if not known:
@@ -81,6 +88,35 @@ async def post_events(
     answer = await ctx.reply(entry_id)
     metrics.prediction_latency.observe(time.perf_counter() - received)
     return {"stream_id": stream_id, "packet_id": entry_id, "steps": answer.get("steps", [])}
+
+
+async def check_not_busy(ctx: Context, stream_id: str) -> None:
+    """429 + Retry-After while the worker flags the stream as too far behind (its queue of frames)."""
+    flag = await ctx.bus.get_value(messages.busy_key(ctx.prefix, stream_id))
+    if flag:
+        wait_s = float(flag)
+        raise ApiError(
+            429,
+            f"stream {stream_id!r} has more frames queued in the worker than "
+            f"NDOT_MAX_STREAM_BACKLOG_FRAMES={ctx.settings.max_stream_backlog_frames}; "
+            f"this packet was not taken: send it again in {wait_s:.1f} s",
+            retry_after_header(wait_s),
+        )
+
+
+def check_work(t: np.ndarray, settings: Settings) -> None:
+    """422 unless the packet's events cross at most ``max_packet_windows`` window boundaries.
+
+    That bounds the learner steps one small packet can cause (the worker checks the exact count too).
+    """
+    span = windows_spanned(t, settings.window_us)
+    if span > settings.max_packet_windows:
+        raise ApiError(
+            422,
+            f"packet spans {span} windows of {settings.window_us} µs (t from {int(t.min())} to "
+            f"{int(t.max())}); at most {settings.max_packet_windows} per packet "
+            "(NDOT_MAX_PACKET_WINDOWS): send smaller packets",
+        )
 
 
 @router.put(
