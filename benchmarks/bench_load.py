@@ -135,7 +135,12 @@ def counters(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def run_level(
-    deployment: Deployment, streams: int, duration_s: float, processes: int, workdir: Path
+    deployment: Deployment,
+    streams: int,
+    duration_s: float,
+    processes: int,
+    workdir: Path,
+    window_us: int = 10_000,
 ) -> dict[str, Any]:
     before = counters(deployment.worker_metrics())
     names = [f"load{streams}-{i}" for i in range(streams)]
@@ -145,7 +150,7 @@ def run_level(
     children = [
         context.Process(
             target=camera_process,
-            args=(deployment.url, deployment.ingest_key, group, duration_s, i, str(out)),
+            args=(deployment.url, deployment.ingest_key, group, duration_s, i, str(out), window_us),
         )
         for i, (group, out) in enumerate(zip(groups, outs, strict=True))
     ]

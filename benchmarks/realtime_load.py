@@ -1,7 +1,7 @@
 """What bench_load.py and bench_soak.py share: real-time camera processes with a deadline, and scraping.
 
 ``camera_process`` (run in a child process) drives some streams, each replaying labelled N-MNIST
-recordings (the synthetic camera when absent) in 10 ms packets at the pace of the event clock,
+recordings (the synthetic camera when absent) in packets of one window (10 ms by default) at the pace of the event clock,
 ``wait=true``, until a deadline; it retries only what the service certainly did not take (503 /
 429 after ``Retry-After``, refused connections) and counts what it did take. For every accepted
 packet it also frames the same events with its own ``StreamFramer``, so the steps the worker should
@@ -25,13 +25,19 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NDOT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def camera_process(url: str, key: str, streams: list[str], duration_s: float, seed: int, out: str) -> None:
-    """Child process entry point: drive ``streams`` in real time for ``duration_s``; write a JSON record."""
-    record = asyncio.run(_drive(url, key, streams, duration_s, seed))
+def camera_process(
+    url: str, key: str, streams: list[str], duration_s: float, seed: int, out: str, window_us: int = 10_000
+) -> None:
+    """Child process entry point: drive ``streams`` in real time for ``duration_s``; write a JSON record.
+
+    Packets hold one ``window_us`` of events each (the service must run with the same window)."""
+    record = asyncio.run(_drive(url, key, streams, duration_s, seed, window_us))
     Path(out).write_text(json.dumps(record))
 
 
-async def _drive(url: str, key: str, streams: list[str], duration_s: float, seed: int) -> dict[str, Any]:
+async def _drive(
+    url: str, key: str, streams: list[str], duration_s: float, seed: int, window_us: int = 10_000
+) -> dict[str, Any]:
     from clients.packets import encode_body, packetize
     from clients.sources import open_source, synthetic_source
     from ndot_core.events.framing import StreamFramer
@@ -58,8 +64,8 @@ async def _drive(url: str, key: str, streams: list[str], duration_s: float, seed
         clock_us = 0
         for k in range(10**9):
             sequence = sequences[(offset + k) % len(sequences)]
-            framer = StreamFramer(sequence.sensor_size, window_us=10_000, output_size=(34, 34))
-            packets = packetize(sequence.events["t"], packet_us=10_000)
+            framer = StreamFramer(sequence.sensor_size, window_us=window_us, output_size=(34, 34))
+            packets = packetize(sequence.events["t"], packet_us=window_us)
             for packet in packets:
                 due = started + (clock_us + packet.release_us) * 1e-6
                 if due > deadline or time.perf_counter() > deadline:  # a fixed wall-clock time, too

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     alpha: float = Field(0.1, ge=0, le=1, description="Weight of the per-step loss term (Eq. 13).")
     seed: int = Field(0, description="Seed of the initial (and reset) weights.")
     device: str = Field("auto", description='Torch device: "auto" = cuda when available, else cpu.')
+    step_backend: Literal["autograd", "local", "auto"] = Field(
+        "auto",
+        description="How the learner computes a step: 'autograd' (the reference), 'local' (a hand-written "
+        "backward of the current step, no autograd graph, fused optimizer; the same gradients, "
+        "tests/test_local_step.py) or 'auto' (local where the rule and model allow it).",
+    )
     torch_threads: int = Field(
         1,
         ge=0,

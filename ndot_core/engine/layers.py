@@ -15,10 +15,15 @@ Scaled weight standardization, per output channel (fan_in = weight[0].numel())::
 
     W_hat = gain * (W - mean(W)) / sqrt(var_unbiased(W) * fan_in + eps),   eps = 1e-4, gain init 1
 
-computed from the raw weight inside autograd, so gradients reach ``W`` and ``gain`` through it.
+computed from the raw weight inside autograd, so gradients reach ``W`` and ``gain`` through it;
+``standardize_weight_parts`` and ``standardize_weight_backward`` are the same map and its gradient
+written out, for the local backend (``ndot_core.engine.local_step``).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +32,60 @@ from torch import Tensor, nn
 WS_EPS = 1e-4
 
 
+@functools.lru_cache(maxsize=64)
+def constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-d tensor holding ``value`` (cached: never modify it; a normal tensor even if first asked for
+    under ``inference_mode``, so that autograd may use it)."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=dtype, device=device)
+
+
 def standardize_weight(weight: Tensor, gain: Tensor, eps: float = WS_EPS) -> Tensor:
     """Scaled weight standardization of ``weight`` [out, ...] with per-output ``gain`` [out, 1, ...]."""
+    return standardize_weight_parts(weight, gain, eps)[0]
+
+
+def standardize_weight_parts(
+    weight: Tensor, gain: Tensor, eps: float = WS_EPS, out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(W_hat, c, r, a)``: ``c = W - mean(W)``, ``r = 1 / sqrt(var_unbiased(W) * fan_in + eps)``,
+    ``a = gain * r`` and ``W_hat = c * a`` (per output channel).
+
+    ``standardize_weight`` calls this, so autograd and the local backend get the same bits; ``c``,
+    ``r`` and ``a`` are what ``standardize_weight_backward`` needs. ``var * fan_in`` is computed as
+    ``k * |c|^2`` with ``k = fan_in / (fan_in - 1)`` (``Tensor.var``'s Welford reduction is ~10x
+    slower on these small weights). ``out``: where to write ``W_hat`` (not under autograd).
+    """
     dims = tuple(range(1, weight.dim()))
-    fan_in = weight[0].numel()
-    mean = weight.mean(dim=dims, keepdim=True)
-    var = weight.var(dim=dims, keepdim=True, unbiased=True)
-    return gain * (weight - mean) / torch.sqrt(var * fan_in + eps)
+    fan_in = math.prod(weight.shape[1:])
+    centred = torch.sub(weight, weight.sum(dim=dims, keepdim=True), alpha=1 / fan_in)  # W - mean(W)
+    norm = torch.linalg.vector_norm(centred, dim=dims, keepdim=True)
+    inv_std = torch.addcmul(
+        constant(eps, norm.dtype, norm.device), norm, norm, value=fan_in / (fan_in - 1)
+    ).rsqrt()
+    scale = gain * inv_std
+    w_hat = torch.mul(centred, scale) if out is None else torch.mul(centred, scale, out=out)
+    return w_hat, centred, inv_std, scale
+
+
+def standardize_weight_backward(
+    grad_w_hat: Tensor, centred: Tensor, inv_std: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(dL/dW, dL/dgain)`` from ``G = dL/dW_hat`` for ``W_hat = gain * c * r`` (per output channel).
+
+    With ``n = fan_in``, ``k = n / (n-1)``, ``c = W - mean(W)``, ``r = (k |c|^2 + eps)^(-1/2)``,
+    ``a = gain * r`` (``standardize_weight_parts``) and ``q = sum(G * c)`` over the fan-in::
+
+        dL/dgain = q * r
+        dL/dc    = G * a - k * (q * r) * a * r * c       (the second term: r depends on c)
+        dL/dW    = dL/dc - mean(dL/dc)                   (c = W - mean(W) is centring)
+    """
+    dims = tuple(range(1, grad_w_hat.dim()))
+    fan_in = math.prod(grad_w_hat.shape[1:])
+    grad_gain = (grad_w_hat * centred).sum(dim=dims, keepdim=True).mul_(inv_std)
+    coef = torch.mul(grad_gain, scale).mul_(inv_std)
+    grad_c = torch.mul(grad_w_hat, scale).addcmul_(centred, coef, value=-fan_in / (fan_in - 1))
+    return grad_c.sub_(grad_c.sum(dim=dims, keepdim=True), alpha=1 / fan_in), grad_gain  # minus the mean
 
 
 class TraceDrivenLinearFunction(torch.autograd.Function):

@@ -10,33 +10,49 @@ Per labelled step t (Algorithm 1 of the paper; labels -1 mark rows that only inf
 
 With no labelled row the step runs under ``torch.no_grad``. Nothing of a step's graph survives it,
 so memory is constant however many steps run. Prediction = argmax of the logits summed so far.
+
+Backends of ``step`` (``backend=``): "autograd" (the reference: ``model.step`` and ``loss.backward()``),
+"local" (``ndot_core.engine.local_step``: the same step without an autograd graph, a hand-written
+backward of step t, channels-last tensors, a fused optimizer; same logits, states and gradients up
+to float rounding) and "auto" (local where ``local_plan.unsupported_reason`` finds nothing against
+it, else autograd). ``learn_sequence`` always uses autograd (``bptt`` and module hooks need it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ndot_core.engine.loss import FTRLRegulariser, ndot_loss
+from ndot_core.engine.local_plan import LocalBackendUnsupported, unsupported_reason
+from ndot_core.engine.local_step import LocalStep, accumulate_grads
+from ndot_core.engine.loss import FTRLRegulariser, ndot_loss, ndot_loss_grad
 from ndot_core.engine.models import SpikingNetwork
 from ndot_core.engine.rules import check_rule
 from ndot_core.engine.state import NetworkState
 
 MODES = ("online", "accumulate")
 OPTIMIZERS = ("sgd", "adam")
+BACKENDS = ("autograd", "local", "auto")
 
 
-def _check_labels(labels: Tensor, batch_size: int, num_classes: int, allow_unlabelled: bool = True) -> None:
+def _check_labels(
+    labels: Tensor, batch_size: int, num_classes: int, allow_unlabelled: bool = True
+) -> tuple[int, int]:
+    """Raise ``ValueError`` naming the first bad label; return the (smallest, largest) label."""
     if labels.shape != (batch_size,):
         raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch_size},)")
+    if batch_size == 0:
+        return 0, -1
+    smallest, largest = (int(v) for v in torch.aminmax(labels))  # one reduction for the checks and rows
     low = -1 if allow_unlabelled else 0
-    bad = (labels < low) | (labels >= num_classes)
-    if bad.any():
+    if smallest < low or largest >= num_classes:
+        bad = (labels < low) | (labels >= num_classes)
         at = int(bad.nonzero()[0])
         raise ValueError(f"label {int(labels[at])} at row {at} is outside [{low}, {num_classes})")
+    return smallest, largest
 
 
 def unrolled_losses(
@@ -95,6 +111,10 @@ class OnlineLearner:
     "accumulate" (NDOT_A); ``optimizer`` "sgd" (with ``momentum``) or "adam"; ``lr`` defaults to 0.1
     for SGD and 1e-3 for Adam; ``alpha`` weighs MSE against CE (Eq. 13); ``steps_per_sample`` is the
     T of the loss and of the accumulate mode; ``regulariser`` adds the FTRL-OTTT term to every step.
+    ``backend`` ("autograd", "local" or "auto", see the module docstring) computes ``step``; "local"
+    raises ``LocalBackendUnsupported`` (a ``ValueError``) for a rule or model it does not cover, and
+    at a step where a model module has forward hooks; "auto" uses autograd there instead.
+    ``last_backend`` says which one the latest ``step`` used.
     """
 
     def __init__(
@@ -110,8 +130,11 @@ class OnlineLearner:
         device: torch.device | str = "cpu",
         weight_decay: float = 0.0,
         regulariser: FTRLRegulariser | None = None,
+        backend: str = "autograd",
     ) -> None:
         self.rule = check_rule(rule)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if optimizer not in OPTIMIZERS:
@@ -130,24 +153,53 @@ class OnlineLearner:
         self.alpha = float(alpha)
         self.steps_per_sample = int(steps_per_sample)
         self.regulariser = regulariser
+        self.backend = backend
+        use_local = backend == "local" or (backend == "auto" and unsupported_reason(model, rule) is None)
+        self.local: LocalStep | None = LocalStep(self.model, rule) if use_local else None
+        self.last_backend: str | None = None
         self.optimizer = self._make_optimizer()
         self.version = 0  # optimizer steps taken
         self.pending_steps = 0  # labelled steps whose gradients wait for the next optimizer step
-        self.last_loss: Tensor | None = None
+        self._last_loss: Tensor | Callable[[], Tensor] | None = None
+
+    @property
+    def last_loss(self) -> Tensor | None:
+        """Loss of the latest learning ``step`` (or the sum of ``learn_sequence``'s), detached.
+
+        The local backend does not need the loss value for its gradient; it computes it here, on first
+        read, from the logits and labels it kept (the same ``ndot_loss`` call as the autograd path).
+        """
+        if callable(self._last_loss):
+            self._last_loss = self._last_loss()
+        return self._last_loss
+
+    @last_loss.setter
+    def last_loss(self, value: Tensor | None) -> None:
+        self._last_loss = value
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        # The local backend takes the fused kernels (one call for every tensor); autograd keeps torch's
+        # default implementation, the reference. Both compute the same update up to rounding.
+        options: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.optimizer_name == "sgd":
+            options["momentum"] = self.momentum
+        kind = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.SGD
+        if self.local is not None:
+            try:
+                return kind(params, fused=True, **options)
+            except RuntimeError:  # a device or dtype without fused kernels
+                pass
+        return kind(params, **options)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.readout.weight.dtype
 
     def new_state(self, batch_size: int) -> NetworkState:
-        """Resting state for ``batch_size`` streams on the learner's device."""
-        return self.model.new_state(batch_size, self.device)
+        """Resting state for ``batch_size`` streams on the learner's device (in the local backend's layout)."""
+        state = self.model.new_state(batch_size, self.device)
+        return state if self.local is None else state.with_memory_format(self.local.memory_format)
 
     def _loss(self, logits: Tensor, labels: Tensor, steps_per_sample: int) -> Tensor:
         loss = ndot_loss(logits, labels, self.alpha, steps_per_sample)
@@ -156,8 +208,14 @@ class OnlineLearner:
     def _optimizer_step(self) -> None:
         self.optimizer.step()
         # Zeroed, not freed: a long-running learner keeps one gradient buffer instead of
-        # reallocating it every step, and its memory is the same from the first step on.
-        self.optimizer.zero_grad(set_to_none=False)
+        # reallocating it every step, and its memory is the same from the first step on. (The local
+        # backend's next step hands in fresh gradient tensors when nothing is pending; the zeros
+        # keep ``.grad`` reading the same as on the autograd backend meanwhile.)
+        if self.local is None:
+            self.optimizer.zero_grad(set_to_none=False)
+        else:  # the same, in one call (the local backend's gradients carry no graph to detach)
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
+            torch._foreach_zero_([g for g in grads if g is not None])
         self.pending_steps = 0
         self.version += 1
 
@@ -171,13 +229,15 @@ class OnlineLearner:
         if self.rule == "bptt":
             raise ValueError("rule 'bptt' needs whole sequences: use learn_sequence, or an online rule")
         frames = frames.to(self.device, self.dtype)
-        learn_rows = None
+        learn_rows, all_labelled = None, False
         if labels is not None:
             labels = torch.as_tensor(labels, device=self.device).to(torch.long)
-            _check_labels(labels, state.batch_size, self.model.num_classes)
-            learn_rows = labels >= 0
-            if not bool(learn_rows.any()):
-                learn_rows = None
+            smallest, largest = _check_labels(labels, state.batch_size, self.model.num_classes)
+            learn_rows = labels >= 0 if largest >= 0 else None
+            all_labelled = smallest >= 0
+        if self._use_local():
+            return self._local_step(frames, labels, learn_rows, all_labelled, state)
+        self.last_backend = "autograd"
         if learn_rows is None:
             with torch.no_grad():
                 return self.model.step(frames, state, self.rule)
@@ -190,6 +250,57 @@ class OnlineLearner:
             self._optimizer_step()
         return logits.detach()
 
+    def _use_local(self) -> bool:
+        """Whether this step runs on the local backend ("auto" falls back to autograd where it cannot)."""
+        if self.local is None:
+            return False
+        try:
+            self.local.check(self.rule)
+        except LocalBackendUnsupported:
+            if self.backend == "local":
+                raise
+            return False
+        return True
+
+    def _local_step(
+        self,
+        frames: Tensor,
+        labels: Tensor | None,
+        learn_rows: Tensor | None,
+        all_labelled: bool,
+        state: NetworkState,
+    ) -> Tensor:
+        """``step`` on the local backend: forward, the hand-written backward, the same optimizer rules."""
+        assert self.local is not None
+        self.last_backend = "local"
+        logits, tape = self.local.forward(frames, state, self.rule, learn_rows, all_labelled)
+        if tape is None:
+            return logits
+        if tape.rows is None:
+            rows_logits, rows_labels = logits.clone(), labels
+        else:
+            rows_logits, rows_labels = logits.index_select(0, tape.rows), labels.index_select(0, tape.rows)
+        grad_logits = ndot_loss_grad(rows_logits, rows_labels, self.alpha, self.steps_per_sample)
+        grads = self.local.backward(tape, grad_logits)
+        penalty = None
+        if self.regulariser is not None:
+            params = dict(self.model.named_parameters())
+            grads += [(params[name], g) for name, g in self.regulariser.gradients(self.model).items()]
+            with torch.no_grad():
+                penalty = self.regulariser(self.model)
+        accumulate_grads(grads, replace=self.pending_steps == 0)  # nothing pending: buffers hold zeros
+        alpha, steps = self.alpha, self.steps_per_sample
+
+        def loss() -> Tensor:
+            value = ndot_loss(rows_logits, rows_labels, alpha, steps)
+            return value if penalty is None else value + penalty
+
+        self._last_loss = loss
+        self.pending_steps += 1
+        if self.mode == "online" or self.pending_steps >= self.steps_per_sample:
+            self._optimizer_step()
+        return logits
+
     @staticmethod
     def predict(state: NetworkState) -> Tensor:
         """Predicted class per row: argmax of the logits summed over the steps seen, LongTensor [B]."""
@@ -200,7 +311,7 @@ class OnlineLearner:
 
         Online rules: mode "online" steps the optimizer every time-step, "accumulate" once at the
         end; ``bptt`` unrolls the sequence and steps once. T = ``frames.shape[0]`` scales the loss.
-        Gradients left pending by ``step`` are discarded first.
+        Gradients left pending by ``step`` are discarded first. Always on the autograd backend.
         """
         frames = frames.to(self.device, self.dtype)
         labels = torch.as_tensor(labels, device=self.device).to(torch.long)
@@ -268,7 +379,10 @@ class OnlineLearner:
         if missing:
             raise KeyError(f"learner state lacks {sorted(missing)}")
         self.model.load_state_dict(state["model"])
+        own = {key: self.optimizer.defaults.get(key) for key in ("fused", "foreach")}
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # this learner's kernels, whichever saved the state
+            group.update(own)
         self.optimizer.zero_grad(set_to_none=True)
         params = dict(self.model.named_parameters())
         for name, grad in state.get("pending_grads", {}).items():

@@ -33,6 +33,20 @@ def ndot_loss(logits: Tensor, labels: Tensor, alpha: float = 0.1, steps_per_samp
     return ((1 - alpha) * ce + alpha * mse) / steps_per_sample
 
 
+def ndot_loss_grad(logits: Tensor, labels: Tensor, alpha: float = 0.1, steps_per_sample: int = 1) -> Tensor:
+    """``dL/do`` of ``ndot_loss`` for logits [n, K] and labels [n] (all in ``[0, K)``; not re-checked).
+
+    With ``Y = onehot(y)``, ``p = softmax(o)`` and T = ``steps_per_sample``::
+
+        dL/do = ((1 - alpha) / n * (p - Y) + 2 * alpha / (n * K) * (o - Y)) / T
+    """
+    rows, num_classes = logits.shape
+    c_ce = (1 - alpha) / (rows * steps_per_sample)
+    c_mse = 2 * alpha / (rows * num_classes * steps_per_sample)
+    grad = torch.softmax(logits, dim=1).mul_(c_ce).add_(logits, alpha=c_mse)
+    return grad.scatter_add_(1, labels.view(-1, 1), grad.new_full((rows, 1), -(c_ce + c_mse)))
+
+
 class FTRLRegulariser:
     """``rho * ||W - W_hat||`` summed over the anchored parameters (``norm`` "l2" = squared L2, or "l1")."""
 
@@ -49,6 +63,19 @@ class FTRLRegulariser:
     def around(cls, model: nn.Module, rho: float, norm: str = "l2") -> FTRLRegulariser:
         """Anchor at the model's current parameters (the end of phase 1)."""
         return cls(dict(model.named_parameters()), rho, norm)
+
+    def gradients(self, model: nn.Module) -> dict[str, Tensor]:
+        """``{name: d(rho ||W - W_hat||)/dW}`` per anchored parameter: ``2 rho (W - W_hat)`` for "l2",
+        ``rho sign(W - W_hat)`` for "l1" (0 where equal, as autograd's ``abs``)."""
+        params = dict(model.named_parameters())
+        missing = self.anchor.keys() - params.keys()
+        if missing:
+            raise KeyError(f"anchor names parameters the model lacks: {sorted(missing)}")
+        out = {}
+        for name, w_hat in self.anchor.items():
+            diff = params[name].detach() - w_hat.to(params[name].device, params[name].dtype)
+            out[name] = diff.sign_().mul_(self.rho) if self.norm == "l1" else diff.mul_(2 * self.rho)
+        return out
 
     def __call__(self, model: nn.Module) -> Tensor:
         params = dict(model.named_parameters())

@@ -41,7 +41,12 @@ def stabilise(ratio: Tensor, lam: float) -> Tensor:
     ``ratio`` comes from a division, so a zero denominator shows up here as NaN (0/0) or +-Inf (x/0):
     this one test covers both of the notes' cases.
     """
-    return torch.nan_to_num(ratio, nan=lam, posinf=lam, neginf=lam).clamp_(-lam, lam)
+    return stabilise_(ratio.clone(), lam)
+
+
+def stabilise_(ratio: Tensor, lam: float) -> Tensor:
+    """``stabilise`` in place on ``ratio`` (a temporary of the caller's): the same kernels, no new tensor."""
+    return ratio.nan_to_num_(nan=lam, posinf=lam, neginf=lam).clamp_(-lam, lam)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
@@ -49,12 +54,17 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
-def dependency_paper(v: Tensor, v_prev: Tensor, first: Tensor, lam: float) -> Tensor:
-    """Paper rule: ``e[1] = r[1]``, ``e[t] = r[t] / r[t-1]``, stabilised (``r`` = post-reset ``v``)."""
+def dependency_paper(
+    v: Tensor, v_prev: Tensor, first: Tensor, lam: float, first_any: bool | None = None
+) -> Tensor:
+    """Paper rule: ``e[1] = r[1]``, ``e[t] = r[t] / r[t-1]``, stabilised (``r`` = post-reset ``v``).
+
+    ``first_any``: ``bool(first.any())`` when the caller already knows it (saves a sync per layer).
+    """
     ratio = v / v_prev
-    if bool(first.any()):
+    if first_any if first_any is not None else bool(first.any()):
         ratio = torch.where(_rows(first, v), v, ratio)
-    return stabilise(ratio, lam)
+    return stabilise_(ratio, lam)
 
 
 def dependency_reference(
@@ -62,7 +72,7 @@ def dependency_reference(
 ) -> Tensor:
     """Reference-code rule: ``(v[t] - Vth s[t]) / (v[t-1] - Vth s[t-1])``, stabilised."""
     numerator = torch.sub(v, s, alpha=v_threshold)
-    return stabilise(numerator.div_(torch.sub(v_prev, s_prev, alpha=v_threshold)), lam)
+    return stabilise_(numerator.div_(torch.sub(v_prev, s_prev, alpha=v_threshold)), lam)
 
 
 def advance_trace(
@@ -77,15 +87,17 @@ def advance_trace(
     first: Tensor,
     lam: float,
     v_threshold: float,
+    first_any: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One step of ``(e, a_hat)`` for ``rule`` given this step's ``v, s`` and the previous state.
 
     ``first`` ([B] bool) marks rows at t = 1 (their previous state is the zero resting state); only
-    the paper rule needs it, for ``e[1] = r[1]``. Returns ``(e[t], a_hat[t])``.
+    the paper rule needs it, for ``e[1] = r[1]``; ``first_any`` is ``bool(first.any())`` if known.
+    Returns ``(e[t], a_hat[t])``.
     """
     if rule == "ndot":
         trace = torch.addcmul(s, e_prev, trace_prev)
-        e = dependency_paper(v, v_prev, first, lam)
+        e = dependency_paper(v, v_prev, first, lam, first_any)
     elif rule == "ndot_reference":
         e = dependency_reference(v, s, v_prev, s_prev, v_threshold, lam)
         trace = torch.addcmul(s, e, trace_prev)

@@ -25,6 +25,17 @@ _NEURON_KEY = re.compile(r"^neurons\.(\d+)\.(v|s|e|trace)$")
 _MASK_KEY = re.compile(r"^masks\.(\d+)$")
 
 
+def index_rows(tensor: Tensor, index: Tensor) -> Tensor:
+    """``tensor.index_select(0, index)`` in the tensor's own layout (a channels-last tensor stays so)."""
+    if (
+        tensor.dim() == 4
+        and not tensor.is_contiguous()
+        and tensor.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return tensor.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return tensor.index_select(0, index)
+
+
 @dataclass
 class NetworkState:
     """State of a spiking network for ``batch_size`` streams; see the module docstring."""
@@ -92,9 +103,9 @@ class NetworkState:
             tensor.index_fill_(0, index, 0)
 
     def select(self, rows: Rows) -> NetworkState:
-        """A copy of ``rows`` (in the given order) as a new state."""
+        """A copy of ``rows`` (in the given order) as a new state, each tensor in its own layout."""
         index = self._index(rows)
-        return self._map(lambda t: t.index_select(0, index))
+        return self._map(lambda t: index_rows(t, index))
 
     def assign(self, rows: Rows, other: NetworkState) -> None:
         """Write ``other``'s rows into this state at ``rows`` (in place)."""
@@ -125,6 +136,10 @@ class NetworkState:
 
     def clone(self) -> NetworkState:
         return self._map(Tensor.clone)
+
+    def with_memory_format(self, memory_format: torch.memory_format) -> NetworkState:
+        """The same values with every 4-d tensor in ``memory_format`` (e.g. ``torch.channels_last``)."""
+        return self._map(lambda t: t.contiguous(memory_format=memory_format) if t.dim() == 4 else t)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NetworkState:
         """Move to ``device``; floating tensors (not ``steps``) also to ``dtype`` when given."""

@@ -41,6 +41,7 @@ def build_batcher(settings: Settings, metrics: ServiceMetrics) -> Batcher:
         alpha=s.alpha,
         steps_per_sample=s.steps_per_sample,
         device=s.torch_device(),
+        backend=s.step_backend,
     )
     return Batcher(
         learner,

@@ -1,0 +1,319 @@
+"""Capacity of one worker: what a step, a tick and a round cost, and how many live cameras it follows.
+
+    .venv/bin/python benchmarks/bench_capacity.py [--backends autograd local] [--windows-ms 20 10]
+        [--levels 4 8 12 16 24 32 48] [--duration 15] [--skip-service]
+
+Part 1, in this process, one torch thread, ``stream_cnn`` with the service's defaults, per batch
+size B (1 and 8), interleaved round by round:
+
+  * floor: the step's own convolutions and matmuls, bare (``bench_step.floor_ops``);
+  * step:  ``OnlineLearner.step`` with every row labelled, per backend;
+  * tick:  ``Batcher.tick`` with B live streams that each have one labelled frame queued: the
+    batch stacked, ``select`` -> step -> ``assign``, results recorded (the worker's cost per step).
+
+Part 2, the service: for each backend and window, ``ndot api`` + ``ndot worker`` as processes on
+Redis (``$NDOT_BENCH_REDIS_URL``, default db 15, a stream of its own), keys on. For each level N,
+N cameras replay labelled N-MNIST at the pace of their event clock in packets of one window,
+``wait=true``, for ``--duration`` s (``benchmarks/realtime_load.py``). A level is *sustained*
+when no camera fell more than 0.5 s behind its clock, no packet was lost or dead-lettered, the bus
+drained within 2 s after the cameras stopped, and p99 POST -> prediction stayed under 250 ms. The
+levels climb until one is not sustained. Cameras run in client processes on the same 2 cores: the
+figure is for the whole service on this machine, clients included.
+
+Prints a table, the load average before and after, and a verdict against the targets of issue 9;
+writes ``results/bench_capacity.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_step import (  # noqa: E402
+    LEARNER,
+    MODEL,
+    STEPS_PER_SAMPLE,
+    WARM_CALLS,
+    floor_ops,
+    make_frames,
+    time_per_call,
+)
+
+from ndot_core import OnlineLearner, build_model  # noqa: E402
+from service.metrics import ServiceMetrics  # noqa: E402
+from service.worker.batcher import STEP, Batcher, PendingStep  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {
+    "step_over_floor_b8": 2.5,
+    "step_over_floor_b1": 4.0,
+    "tick_over_step_b8": 1.15,
+    "streams_20ms": 16,
+    "streams_10ms": 8,
+    "p99_ms_8_streams_20ms": 25.0,
+}
+BEHIND_LIMIT_S, DRAIN_LIMIT_S, P99_LIMIT_MS = 0.5, 2.0, 250.0
+
+
+def learner_for(backend: str) -> OnlineLearner:
+    torch.manual_seed(0)
+    model = build_model(MODEL["name"], MODEL["in_channels"], MODEL["num_classes"], MODEL["input_size"])
+    return OnlineLearner(model, steps_per_sample=STEPS_PER_SAMPLE, backend=backend, **LEARNER)
+
+
+def ticker(backend: str, batch: int) -> Any:
+    """A function running one worker tick over ``batch`` streams that each have one frame queued."""
+    batcher = Batcher(
+        learner_for(backend), capacity=max(64, batch), window_us=20_000, metrics=ServiceMetrics()
+    )
+    slots = [batcher.open(f"cam-{i}", 34, 34)[0] for i in range(batch)]
+    frames = make_frames(batch).numpy()
+    count = [0]
+
+    def tick() -> None:
+        count[0] += 1
+        for i, slot in enumerate(slots):
+            entry = f"{count[0]}-{i}"
+            slot.pending.append((STEP, PendingStep(frames[count[0] % len(frames), i], i % 10, entry)))
+            batcher.remaining[entry] += 1
+        batcher.tick()
+        batcher.results.clear()
+        batcher.remaining.clear()
+
+    return tick
+
+
+def engine_figures(backends: list[str], batches: list[int], rounds: int, iters: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for batch in batches:
+        labels = torch.arange(batch) % MODEL["num_classes"]
+        frames = make_frames(batch)
+        fns: dict[str, Any] = {}
+        model = learner_for("autograd").model
+        fns["floor"] = min(
+            (floor_ops(model, batch, fmt) for fmt in (torch.contiguous_format, torch.channels_last)),
+            key=lambda fn: time_per_call(fn, iters),
+        )
+        for backend in backends:
+            learner = learner_for(backend)
+            state = learner.new_state(batch)
+            counter = [0]
+
+            def step(learner=learner, state=state, counter=counter, frames=frames, labels=labels) -> None:
+                counter[0] += 1
+                learner.step(frames[counter[0] % len(frames)], labels, state)
+
+            fns[f"step_{backend}"] = step
+            fns[f"tick_{backend}"] = ticker(backend, batch)
+        for fn in fns.values():
+            time_per_call(fn, max(3, iters // 3))
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                time_per_call(fn, WARM_CALLS)
+                samples[name].append(time_per_call(fn, iters))
+        figures = {name: statistics.median(values) for name, values in samples.items()}
+        for backend in backends:
+            figures[f"step_over_floor_{backend}"] = figures[f"step_{backend}"] / figures["floor"]
+            figures[f"tick_over_step_{backend}"] = figures[f"tick_{backend}"] / figures[f"step_{backend}"]
+        out[str(batch)] = figures
+    return out
+
+
+def service_levels(
+    backend: str, window_ms: int, levels: list[int], duration_s: float, workdir: Path
+) -> list[dict[str, Any]]:
+    from bench_load import Deployment, run_level
+
+    measured: list[dict[str, Any]] = []
+    deployment = Deployment(workdir, max_streams=max(levels) + 8)
+    deployment.env.update(
+        {
+            "NDOT_STEP_BACKEND": backend,
+            "NDOT_WINDOW_US": str(window_ms * 1000),
+            "NDOT_RATE_LIMIT_RPS": "0",
+            "NDOT_MAX_STREAM_BACKLOG_FRAMES": "100000",
+        }
+    )
+    with deployment:
+        for streams in levels:
+            level = run_level(
+                deployment, streams, duration_s, min(4, streams), workdir, window_us=window_ms * 1000
+            )
+            level["required_steps_per_s"] = streams * 1000 / window_ms
+            level["sustained"] = (
+                level["max_behind_camera_s"] <= BEHIND_LIMIT_S
+                and level["packets_lost"] == 0
+                and level["dead_lettered"] == 0
+                and level["drain_s"] <= DRAIN_LIMIT_S
+                and (level["latency_p99_ms"] or 0) <= P99_LIMIT_MS
+            )
+            print(
+                f"  {backend:8s} {window_ms:3d} ms {streams:4d} streams: p50 {level['latency_p50_ms']:7.1f} ms "
+                f"p99 {level['latency_p99_ms']:7.1f} ms  steps/s {level['steps_per_s']:7.1f} "
+                f"(real time needs {level['required_steps_per_s']:.0f})  behind {level['max_behind_camera_s']:.2f} s "
+                f"drain {level['drain_s']:.1f} s  lost {level['packets_lost']}  "
+                f"{'sustained' if level['sustained'] else 'NOT sustained'}",
+                flush=True,
+            )
+            measured.append({k: v for k, v in level.items() if not k.startswith("_")})
+            if not level["sustained"]:
+                break
+    return measured
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backends", nargs="+", default=["autograd", "local"], help="step backends (before, after)"
+    )
+    parser.add_argument("--windows-ms", type=int, nargs="+", default=[20, 10], help="frame windows (20 10)")
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=[4, 8, 12, 16, 24, 32, 48], help="camera counts"
+    )
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per level (15)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of part 1 (5)")
+    parser.add_argument("--iters", type=int, default=30, help="calls per round and measure in part 1 (30)")
+    parser.add_argument("--skip-service", action="store_true", help="part 1 only (no Redis needed)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    print(
+        f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; 1 torch thread"
+    )
+
+    print("\nPart 1: floor, step and tick, milliseconds (medians of interleaved rounds)")
+    engine = engine_figures(args.backends, [1, 8], args.rounds, args.iters)
+    for batch, f in engine.items():
+        cells = "  ".join(
+            f"{b}: step {f[f'step_{b}'] * 1e3:6.3f} ({f[f'step_over_floor_{b}']:4.2f}x floor) "
+            f"tick {f[f'tick_{b}'] * 1e3:6.3f} ({f[f'tick_over_step_{b}']:4.2f}x step)"
+            for b in args.backends
+        )
+        print(f"  batch {batch:>2s}: floor {f['floor'] * 1e3:6.3f}  {cells}")
+
+    service: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    if not args.skip_service:
+        print(
+            f"\nPart 2: live cameras against ndot api + ndot worker on Redis, {args.duration:g} s per level"
+        )
+        with tempfile.TemporaryDirectory(prefix="ndot-capacity-") as tmp:
+            for backend in args.backends:
+                for window_ms in args.windows_ms:
+                    workdir = Path(tmp) / f"{backend}-{window_ms}"
+                    workdir.mkdir()
+                    levels = service_levels(backend, window_ms, args.levels, args.duration, workdir)
+                    service.setdefault(backend, {})[str(window_ms)] = levels
+    load_after = os.getloadavg()
+    print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+
+    def sustained(backend: str, window_ms: int) -> int:
+        levels = service.get(backend, {}).get(str(window_ms), [])
+        return max((lv["streams"] for lv in levels if lv["sustained"]), default=0)
+
+    def p99_at(backend: str, window_ms: int, streams: int) -> float | None:
+        for level in service.get(backend, {}).get(str(window_ms), []):
+            if level["streams"] == streams:
+                return level["latency_p99_ms"]
+        return None
+
+    best = args.backends[-1]
+    checks = [
+        (
+            f"step / floor at batch 8 ({best}) <= {TARGETS['step_over_floor_b8']}",
+            engine["8"][f"step_over_floor_{best}"],
+            TARGETS["step_over_floor_b8"],
+            "<=",
+        ),
+        (
+            f"step / floor at batch 1 ({best}) <= {TARGETS['step_over_floor_b1']}",
+            engine["1"][f"step_over_floor_{best}"],
+            TARGETS["step_over_floor_b1"],
+            "<=",
+        ),
+        (
+            f"tick / step at batch 8 ({best}) <= {TARGETS['tick_over_step_b8']}",
+            engine["8"][f"tick_over_step_{best}"],
+            TARGETS["tick_over_step_b8"],
+            "<=",
+        ),
+    ]
+    if service:
+        checks += [
+            (
+                f"sustained streams at 20 ms ({best}) >= {TARGETS['streams_20ms']}",
+                sustained(best, 20),
+                TARGETS["streams_20ms"],
+                ">=",
+            ),
+            (
+                f"sustained streams at 10 ms ({best}) >= {TARGETS['streams_10ms']}",
+                sustained(best, 10),
+                TARGETS["streams_10ms"],
+                ">=",
+            ),
+            (
+                f"p99 POST->prediction at 8 streams, 20 ms ({best}) <= {TARGETS['p99_ms_8_streams_20ms']} ms",
+                p99_at(best, 20, 8),
+                TARGETS["p99_ms_8_streams_20ms"],
+                "<=",
+            ),
+        ]
+    print("\nVerdict")
+    verdicts = []
+    for text, value, target, sense in checks:
+        ok = value is not None and (value <= target if sense == "<=" else value >= target)
+        shown = "n/a" if value is None else f"{value:.2f}"
+        print(f"  [{'PASS' if ok else 'MISS'}] {text}: {shown}")
+        verdicts.append({"check": text, "value": value, "target": target, "pass": ok})
+    for backend in args.backends:
+        for window_ms in args.windows_ms if service else []:
+            print(
+                f"  {backend}: {sustained(backend, window_ms)} real-time streams sustained at {window_ms} ms"
+            )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "command": "benchmarks/bench_capacity.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": 1,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
+        "engine_seconds": engine,
+        "service": service,
+        "sustained": {b: {str(w): sustained(b, w) for w in args.windows_ms} for b in service},
+        "verdicts": verdicts,
+        "wall_s": time.perf_counter() - started,
+        "numpy": np.__version__,
+    }
+    path = args.out / "bench_capacity.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
