@@ -118,6 +118,22 @@ class NetworkState:
         for name, tensor in mine.items():
             tensor.index_copy_(0, index, theirs[name].detach().to(tensor.device, tensor.dtype))
 
+    def narrow(self, start: int, length: int) -> NetworkState:
+        """Rows ``start .. start + length - 1`` as *views* (no copy): a step that rebinds its state's
+        tensors (as ``OnlineLearner.step`` does) leaves this state unchanged until ``write_rows``."""
+        if not 0 <= start <= start + length <= self.batch_size:
+            raise IndexError(f"rows {start}..{start + length - 1} outside batch size {self.batch_size}")
+        return self._map(lambda t: t.narrow(0, start, length))
+
+    def write_rows(self, start: int, other: NetworkState) -> None:
+        """Write ``other``'s rows into rows ``start ..`` in place: ``assign`` for a contiguous run of
+        rows, as one block copy per tensor."""
+        mine, theirs = self.tensors(), other.tensors()
+        if mine.keys() != theirs.keys():
+            raise ValueError(f"states differ in layout: {sorted(mine.keys() ^ theirs.keys())}")
+        for name, tensor in mine.items():
+            tensor.narrow(0, start, other.batch_size).copy_(theirs[name].detach())
+
     @staticmethod
     def cat(states: Sequence[NetworkState]) -> NetworkState:
         """Stack the rows of several states of the same network."""

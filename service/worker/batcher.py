@@ -41,6 +41,7 @@ from ndot_core.events.framing import StreamFramer
 from ndot_core.events.layout import EventError, events_from_bytes
 from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
+from service.worker.state_table import StateTable, shallow
 from service.worker.streams import StreamRegistry, StreamSlot
 
 RESET, STEP = "reset", "step"
@@ -86,13 +87,23 @@ class Batcher:
         self.max_sensor_size = max_sensor_size
         self.input_size: tuple[int, int] = tuple(learner.model.input_size)  # (H, W)
         self.registry = StreamRegistry(capacity, self.new_framer)
-        self.state: NetworkState = learner.new_state(capacity)
+        self.table = StateTable(learner)  # one compact row per live stream (service.worker.state_table)
         #: Step results per bus entry id, filled by ticks, taken by the worker once the entry is done.
         self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
         #: Packets given up after ``max_failures`` failed steps: entry id -> error (taken by the worker).
         self.poisoned: dict[str, str] = {}
         #: Steps each packet still has queued; a packet is done when its count is 0 (``take``).
         self.remaining: dict[str, int] = defaultdict(int)
+
+    @property
+    def state(self) -> NetworkState:
+        """The live streams' states, stream ``slot`` in row ``slot.row``."""
+        self.table.fit(self.registry)
+        return self.table.state
+
+    @state.setter
+    def state(self, state: NetworkState) -> None:
+        self.table.state = state
 
     def new_framer(self, width: int, height: int) -> StreamFramer:
         return StreamFramer(
@@ -184,7 +195,7 @@ class Batcher:
 
     def reset_stream(self, slot: StreamSlot) -> None:
         """Fresh neuron and framer state for one stream (queue must be drained)."""
-        self.state.reset_rows([slot.row])
+        self.state.reset_rows([slot.row])  # (the property fits the table first)
         slot.framer = self.new_framer(slot.width, slot.height)
         slot.sequence_step = 0
         slot.sequence_events = 0
@@ -244,6 +255,7 @@ class Batcher:
         When the batched step raises, each row is run alone (``_run_alone``), so one bad packet
         never holds back the other streams.
         """
+        self.table.fit(self.registry)
         batch: list[tuple[StreamSlot, PendingStep]] = []
         fresh_rows = []
         for slot in self.registry:
@@ -256,7 +268,7 @@ class Batcher:
                 self.remaining[step.entry_id] -= 1
                 batch.append((slot, step))
         if fresh_rows:
-            self.state.reset_rows(fresh_rows)
+            self.table.reset_rows(fresh_rows)
         if not batch:
             return 0
         try:
@@ -311,18 +323,29 @@ class Batcher:
         self.remaining[step.entry_id] = 0
 
     def _step(self, batch: list[tuple[StreamSlot, PendingStep]]) -> None:
-        """``select`` -> ``learner.step`` -> ``assign`` -> record; the state changes only if the step succeeds."""
+        """Rows -> ``learner.step`` -> rows back -> record; the state changes only if the step succeeds.
+
+        Every live stream in the batch (the usual case at real time): the table is stepped as it is,
+        no copies (``StateTable.batch_of``); its tensors before the step are kept to put back on failure.
+        """
+        batch.sort(key=lambda item: item[0].row)
         rows = [slot.row for slot, _ in batch]
         frames = torch.from_numpy(np.stack([step.frame for _, step in batch]))
         label_list = [-1 if step.label is None else step.label for _, step in batch]
         labels = torch.tensor(label_list, dtype=torch.long) if max(label_list) >= 0 else None
-        sub = self.state.select(rows)
+        sub, how = self.table.batch_of(rows)
+        before = shallow(sub) if how == "whole" else None
         started = time.perf_counter()
-        self.learner.step(frames, labels, sub)
+        try:
+            self.learner.step(frames, labels, sub)
+        except Exception:
+            if before is not None:
+                self.table.state = before
+            raise
         elapsed = time.perf_counter() - started
         self.metrics.step_duration.observe(elapsed)
         self.step_s_average += 0.05 * (elapsed - self.step_s_average)
-        self.state.assign(rows, sub)
+        self.table.put(rows, sub, how)
         self._record(batch, sub)
 
     def _record(self, batch: list[tuple[StreamSlot, PendingStep]], sub: NetworkState) -> None:

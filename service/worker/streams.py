@@ -160,6 +160,14 @@ class StreamRegistry:
             self._free_rows.sort(reverse=True)
         return slot
 
+    def renumber(self, slots: list[StreamSlot]) -> None:
+        """Give ``slots`` (every live stream, in the new order) rows 0..n-1; the rows above are free."""
+        if {slot.stream_id for slot in slots} != set(self._slots) or len(slots) != len(self._slots):
+            raise ValueError("renumber needs every live stream exactly once")
+        for row, slot in enumerate(slots):
+            slot.row = row
+        self._free_rows = list(range(self.capacity - 1, len(slots) - 1, -1))
+
     def expire(self, now_s: float, ttl_s: float) -> list[StreamSlot]:
         """Remove and return the streams idle for more than ``ttl_s`` seconds (with nothing queued)."""
         stale = [s for s in self._slots.values() if now_s - s.last_active_s > ttl_s and not s.pending]
