@@ -200,13 +200,12 @@ async def run_worker_apart(settings: Settings) -> int:
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
     bus = make_bus(settings)
-    await bus.start()
     try:
         worker = Worker(settings, bus, metrics)
-        await worker.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
+        await worker.start()  # waits (and logs once) while Redis is unreachable or refuses writes
         await worker.run()
     finally:
         await bus.close()

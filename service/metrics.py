@@ -11,7 +11,9 @@ backpressure or the per-key rate limit), requests refused before their route
 everything it applies (events, steps, predictions, accuracy, streams, bus lag, memory, model
 version, step duration), each failed attempt at a packet (``failed``), each packet moved to the
 dead-letter stream (``dead_lettered``), each entry skipped as applied before and each checkpoint
-file or write that failed (``ndot_checkpoint_errors_total{stage}``).
+file or write that failed (``ndot_checkpoint_errors_total{stage}``). Both count the bus calls that
+failed (``ndot_bus_errors_total{side, kind}``): Redis unreachable, refusing writes (OOM, MISCONF,
+READONLY, ...) or answering an unexpected error.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ REFUSAL_REASONS = ("unauthenticated", "forbidden", "rate_limited", "too_large")
 #: Where a checkpoint failed: a file unreadable when listed, refused at restore, a write, deleting old
 #: ones, the checkpoint written on SIGTERM.
 CHECKPOINT_STAGES = ("list", "restore", "save", "prune", "shutdown")
+#: Who met a bus failure, and which (``BusError.kind``): no connection, a refusal, an unexpected error answer.
+BUS_ERROR_SIDES = ("api", "worker")
+BUS_ERROR_KINDS = ("unreachable", "refused", "error")
 
 
 class ServiceMetrics:
@@ -113,6 +118,13 @@ class ServiceMetrics:
             ["stage"],
             registry=r,
         )
+        self.bus_errors = Counter(
+            "ndot_bus_errors",
+            "Bus calls that failed, by side (api, worker) and kind (unreachable; refused: Redis up but "
+            "refusing, e.g. OOM, MISCONF, READONLY; error: an unexpected error answer).",
+            ["side", "kind"],
+            registry=r,
+        )
         self.step_duration = Histogram(
             "ndot_step_duration_seconds",
             "Duration of one batched learner step.",
@@ -133,8 +145,16 @@ class ServiceMetrics:
             self.refused.labels(reason=reason)
         for stage in CHECKPOINT_STAGES:
             self.checkpoint_errors.labels(stage=stage)
+        for side in BUS_ERROR_SIDES:
+            for kind in BUS_ERROR_KINDS:
+                self.bus_errors.labels(side=side, kind=kind)
         self._recent_correct: deque[bool] = deque(maxlen=accuracy_window)
         self._recent_correct_count = 0
+
+    def bus_error(self, side: str, kind: str) -> None:
+        """Count one failed bus call (``kind`` = ``BusError.kind``; others, such as ``full``, are not failures)."""
+        if kind in BUS_ERROR_KINDS:
+            self.bus_errors.labels(side=side, kind=kind).inc()
 
     def record_prediction(self, correct: bool | None) -> None:
         """Count one prediction; ``correct`` is None for an unlabelled step."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,7 +35,18 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Retry-After (s) advised when the bus pushes back."
     )
     bus_maxlen: int = Field(
-        100_000, ge=1, description="Approximate MAXLEN the stream is trimmed to (applied entries only)."
+        100_000,
+        ge=1,
+        description="Entries the stream keeps at most: the oldest applied ones are trimmed past it (never an "
+        "unread or pending one).",
+    )
+    bus_max_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="Bytes of entries the bus holds at most (events, fields and envelope). Applied entries are "
+        "trimmed to make room; while entries not yet applied fill it, POSTs answer 503 + Retry-After. 512 MiB "
+        "holds the whole lag bound (2000) of 10k-event packets (130 KB) twice over, and caps 16 MiB bodies "
+        "at 32. Must be >= 2 x max_body_bytes; Redis's maxmemory must leave room above it (docs/deploy.md).",
     )
 
     # --- model and learning ---------------------------------------------------------------------
@@ -245,6 +256,17 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _bus_holds_the_largest_packets(self) -> Settings:
+        # A binary body becomes as many event bytes, a JSON one up to 13/8 as many (8 characters per
+        # event at least): twice max_body_bytes holds the largest entry the API can publish, with its envelope.
+        if self.bus_max_bytes < 2 * self.max_body_bytes:
+            raise ValueError(
+                f"bus_max_bytes={self.bus_max_bytes} must be at least 2 x max_body_bytes="
+                f"{2 * self.max_body_bytes}, so the bus always holds the largest packet the API takes"
+            )
+        return self
 
     @property
     def max_packet_frames(self) -> int:

@@ -27,12 +27,14 @@ pytestmark = pytest.mark.redis
 class OwnRedis:
     """A redis-server of this test's own on a fixed free port, which the test may stop and start."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
+        """``extra_args``: more ``redis-server`` options (``"--maxmemory", "1mb"``)."""
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.workdir = workdir
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -48,6 +50,7 @@ class OwnRedis:
             "no",
             "--dir",
             str(self.workdir),
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)

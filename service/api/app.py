@@ -21,7 +21,7 @@ from service.api.context import ServiceContext
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimit, RateLimiter
 from service.api.routes import checkpoints, model, operations, streams
-from service.bus import Bus, make_bus
+from service.bus import Bus, BusRefused, make_bus
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -49,7 +49,10 @@ def create_api(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await bus.start()
+        try:
+            await bus.start()
+        except BusRefused as err:  # Redis is up: serve, answering 503 and not ready until it takes writes
+            log.warning("event=bus_refuses_writes_at_start reason=%s error=%r", err.reason, str(err))
         async with AsyncExitStack() as stack:
             if own_bus:
                 stack.push_async_callback(bus.close)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 
 from service.api.auth import require_admin, require_ingest
-from service.api.errors import ApiError
+from service.api.errors import ApiError, BusErrorLog
 from service.api.schemas import STREAM_ID_PATTERN, ErrorDetail
-from service.bus import Bus, BusUnavailable, messages
+from service.bus import Bus, BusError, messages
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -27,11 +27,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         403: "An ingest key on an admin route.",
         404: "Unknown stream or checkpoint.",
         409: "The stream is open with another sensor size.",
-        413: "Body over the size limit.",
+        413: "Body over the size limit (or larger than the bus's whole byte bound).",
         415: "Content type is neither application/octet-stream nor application/json.",
         422: "Bad events, label or parameter; the message names the index and value.",
         429: "Rate limit of the API key exceeded; retry after the Retry-After header.",
-        503: "Backpressure or bus unreachable; retry after the Retry-After header.",
+        500: "The bus answered an unexpected error (named in the detail); retrying alone will not help.",
+        503: "Backpressure (bus lag or bytes), bus unreachable or refusing writes (OOM, READONLY, ...); "
+        "retry after the Retry-After header.",
         504: "The worker did not reply in time; the packet stays on the bus and is still applied.",
     }.items()
 }
@@ -44,10 +46,16 @@ class ServiceContext:
     settings: Settings
     bus: Bus
     metrics: ServiceMetrics
+    bus_log: BusErrorLog = field(default_factory=BusErrorLog)
 
     @property
     def prefix(self) -> str:
         return self.settings.bus_stream
+
+    def bus_failed(self, err: BusError, where: str) -> None:
+        """Count a failed bus call (``ndot_bus_errors_total{side="api"}``) and log it without a flood."""
+        self.metrics.bus_error("api", err.kind)
+        self.bus_log(err, where)
 
     async def sensor(self, stream_id: str) -> tuple[int, int] | None:
         return messages.decode_sensor(await self.bus.get_value(messages.sensor_key(self.prefix, stream_id)))
@@ -93,8 +101,9 @@ class ServiceContext:
                 messages.encode_sensor(width, height),
                 ttl_s=messages.sensor_ttl_s(self.settings.stream_ttl_s),
             )
-        except BusUnavailable as err:
-            log.warning("event=sensor_not_registered stream=%s error=%r", stream_id, str(err))
+        except BusError as err:  # unreachable, refusing, unexpected: the packet is on the bus all the same
+            self.bus_failed(err, "register_sensor")
+            log.warning("event=sensor_not_registered stream=%s error=%r", stream_id, err.summary)
 
     async def status(self) -> dict[str, Any]:
         """The worker's latest status snapshot (empty before the worker first wrote one)."""
@@ -111,14 +120,16 @@ class ServiceContext:
     async def reply(self, entry_id: str) -> dict[str, Any]:
         """The worker's answer to entry ``entry_id`` (504 when none comes in time).
 
-        The entry is on the bus already, so a bus failure while waiting is a 504 too, never a 503:
-        a 503 tells the client to send again, which would apply the packet twice.
+        The entry is on the bus already, so a bus failure while waiting (unreachable, refusing, an
+        unexpected answer) is a 504 too, never a 503: a 503 tells the client to send again, which
+        would apply the packet twice.
         """
         timeout_s = self.settings.request_timeout_s
         try:
             payload = await self.bus.wait_reply(entry_id, timeout_s)
-        except BusUnavailable as err:
-            log.warning("event=reply_lost entry=%s error=%r", entry_id, str(err))  # the cause: for operators
+        except BusError as err:
+            self.bus_failed(err, "reply")  # counted, and its cause logged for operators
+            log.warning("event=reply_lost entry=%s error=%r", entry_id, err.summary)
             raise ApiError(
                 504,
                 f"entry {entry_id} was accepted, but the bus failed while waiting for its "

@@ -4,8 +4,14 @@ ApiError(status)          -> status (400 unreadable JSON, 404 unknown stream, 40
 EventError                -> 422, its message (names the event index and value)
 RequestValidationError    -> 422, "query.label: ..." (one line per problem); 400 for a body that is not JSON
 HTTPException             -> its status; FastAPI's "error parsing the body" says what was wrong
-BusFull                   -> 503 + Retry-After (backpressure)
-BusUnavailable            -> 503 + Retry-After (bus down); the cause is logged, never answered (no URL, no host)
+BusFull                   -> 503 + Retry-After (backpressure: lag or bytes)
+BusUnavailable            -> 503 + Retry-After (bus down): "bus unavailable; retry after 1 s"
+BusRefused                -> 503 + Retry-After (Redis up, refusing writes): "bus refuses writes (OOM); ..."
+BusEntryTooLarge          -> 413 (an entry larger than the bus's whole byte bound)
+BusCommandError, other    -> 500 "bus error (WRONGTYPE): ..." (an unexpected error answer: retrying alone
+  BusError                   will not help, an operator must look)
+Bus failures are counted (ndot_bus_errors_total{side="api"}) and logged (``BusErrorLog``: one line per
+kind, then at most one per 10 s); the cause is logged, never answered (no URL, no host).
 
 Details name limits, indices and values the client sent, never server paths or connection URLs.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -23,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ndot_core.events.layout import EventError
-from service.bus import BusFull, BusUnavailable
+from service.bus import BusCommandError, BusEntryTooLarge, BusError, BusFull, BusRefused, BusUnavailable
 
 #: Retry-After (s) when the bus is unreachable.
 UNAVAILABLE_RETRY_AFTER_S = 1
@@ -31,6 +38,40 @@ UNAVAILABLE_RETRY_AFTER_S = 1
 _FASTAPI_BODY_ERROR = "There was an error parsing the body"
 NOT_JSON = "body is not valid JSON"
 log = logging.getLogger("ndot.api")
+
+
+class BusErrorLog:
+    """Logs bus failures without a flood: the first of each ``BusError.summary``, then one per ``every_s``."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._seen: dict[str, tuple[float, int]] = {}  # summary -> (last logged, failures since)
+
+    def __call__(self, err: BusError, where: str) -> None:
+        now = time.monotonic()
+        last, since = self._seen.get(err.summary, (None, 0))
+        if last is not None and now - last < self.every_s:
+            self._seen[err.summary] = (last, since + 1)
+            return
+        self._seen[err.summary] = (now, 0)
+        log.warning(
+            "event=bus_unavailable kind=%s where=%s error=%r more_since_last_line=%d",
+            err.summary,
+            where,
+            str(err),
+            since,
+        )
+
+
+def bus_detail(err: BusError, retry_after_s: int = UNAVAILABLE_RETRY_AFTER_S) -> str:
+    """What a client is told about a bus failure: the kind and reason, never the server."""
+    if isinstance(err, BusRefused):
+        return f"bus refuses writes ({err.reason}); retry after {retry_after_s} s"
+    if isinstance(err, BusUnavailable):
+        return f"bus unavailable; retry after {retry_after_s} s"
+    if isinstance(err, BusCommandError):
+        return f"bus error ({err.code}): Redis answered an unexpected error; see the server log"
+    return f"bus error ({type(err).__name__}); see the server log"
 
 
 class ApiError(Exception):
@@ -105,8 +146,17 @@ def install_error_handlers(app: FastAPI) -> None:
         retry = max(1, math.ceil(err.retry_after_s))
         return _answer(503, f"service busy: {err}", {"Retry-After": str(retry)})
 
-    @app.exception_handler(BusUnavailable)
+    @app.exception_handler(BusUnavailable)  # BusRefused too
     async def bus_unavailable(request: Request, err: BusUnavailable) -> JSONResponse:
-        log.warning("event=bus_unavailable path=%s error=%r", request.url.path, str(err))  # for operators
+        request.app.state.service.bus_failed(err, request.url.path)  # counted, and logged for operators
         retry = UNAVAILABLE_RETRY_AFTER_S
-        return _answer(503, f"bus unavailable; retry after {retry} s", {"Retry-After": str(retry)})
+        return _answer(503, bus_detail(err, retry), {"Retry-After": str(retry)})
+
+    @app.exception_handler(BusEntryTooLarge)
+    async def bus_entry_too_large(_: Request, err: BusEntryTooLarge) -> JSONResponse:
+        return _answer(413, f"{err}; send smaller packets")
+
+    @app.exception_handler(BusError)  # BusCommandError, and anything else the bus raises
+    async def bus_error(request: Request, err: BusError) -> JSONResponse:
+        request.app.state.service.bus_failed(err, request.url.path)
+        return _answer(500, bus_detail(err))

@@ -168,7 +168,11 @@ class ModelInfo(BaseModel):
 
 
 class Readiness(BaseModel):
-    """``GET /readyz``: ready only when the bus answers, a model is loaded and the worker beats."""
+    """``GET /readyz``: ready only when the bus takes writes, a model is loaded and the worker beats.
+
+    ``bus`` is false when Redis is unreachable or refuses writes; ``reasons`` says which
+    (``bus unreachable``, ``bus refuses writes (OOM)``, ``worker heartbeat 7.1 s old``, ...).
+    """
 
     model_config = ConfigDict(
         json_schema_extra={

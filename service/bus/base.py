@@ -9,6 +9,9 @@ Semantics shared by both implementations (`LocalBus` in-process, `RedisStreamBus
   to another consumer, counting deliveries in ``BusEntry.deliveries``.
 * Backpressure: with ``lag = unread + pending``, ``publish`` raises ``BusFull`` when
   ``lag >= max_lag`` instead of appending, so trimming (``maxlen``) never drops an unread entry.
+  The bytes held are bounded too (``max_bytes``, entries measured by ``entry_size``): applied
+  entries make room first; while unread and pending ones fill the bound, ``publish`` raises
+  ``BusFull``; an entry larger than the whole bound raises ``BusEntryTooLarge``.
 * ``dead_letter`` files an entry with its error in a side stream and acks the original.
 * ``replay(after_id, count)`` reads the history after an id, whatever the entries' delivery state:
   a worker restored from a checkpoint re-applies what it had applied (and acked) after it.
@@ -18,7 +21,10 @@ Semantics shared by both implementations (`LocalBus` in-process, `RedisStreamBus
   sensor sizes) live under plain keys with an optional TTL; ``delete_value`` removes a key (a
   closed stream leaves nothing behind). Every value operation is O(1) in the number of keys.
 * A lost connection surfaces as ``BusUnavailable`` from every method (``ping`` answers ``False``);
-  the bus reconnects by itself on the next call once the server is back.
+  the bus reconnects by itself on the next call once the server is back. A server that is up but
+  refuses the command for now (Redis OOM, MISCONF, READONLY, ...) raises ``BusRefused``, a
+  ``BusUnavailable`` naming the ``reason``; any other error answer raises ``BusCommandError``.
+  ``BusError.kind`` (``unreachable``, ``refused``, ``error``) labels ``ndot_bus_errors_total``.
 """
 
 from __future__ import annotations
@@ -29,15 +35,21 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
+    "REFUSAL_REASONS",
     "RESERVED_FIELDS",
     "MALFORMED_KIND",
     "Bus",
+    "BusCommandError",
     "BusEntry",
+    "BusEntryTooLarge",
     "BusError",
     "BusFull",
     "BusInputError",
+    "BusRefused",
     "BusUnavailable",
     "entry_id_key",
+    "entry_size",
     "validate_publish",
 ]
 
@@ -46,32 +58,128 @@ RESERVED_FIELDS = frozenset({"kind", "stream_id", "error", "original_id"})
 #: ``kind`` given to a stream entry that lacks the bus envelope (written by something else).
 MALFORMED_KIND = "malformed"
 
+#: Bytes of entries a bus holds at most by default (``NDOT_BUS_MAX_BYTES``; see docs/reliability.md).
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+#: Why a server that is up refuses a command for now (the first word of Redis's error answer).
+REFUSAL_REASONS = (
+    "OOM",  # used memory is over maxmemory (noeviction)
+    "MISCONF",  # an RDB snapshot or AOF write failed: writes stop until one succeeds
+    "READONLY",  # a replica
+    "LOADING",  # loading its data set at start
+    "BUSY",  # a script or function runs past busy-reply-threshold
+    "NOREPLICAS",  # fewer good replicas than min-replicas-to-write
+    "MASTERDOWN",  # a replica lost its master and serves no stale data
+    "TRYAGAIN",  # cluster: slot migrating
+    "CLUSTERDOWN",  # cluster: not all slots served
+)
+
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _ENTRY_ID_RE = re.compile(r"(\d+)-(\d+)")
 
 
 class BusError(Exception):
-    """Base of every error the bus raises."""
+    """Base of every error the bus raises; ``kind`` says which (the label of ``ndot_bus_errors_total``)."""
+
+    kind = "error"
+
+    @property
+    def summary(self) -> str:
+        """What went wrong in a few words, with no server named: ``kind``, and the reason or code if any."""
+        return self.kind
 
 
 class BusFull(BusError):
-    """Backpressure: the group's lag reached ``max_lag``; retry after ``retry_after_s`` seconds."""
+    """Backpressure: the group's lag reached ``max_lag``, or unapplied entries fill ``max_bytes``.
 
-    def __init__(self, retry_after_s: float, lag: int | None = None, max_lag: int | None = None) -> None:
-        super().__init__(
-            f"bus lag {lag} reached the bound max_lag={max_lag}; retry after {retry_after_s:g} s"
-        )
+    Retry after ``retry_after_s`` seconds. ``lag``/``max_lag`` are set when the lag bound refused,
+    ``held_bytes``/``max_bytes``/``entry_bytes`` when the byte bound did.
+    """
+
+    kind = "full"
+
+    def __init__(
+        self,
+        retry_after_s: float,
+        lag: int | None = None,
+        max_lag: int | None = None,
+        *,
+        held_bytes: int | None = None,
+        max_bytes: int | None = None,
+        entry_bytes: int | None = None,
+    ) -> None:
+        if max_bytes is not None:
+            reason = (
+                f"bus holds {held_bytes} bytes of entries not yet applied; {entry_bytes} more would pass "
+                f"the bound max_bytes={max_bytes}"
+            )
+        else:
+            reason = f"bus lag {lag} reached the bound max_lag={max_lag}"
+        super().__init__(f"{reason}; retry after {retry_after_s:g} s")
         self.retry_after_s = retry_after_s
         self.lag = lag
         self.max_lag = max_lag
+        self.held_bytes = held_bytes
+        self.max_bytes = max_bytes
+        self.entry_bytes = entry_bytes
 
 
 class BusUnavailable(BusError):
-    """The bus backend cannot be reached (connection refused, reset or timed out)."""
+    """The bus backend cannot be reached (connection refused, reset or timed out), or refuses for now."""
+
+    kind = "unreachable"
+
+
+class BusRefused(BusUnavailable):
+    """The backend is up but refuses the command for now; ``reason`` is one of ``REFUSAL_REASONS``.
+
+    A ``BusUnavailable``: whoever handles an outage (503 + Retry-After, the worker's retries)
+    handles this too. The message names the server for the logs; ``reason`` alone is for clients.
+    """
+
+    kind = "refused"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def summary(self) -> str:
+        return f"refused ({self.reason})"
+
+
+class BusCommandError(BusError):
+    """The backend answered a command with an error the bus does not expect (``WRONGTYPE``, ``NOPERM``, ...).
+
+    ``code`` is the error's first word (``ERR`` when it has none). Retrying alone does not help:
+    someone changed the bus's keys, permissions or server. The API answers 500 naming ``code``.
+    """
+
+    kind = "error"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def summary(self) -> str:
+        return f"error ({self.code})"
 
 
 class BusInputError(BusError, ValueError):
     """A caller passed a malformed argument (kind, stream id, field name or value, entry id)."""
+
+    kind = "input"
+
+
+class BusEntryTooLarge(BusInputError):
+    """An entry larger than the bus's whole byte bound: it could never be published (the API: 413)."""
+
+    def __init__(self, entry_bytes: int, max_bytes: int) -> None:
+        super().__init__(
+            f"entry of {entry_bytes} bytes is larger than the bus's whole bound max_bytes={max_bytes}"
+        )
+        self.entry_bytes = entry_bytes
+        self.max_bytes = max_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +202,16 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
     if match is None:
         raise BusInputError(f"entry id {entry_id!r} is not of the form '<ms>-<seq>'")
     return int(match.group(1)), int(match.group(2))
+
+
+def entry_size(kind: str, stream_id: str, fields: Mapping[str, bytes]) -> int:
+    """Bytes an entry counts against ``max_bytes``: its field names and values, the envelope included.
+
+    ``len("kind") + len(kind) + len("stream_id") + len(stream_id) + sum(len(name) + len(value))``
+    (names and strings as UTF-8); the Redis bus counts the same bytes in its publish script.
+    """
+    size = len(b"kind") + len(kind.encode()) + len(b"stream_id") + len(stream_id.encode())
+    return size + sum(len(name.encode()) + len(value) for name, value in fields.items())
 
 
 def validate_publish(kind: str, stream_id: str, fields: Mapping[str, Any]) -> dict[str, bytes]:

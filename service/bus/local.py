@@ -6,8 +6,10 @@ It mirrors Redis Streams with one consumer group, as a small state machine::
                                           └── claim_stale: idle >= min_idle_ms → new consumer, deliveries+1
 
     lag = len(unread) + len(pending);   publish raises BusFull when lag >= max_lag
+    held_bytes = entry_size of unread + pending;  BusFull when held_bytes + the entry > max_bytes
 
-Acked entries are dropped at once (there is no history to trim), so nothing unread is ever lost.
+Acked entries are dropped at once (there is no history to trim), so nothing unread is ever lost,
+and the byte bound counts exactly the entries not yet applied (the process's own memory).
 Everything runs on one asyncio event loop; blocking reads and reply waits park on ``asyncio.Event``.
 Hand-written because no maintained library offers an in-process consumer-group stream with pending
 entries, idle-time claiming and bounded lag (``asyncio.Queue`` has no acks, no claims, no ids).
@@ -23,7 +25,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from service.bus.base import BusEntry, BusFull, BusInputError, BusUnavailable, entry_id_key, validate_publish
+from service.bus.base import (
+    DEFAULT_MAX_BYTES,
+    BusEntry,
+    BusEntryTooLarge,
+    BusFull,
+    BusInputError,
+    BusUnavailable,
+    entry_id_key,
+    entry_size,
+    validate_publish,
+)
 
 __all__ = ["LocalBus"]
 
@@ -55,6 +67,7 @@ class LocalBus:
 
     Args:
         max_lag: bound on ``unread + pending`` entries; ``publish`` raises ``BusFull`` at it.
+        max_bytes: bound on the bytes (``entry_size``) of unread + pending entries (``BusFull`` past it).
         retry_after_s: the ``BusFull.retry_after_s`` hint given to producers.
         dead_letter_maxlen: how many dead letters are kept (oldest dropped first).
         clock_ms: wall clock in ms the ids are made of (``time.time_ns() // 10**6``). Ids stay strictly
@@ -72,12 +85,17 @@ class LocalBus:
         retry_after_s: float = 1.0,
         dead_letter_maxlen: int = 10_000,
         clock_ms: Callable[[], int] | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if not isinstance(max_lag, int) or max_lag < 1:
             raise ValueError(f"max_lag must be an int >= 1, got {max_lag!r}")
+        if not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
         if not retry_after_s > 0:
             raise ValueError(f"retry_after_s must be > 0, got {retry_after_s!r}")
         self.max_lag = max_lag
+        self.max_bytes = max_bytes
+        self.held_bytes = 0  # entry_size of the unread and pending entries
         self.retry_after_s = float(retry_after_s)
         self._closed = False
         self._last_id = (0, 0)
@@ -129,11 +147,19 @@ class LocalBus:
     async def publish(self, kind: str, stream_id: str, fields: dict[str, bytes]) -> str:
         checked = validate_publish(kind, stream_id, fields)
         self._check_open()
+        size = entry_size(kind, stream_id, checked)
+        if size > self.max_bytes:
+            raise BusEntryTooLarge(size, self.max_bytes)
         lag = len(self._unread) + len(self._pending)
         if lag >= self.max_lag:
             raise BusFull(self.retry_after_s, lag=lag, max_lag=self.max_lag)
+        if self.held_bytes + size > self.max_bytes:
+            raise BusFull(
+                self.retry_after_s, held_bytes=self.held_bytes, max_bytes=self.max_bytes, entry_bytes=size
+            )
         entry = BusEntry(id=self._next_id(), kind=kind, stream_id=stream_id, fields=checked, deliveries=0)
         self._unread.append(entry)
+        self.held_bytes += size
         self._wake_readers()
         return entry.id
 
@@ -169,7 +195,13 @@ class LocalBus:
             entry_id_key(entry_id)
         self._check_open()
         for entry_id in ids:
-            self._pending.pop(entry_id, None)
+            self._release(self._pending.pop(entry_id, None))
+
+    def _release(self, record: _Pending | None) -> None:
+        """An entry leaves the bus (acked or dead-lettered): its bytes no longer count."""
+        if record is not None:
+            entry = record.entry
+            self.held_bytes -= entry_size(entry.kind, entry.stream_id, entry.fields)
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[BusEntry]:
         """Entries pending for ``min_idle_ms`` or longer (any consumer), now owned by ``consumer``."""
@@ -220,7 +252,7 @@ class LocalBus:
         self._check_open()
         fields = {**entry.fields, "error": str(error).encode(), "original_id": entry.id.encode()}
         self._dead.append(BusEntry(self._next_id(), entry.kind, entry.stream_id, fields))
-        self._pending.pop(entry.id, None)
+        self._release(self._pending.pop(entry.id, None))
 
     async def dead_letters(self, count: int = 100) -> list[BusEntry]:
         """The oldest ``count`` dead letters still kept, oldest first."""

@@ -6,7 +6,8 @@
     reply          per entry id: JSON {"ok": true, ...result} or {"ok": false, "status": 4xx/5xx, "detail"}
     values         {prefix}:sensor:{stream_id} = b"WxH" (absent = closed; TTL ``sensor_ttl_s``, refreshed by the
                    worker while the stream lives), {prefix}:worker:heartbeat = unix s (TTL),
-                   {prefix}:worker:status = JSON snapshot (model, version, streams, checkpoints)
+                   {prefix}:worker:status = JSON snapshot (model, version, streams, checkpoints),
+                   {prefix}:api:probe = unix s (TTL ``PROBE_TTL_S``, written by /readyz)
 
 ``prefix`` is the bus stream name, so two deployments on one Redis do not mix.
 """
@@ -65,6 +66,15 @@ def heartbeat_key(prefix: str) -> str:
 
 def status_key(prefix: str) -> str:
     return f"{prefix}:worker:status"
+
+
+def probe_key(prefix: str) -> str:
+    """Written by ``/readyz`` with a short TTL: PING alone does not see a Redis that refuses writes."""
+    return f"{prefix}:api:probe"
+
+
+#: TTL of the readiness probe value.
+PROBE_TTL_S = 5.0
 
 
 def encode_sensor(width: int, height: int) -> bytes:

@@ -1,29 +1,139 @@
-"""The Lua script ``RedisStreamBus.publish`` runs: the lag check and the XADD, atomically on the server."""
+"""The Lua script ``RedisStreamBus.publish`` runs, atomically on the server, and the keys it uses.
+
+One publish, in one round trip::
+
+    lag = unread + pending (XINFO GROUPS)            lag >= max_lag           -> {0, lag}       (BusFull)
+    held = bytes of the stream's entries (counter)   recounted (XRANGE) when the counter's entry
+                                                     count differs from XLEN: the stream was changed
+                                                     behind the bus's back (deleted, trimmed, new)
+    while XLEN + 1 > maxlen or held + size > max_bytes: the oldest applied entry goes (XDEL),
+        held -= its size; applied = at or below the group's last-delivered-id and not pending
+        (pending ids come from XPENDING, 64 at a time, and are stepped over, their entries unread)
+    held + size > max_bytes                          -> {2, held}      (BusFull: unapplied entries fill it)
+    XADD; counter = {bytes: held + size, entries: XLEN}  -> {1, id}
+
+An entry's size is the bytes of its field names and values (``service.bus.base.entry_size``),
+taken from the entry itself when it is dropped: XRANGE returns the whole entry anyway, so no size
+field is stored. The script trims by itself instead of ``XADD MAXLEN ~``, so every entry leaving
+the stream is subtracted. Only applied entries are dropped, never an unread or pending one; those
+number ``lag < max_lag <= maxlen / 2``, so ``maxlen`` always holds, and ``max_bytes`` refuses when
+they alone fill it. Dropping entries below the last-delivered id keeps the group's lag exact (Redis 7). The bytes counted are the entries' own; Redis adds its overhead per entry, and a
+small dropped entry sharing a node with a pending one is freed with that node.
+"""
 
 from __future__ import annotations
 
-# KEYS[1] = stream; ARGV = group, max_lag, maxlen, field1, value1, ...
-# Returns {1, id} when appended, {0, lag} when lag = unread + pending reached max_lag.
+__all__ = ["PUBLISH_LUA", "PUBLISHED", "LAG_FULL", "BYTES_FULL", "TOO_LARGE", "bytes_key"]
+
+#: First element of the script's answer.
+LAG_FULL, PUBLISHED, BYTES_FULL, TOO_LARGE = 0, 1, 2, 3
+
+
+def bytes_key(stream: str) -> str:
+    """The stream's byte counter (a hash: ``bytes``, ``entries``), in the stream's Redis Cluster slot.
+
+    A stream named with a hash tag (``{ndot}:events``) gets ``<stream>:bytes``, which has the same
+    tag. Without one the stream's slot is the hash of its whole name, so the counter carries that
+    name as its tag: ``ndot:events:{ndot:events}:bytes``. Either way the key starts with the
+    stream name, like every other key of the bus.
+    """
+    start = stream.find("{")
+    if start >= 0 and stream.find("}", start + 1) > start + 1:  # a non-empty tag decides the slot
+        return f"{stream}:bytes"
+    return f"{stream}:{{{stream}}}:bytes"
+
+
+# KEYS[1] = stream, KEYS[2] = bytes_key(stream); ARGV = group, max_lag, maxlen, max_bytes, name1, value1, ...
 PUBLISH_LUA = """
-local stream, group = KEYS[1], ARGV[1]
-local max_lag = tonumber(ARGV[2])
+local stream, counter, group = KEYS[1], KEYS[2], ARGV[1]
+local max_lag, maxlen, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local FIRST = 5
+
+local function size_of(values, first)
+  local n = 0
+  for i = first, #values do n = n + #values[i] end
+  return n
+end
+
+local size = size_of(ARGV, FIRST)
+if size > max_bytes then return {3, size} end
 if redis.call('EXISTS', stream) == 0 then
   redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
 end
-local lag = nil
+local length = redis.call('XLEN', stream)
+local lag, last_delivered, pending = nil, '0-0', 0
 for _, row in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
   local info = {}
   for i = 1, #row, 2 do info[row[i]] = row[i + 1] end
   if info['name'] == group then
     local unread = info['lag']
-    if not unread then unread = redis.call('XLEN', stream) end -- lag unknown: XLEN bounds it from above
-    lag = unread + info['pending']
+    if not unread then unread = length end -- lag unknown: XLEN bounds it from above
+    pending = info['pending']
+    lag = unread + pending
+    last_delivered = info['last-delivered-id']
   end
 end
 if lag == nil then
   redis.call('XGROUP', 'CREATE', stream, group, '0')
-  lag = redis.call('XLEN', stream)
+  lag = length
 end
 if lag >= max_lag then return {0, lag} end
-return {1, redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))}
+
+local held = tonumber(redis.call('HGET', counter, 'bytes'))
+if held == nil or tonumber(redis.call('HGET', counter, 'entries')) ~= length then
+  held = 0
+  local cursor = '-'
+  while true do
+    local batch = redis.call('XRANGE', stream, cursor, '+', 'COUNT', 16)
+    for _, entry in ipairs(batch) do held = held + size_of(entry[2], 1) end
+    if #batch < 16 then break end
+    cursor = '(' .. batch[#batch][1]
+  end
+end
+
+local function over(count, bytes) return count + 1 > maxlen or bytes + size > max_bytes end
+if over(length, held) then
+  local cursor, doomed = '-', {}
+  local waiting, w, more_pending = {}, 1, pending > 0 -- pending ids at or after the cursor
+  local function next_pending()
+    if waiting[w] == nil and more_pending then
+      local rows = redis.call('XPENDING', stream, group, cursor, '+', 64)
+      waiting, w, more_pending = {}, 1, #rows == 64
+      for i, row in ipairs(rows) do waiting[i] = row[1] end
+    end
+    return waiting[w]
+  end
+  local function drop()
+    if #doomed > 0 then
+      redis.call('XDEL', stream, unpack(doomed))
+      length = length - #doomed
+      doomed = {}
+    end
+  end
+  while over(length - #doomed, held) do
+    local stop = next_pending()
+    local upto = last_delivered -- after it: unread
+    if stop then upto = '(' .. stop end
+    local entry = redis.call('XRANGE', stream, cursor, upto, 'COUNT', 1)[1]
+    if entry then
+      doomed[#doomed + 1] = entry[1]
+      held = held - size_of(entry[2], 1)
+      cursor = '(' .. entry[1]
+      if #doomed == 512 then drop() end
+    elseif stop then -- step over the pending entry, without reading it
+      cursor = '(' .. stop
+      w = w + 1
+    else
+      break
+    end
+  end
+  drop()
+end
+if held + size > max_bytes then
+  redis.call('HSET', counter, 'bytes', held, 'entries', length)
+  return {2, held}
+end
+local id = redis.call('XADD', stream, '*', unpack(ARGV, FIRST))
+redis.call('HSET', counter, 'bytes', held + size, 'entries', length + 1)
+return {1, id}
 """

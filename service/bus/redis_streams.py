@@ -2,7 +2,7 @@
 
 Redis commands per method::
 
-    publish      EVALSHA publish.lua: XINFO GROUPS (lag = lag + pending) → BusFull | XADD MAXLEN ~ maxlen
+    publish      EVALSHA publish.lua: lag and byte bounds, trimming of applied entries, XADD (redis_lua.py)
     read         XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS s >
     ack          XACK s g id...
     claim_stale  XAUTOCLAIM s g c min_idle cursor COUNT n (loop on the cursor) + XPENDING for deliveries
@@ -12,21 +12,25 @@ Redis commands per method::
     set_value    SET s:value:<key> v PX ttl            get_value   GET         delete_value   DEL
     newest_id    XINFO STREAM s → last-generated-id (survives trimming; 0-0 / no stream = None)
 
-Backpressure is exact: the lag check and the XADD run in one Lua script, atomically on the server,
-so ``unread + pending`` never exceeds ``max_lag`` (slack 0), however many API processes publish,
-at one round trip per publish. ``maxlen >= 2 * max_lag`` is enforced; approximate trimming
-keeps at least ``maxlen`` newest entries, so an unread entry (one of the newest ``lag``) is never
-trimmed. Only a straggler left pending while ``maxlen`` newer entries were acked can be trimmed;
-XAUTOCLAIM then reports it deleted (counted in ``lost_pending``).
+Backpressure is exact: the lag check, the byte check and the XADD run in one Lua script,
+atomically on the server, so ``unread + pending`` never exceeds ``max_lag`` (slack 0) and the
+stream's entries never pass ``max_bytes``, however many API processes publish, at one round trip
+per publish. The script drops only applied entries (acked: at or below the group's last delivered
+id and not pending), oldest first, when the stream would pass ``maxlen`` entries or ``max_bytes``;
+an unread or pending entry is never dropped (``max_bytes`` then refuses with ``BusFull``). A byte
+counter beside the stream (``redis_lua.bytes_key``) follows every entry added or dropped. A pending
+entry trimmed by something else is reported by XAUTOCLAIM (``lost_pending``).
 
 Blocking reply waits (BLPOP) use their own connection pool (``max_reply_waiters`` connections), so
-hundreds of waiting requests never starve publish, read or ack on the main pool. The group is
-created on ``start`` and re-created on demand (after a Redis restart without persistence).
+hundreds of waiting requests never starve publish, read or ack on the main pool. The group is created
+on ``start`` and re-created on demand (after a Redis restart without persistence).
 
-Time bounds: every call runs under one ``asyncio.timeout(command_timeout_s + its blocking time)``
-(``_guard``). The sockets themselves have no read timeout (``socket_timeout=None``): redis-py's
-default of 5 s would cut a blocking XREADGROUP / BLPOP longer than that into a spurious
-``BusUnavailable``; the guard still turns a dead or silent server into ``BusUnavailable`` in time.
+Time bounds and errors: every call runs under one ``asyncio.timeout(command_timeout_s + its blocking
+time)`` (``_guard``), which also turns Redis's failures into bus errors (``redis_errors.bus_error``:
+``BusUnavailable``; ``BusRefused`` for OOM, MISCONF, READONLY, ...; else ``BusCommandError``). The sockets themselves have no read timeout
+(``socket_timeout=None``): redis-py's default of 5 s would cut a blocking XREADGROUP / BLPOP longer
+than that into a spurious ``BusUnavailable``; the guard still turns a dead or silent server into
+``BusUnavailable`` in time.
 """
 
 from __future__ import annotations
@@ -35,57 +39,28 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 
 from service.bus.base import (
-    MALFORMED_KIND,
+    DEFAULT_MAX_BYTES,
     BusEntry,
+    BusEntryTooLarge,
+    BusError,
     BusFull,
     BusInputError,
-    BusUnavailable,
     entry_id_key,
+    entry_size,
     validate_publish,
 )
-from service.bus.redis_lua import PUBLISH_LUA
+from service.bus.redis_entries import as_text, check_consumer, decode_entry
+from service.bus.redis_errors import bus_error, redacted
+from service.bus.redis_lua import BYTES_FULL, LAG_FULL, PUBLISH_LUA, TOO_LARGE, bytes_key
 
 __all__ = ["RedisStreamBus"]
-
-_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)  # OSError covers TimeoutError
-
-
-def _redacted(url: str) -> str:
-    """``host:port/db`` of a Redis URL (a unix socket's path), without user, password or query."""
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return f"{host}{parts.path}" if host else parts.path or "?"
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _decode_entry(entry_id: bytes | str, raw: dict[bytes, bytes], deliveries: int) -> BusEntry:
-    """A stream entry as ``BusEntry``; one without the bus envelope gets kind ``MALFORMED_KIND``."""
-    fields = {_text(name): bytes(value) for name, value in raw.items()}
-    kind = fields.pop("kind", None)
-    stream_id = fields.pop("stream_id", None)
-    if kind is None or stream_id is None:
-        return BusEntry(_text(entry_id), MALFORMED_KIND, _text(stream_id or b""), fields, deliveries)
-    return BusEntry(_text(entry_id), _text(kind), _text(stream_id), fields, deliveries)
-
-
-def _check_consumer(consumer: str, count: int) -> None:
-    if not isinstance(consumer, str) or not consumer:
-        raise BusInputError(f"consumer {consumer!r} must be a non-empty string")
-    if not isinstance(count, int) or count < 1:
-        raise BusInputError(f"count must be an int >= 1, got {count!r}")
 
 
 class RedisStreamBus:
@@ -94,10 +69,12 @@ class RedisStreamBus:
     Args:
         url: ``redis://host:port/db``.
         stream: stream key; dead letters, replies and values live under ``<stream>:dead``,
-            ``<stream>:reply:<id>`` and ``<stream>:value:<key>``.
+            ``<stream>:reply:<id>`` and ``<stream>:value:<key>``, the byte counter under ``bytes_key``.
         group: the consumer group's name.
         max_lag: bound on ``unread + pending``; ``publish`` raises ``BusFull`` at it.
-        maxlen: approximate stream length kept (default and minimum ``2 * max_lag``).
+        maxlen: stream length kept, applied entries trimmed first (default and minimum ``2 * max_lag``).
+        max_bytes: bound on the bytes of the stream's entries (``entry_size``); applied entries are
+            trimmed to make room, ``BusFull`` while unapplied ones fill it.
         retry_after_s: the ``BusFull.retry_after_s`` hint.
         max_connections: main pool size (publish, read, ack, ...); callers beyond it wait.
         max_reply_waiters: reply pool size, i.e. concurrent ``wait_reply`` calls served at once.
@@ -113,6 +90,7 @@ class RedisStreamBus:
         max_lag: int = 1_000,
         maxlen: int | None = None,
         retry_after_s: float = 1.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         max_connections: int = 64,
         max_reply_waiters: int = 1024,
         connect_timeout_s: float = 1.0,
@@ -127,17 +105,21 @@ class RedisStreamBus:
             )
         if not retry_after_s > 0:
             raise ValueError(f"retry_after_s must be > 0, got {retry_after_s!r}")
+        if not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
         if not stream or not group:
             raise ValueError(f"stream {stream!r} and group {group!r} must be non-empty")
         self.stream = stream
         self.group = group
         self.max_lag = max_lag
         self.maxlen = maxlen
+        self.max_bytes = max_bytes
         self.retry_after_s = float(retry_after_s)
         self.dead_stream = f"{stream}:dead"
+        self.bytes_key = bytes_key(stream)
         self.lost_pending = 0  # pending entries found trimmed by XAUTOCLAIM (see module docstring)
         self._command_timeout_s = command_timeout_s
-        self._where = _redacted(url)  # logs name the server, never its credentials
+        self._where = redacted(url)  # logs name the server, never its credentials
         options: dict[str, Any] = {
             "decode_responses": False,
             "protocol": 2,
@@ -160,14 +142,15 @@ class RedisStreamBus:
     # -- plumbing ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _guard(self, blocking_s: float = 0.0) -> AsyncIterator[None]:
-        """Bound a call in time and turn connection failures into ``BusUnavailable``."""
+        """Bound a call in time; Redis's failures become bus errors (``redis_errors.bus_error``)."""
         try:
             async with asyncio.timeout(self._command_timeout_s + blocking_s):
                 yield
-        except _CONNECTION_ERRORS as exc:
-            raise BusUnavailable(
-                f"redis at {self._where} is unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
+        except (RedisError, OSError) as exc:  # OSError covers TimeoutError
+            error = bus_error(exc, self._where)
+            if error is None:
+                raise
+            raise error from exc
 
     async def _ensure_group(self) -> None:
         try:
@@ -184,14 +167,14 @@ class RedisStreamBus:
                 return None
             raise
         for row in rows:
-            info = {_text(k): v for k, v in row.items()}
-            if _text(info["name"]) == self.group:
+            info = {as_text(k): v for k, v in row.items()}
+            if as_text(info["name"]) == self.group:
                 return info
         return None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Create the stream and group (idempotent); ``BusUnavailable`` if Redis is down.
+        """Create the stream and group (idempotent); ``BusUnavailable`` if Redis is down or refuses.
 
         Optional: publish and read re-create the group themselves when it is missing.
         """
@@ -206,24 +189,34 @@ class RedisStreamBus:
         try:
             async with self._guard():
                 return bool(await self._redis.ping())
-        except (BusUnavailable, ResponseError):
+        except BusError:  # unreachable, or refusing even PING (MISCONF, LOADING)
             return False
 
     # -- the stream --------------------------------------------------------------------------
     async def publish(self, kind: str, stream_id: str, fields: dict[str, bytes]) -> str:
         checked = validate_publish(kind, stream_id, fields)
-        args: list[Any] = [self.group, self.max_lag, self.maxlen, b"kind", kind, b"stream_id", stream_id]
+        size = entry_size(kind, stream_id, checked)
+        if size > self.max_bytes:
+            raise BusEntryTooLarge(size, self.max_bytes)
+        args: list[Any] = [self.group, self.max_lag, self.maxlen, self.max_bytes]
+        args += [b"kind", kind, b"stream_id", stream_id]
         for name, value in checked.items():
             args += [name, value]
         async with self._guard():
-            added, value = await self._publish_script(keys=[self.stream], args=args)
-        if not added:
+            outcome, value = await self._publish_script(keys=[self.stream, self.bytes_key], args=args)
+        if outcome == LAG_FULL:
             raise BusFull(self.retry_after_s, lag=int(value), max_lag=self.max_lag)
-        return _text(value)
+        if outcome == BYTES_FULL:
+            raise BusFull(
+                self.retry_after_s, held_bytes=int(value), max_bytes=self.max_bytes, entry_bytes=size
+            )
+        if outcome == TOO_LARGE:
+            raise BusEntryTooLarge(int(value), self.max_bytes)
+        return as_text(value)
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[BusEntry]:
         """Up to ``count`` new entries for ``consumer``; waits up to ``block_ms`` (<= 0: no wait)."""
-        _check_consumer(consumer, count)
+        check_consumer(consumer, count)
         block = block_ms if block_ms > 0 else None  # BLOCK 0 would wait forever
         async with self._guard(blocking_s=max(block_ms, 0) / 1000):
             try:
@@ -235,7 +228,7 @@ class RedisStreamBus:
                     raise
                 await self._ensure_group()  # lost with a Redis restart: start over from the stream
                 return []
-        return [_decode_entry(eid, raw, 1) for _, entries in reply or [] for eid, raw in entries]
+        return [decode_entry(eid, raw, 1) for _, entries in reply or [] for eid, raw in entries]
 
     async def ack(self, ids: list[str]) -> None:
         for entry_id in ids:
@@ -251,7 +244,7 @@ class RedisStreamBus:
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[BusEntry]:
         """Entries pending for ``min_idle_ms`` or longer (any consumer), now owned by ``consumer``."""
-        _check_consumer(consumer, count)
+        check_consumer(consumer, count)
         raw_claimed: list[tuple[bytes, dict[bytes, bytes]]] = []
         cursor: bytes | str = "0-0"
         async with self._guard():
@@ -277,10 +270,10 @@ class RedisStreamBus:
                         await self._redis.xack(self.stream, self.group, entry_id)
                     else:
                         raw_claimed.append((entry_id, raw))
-                if _text(cursor) == "0-0":
+                if as_text(cursor) == "0-0":
                     break
-            deliveries = await self._delivery_counts(consumer, [_text(eid) for eid, _ in raw_claimed])
-        return [_decode_entry(eid, raw, deliveries.get(_text(eid), 1)) for eid, raw in raw_claimed]
+            deliveries = await self._delivery_counts(consumer, [as_text(eid) for eid, _ in raw_claimed])
+        return [decode_entry(eid, raw, deliveries.get(as_text(eid), 1)) for eid, raw in raw_claimed]
 
     async def _delivery_counts(self, consumer: str, ids: list[str]) -> dict[str, int]:
         """``times_delivered`` of ``ids`` (sorted) from ``consumer``'s pending list, paging XPENDING."""
@@ -296,9 +289,9 @@ class RedisStreamBus:
                 consumername=consumer,
             )
             for row in rows:
-                if _text(row["message_id"]) in wanted:
-                    counts[_text(row["message_id"])] = int(row["times_delivered"])
-            start = f"({_text(rows[-1]['message_id'])}" if rows else None
+                if as_text(row["message_id"]) in wanted:
+                    counts[as_text(row["message_id"])] = int(row["times_delivered"])
+            start = f"({as_text(rows[-1]['message_id'])}" if rows else None
         return counts
 
     async def replay(self, after_id: str | None, count: int) -> list[BusEntry]:
@@ -313,13 +306,13 @@ class RedisStreamBus:
         start = "-" if after_id is None else "({}-{}".format(*entry_id_key(after_id))  # exclusive
         async with self._guard():
             rows = await self._redis.xrange(self.stream, min=start, max="+", count=count)
-        return [_decode_entry(eid, raw, 0) for eid, raw in rows]
+        return [decode_entry(eid, raw, 0) for eid, raw in rows]
 
     async def newest_id(self) -> str | None:
         """The stream's last generated id (None when the stream is missing or has never had an entry)."""
         async with self._guard():
             try:
-                newest = _text((await self._redis.xinfo_stream(self.stream))["last-generated-id"])
+                newest = as_text((await self._redis.xinfo_stream(self.stream))["last-generated-id"])
             except ResponseError as exc:
                 if "no such key" not in str(exc):
                     raise
@@ -351,14 +344,14 @@ class RedisStreamBus:
             pipe.xadd(self.dead_stream, fields, maxlen=self.maxlen, approximate=True)
             pipe.xack(self.stream, self.group, entry.id)
             added, _ = await pipe.execute(raise_on_error=False)  # XACK fails harmlessly without a group
-        if isinstance(added, Exception):
-            raise added
+            if isinstance(added, Exception):
+                raise added
 
     async def dead_letters(self, count: int = 100) -> list[BusEntry]:
         """The oldest ``count`` dead letters still kept, oldest first."""
         async with self._guard():
             rows = await self._redis.xrange(self.dead_stream, count=count)
-        return [_decode_entry(eid, raw, 1) for eid, raw in rows]
+        return [decode_entry(eid, raw, 1) for eid, raw in rows]
 
     # -- replies and values --------------------------------------------------------------------
     def _reply_key(self, request_id: str) -> str:

@@ -16,12 +16,19 @@ and the others go on. SIGTERM: the batch in hand is finished, replied and acked,
 is written; when that fails (disk full, read-only folder) the worker logs one line
 (``event=shutdown_checkpoint_failed``) and sets ``shutdown_error``, and ``ndot worker`` / ``ndot
 serve`` exit 1 instead of 0.
+
+Bus failures (Redis unreachable, refusing writes: OOM, MISCONF, READONLY, ..., or an unexpected
+error answer) never end the worker: ``start`` and the loop wait them out with back-off
+(``service.worker.bus_retry``: one log line per kind of failure, ``ndot_bus_errors_total``). What a
+batch produced but could not send (values, replies, dead letters, acks) is kept and sent first on
+the next round, so an applied packet is still answered and acked once Redis takes writes again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,11 +38,12 @@ from typing import Any
 
 import torch
 
-from service.bus import Bus, BusEntry, BusUnavailable, messages
+from service.bus import Bus, BusEntry, messages
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.worker.applier import Applied, EntryApplier, reason
 from service.worker.batcher import Batcher
+from service.worker.bus_retry import RETRIED, BusRetry
 from service.worker.recovery import recover
 
 log = logging.getLogger("ndot.worker")
@@ -58,6 +66,8 @@ class Worker:
         self.restored_from: str | None = None  # the checkpoint restored at start, if any
         self.shutdown_error: str | None = None  # why the checkpoint on the way out failed, if it did
         self._resync_values = False  # after a bus outage: publish every stream's sensor value again
+        self._unsent: Applied | None = None  # what a batch produced that the bus has not taken yet
+        self._bus_retry = BusRetry(self.metrics)
         self._last_claim_s = 0.0
         self._last_housekeeping_s = 0.0
         self._stop = asyncio.Event()
@@ -80,8 +90,17 @@ class Worker:
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Build the model (restoring the newest checkpoint) and announce the worker on the bus."""
-        bus_newest = await self.bus.newest_id()  # a checkpoint's watermark must not lie beyond it
+        """Build the model (restoring the newest checkpoint) and announce the worker on the bus.
+
+        While the bus is unreachable or refuses writes, retries with back-off until it answers or a
+        stop is requested (then returns, without a model if it had none; ``run`` returns at once).
+        The bus's group is created on the first read if nobody created it before.
+        """
+        # a checkpoint's watermark must not lie beyond the bus's newest id
+        opened, bus_newest = await self._bus_retry.call(self.bus.newest_id, self._stop, "start")
+        if not opened:
+            log.info("event=worker_stopped_before_start consumer=%s", self.consumer)
+            return
 
         def build() -> EntryApplier:
             applier = EntryApplier(self.settings, self.metrics)
@@ -92,7 +111,8 @@ class Worker:
 
         self.applier = await asyncio.to_thread(build)
         self.metrics.model_version.set(self.batcher.learner.version)
-        await self._publish_state(Applied(values=self.applier.sensor_values()))
+        announce = Applied(values=self.applier.sensor_values())
+        await self._bus_retry.call(lambda: self._publish_state(announce), self._stop, "start")
         if self.restored_from is not None:
             start = f"continuing from checkpoint {self.restored_from}"
             fresh = "to start fresh: --fresh (NDOT_RESTORE_ON_START=false) or another NDOT_CHECKPOINT_DIR"
@@ -129,7 +149,12 @@ class Worker:
                 await self._task
 
     async def run(self) -> None:
-        """Loop until stopped; first recovers what a previous incarnation applied or left pending."""
+        """Loop until stopped; first recovers what a previous incarnation applied or left pending.
+
+        Bus failures are waited out with back-off (``BusRetry``); they never end the loop.
+        """
+        if self.applier is None:  # stopped while start waited for the bus
+            return
         recovered = False
         while not self._stop.is_set():
             try:
@@ -137,13 +162,16 @@ class Worker:
                     await self.recover()
                     recovered = True
                 await self.run_once()
-            except BusUnavailable as err:
-                log.warning("event=bus_unavailable error=%r", str(err))
+            except RETRIED as err:  # unreachable, refusing writes, or an unexpected error answer
+                delay = self._bus_retry.failed(err, "run")
                 self._resync_values = True
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
-        if self.applier.has_work:  # packets taken off the bus are finished, answered and acked
-            with contextlib.suppress(BusUnavailable):  # unacked, they are replayed by the next worker
+                    await asyncio.wait_for(self._stop.wait(), delay)
+            else:
+                self._bus_retry.recovered("run")
+        # packets taken off the bus are finished, answered and acked (with what the bus had refused)
+        if self.applier.has_work or self._unsent is not None:
+            with contextlib.suppress(*RETRIED):  # unacked, they are replayed by the next worker
                 await self._handle([], drain=True)
         if self.applier.dirty:
             try:
@@ -159,7 +187,7 @@ class Worker:
                 )
             else:
                 log.info("event=shutdown_checkpoint name=%s", info["name"])
-        with contextlib.suppress(BusUnavailable):  # readiness drops at once, not a heartbeat timeout later
+        with contextlib.suppress(*RETRIED):  # readiness drops at once, not a heartbeat timeout later
             await self.bus.delete_value(messages.heartbeat_key(self.prefix))
         log.info("event=worker_stopped consumer=%s", self.consumer)
 
@@ -201,6 +229,12 @@ class Worker:
             applied = await asyncio.to_thread(self.applier.apply, entries, housekeeping, drain)
         else:
             applied = Applied()
+        # What the bus has not taken goes out first; until all of it is out it stays in self._unsent
+        # (a bus failure below leaves the rest there for the next round: nothing applied goes unanswered).
+        changed = bool(entries or applied.values or applied.replies) or self._resync_values
+        if self._unsent is not None:
+            applied, changed = _merged(self._unsent, applied), True
+        self._unsent = applied
         if housekeeping:
             self._last_housekeeping_s = now
             self.metrics.bus_lag.set(await self.bus.lag())
@@ -208,29 +242,39 @@ class Worker:
                 self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(self.batcher.learner.device))
         if self._resync_values:
             applied.values = {**self.applier.sensor_values(), **applied.values}
-        await self._publish_state(applied, changed=bool(entries or applied.values or applied.replies))
+        await self._publish_state(applied, changed=changed)
         self._resync_values = False
-        for stream_id, flag in applied.busy.items():
+        while applied.busy:
+            stream_id, flag = next(iter(applied.busy.items()))
             key = messages.busy_key(self.prefix, stream_id)
             if flag is None:
                 await self.bus.delete_value(key)
             else:
                 await self.bus.set_value(key, flag, ttl_s=messages.BUSY_TTL_S)
-        for entry, error in applied.dead:
-            await self.bus.dead_letter(entry, error)
-        for entry_id, payload in applied.replies:
-            await self.bus.put_reply(entry_id, payload, self.settings.reply_ttl_s)
+            del applied.busy[stream_id]
+        while applied.dead:
+            await self.bus.dead_letter(*applied.dead[0])
+            applied.dead.pop(0)
+        while applied.replies:
+            await self.bus.put_reply(*applied.replies[0], self.settings.reply_ttl_s)
+            applied.replies.pop(0)
         if applied.acks:
             await self.bus.ack(applied.acks)
+        self._unsent = None
 
     async def _publish_state(self, applied: Applied, changed: bool = True) -> None:
-        """Sensor values and the status snapshot (before replies: a client that got its reply sees them)."""
+        """Sensor values and the status snapshot (before replies: a client that got its reply sees them).
+
+        Each value leaves ``applied.values`` once written, so a bus failure part-way leaves the rest.
+        """
         sensor_ttl_s = messages.sensor_ttl_s(self.settings.stream_ttl_s)
-        for key, value in applied.values.items():
+        while applied.values:
+            key, value = next(iter(applied.values.items()))
             if value is None:  # the stream closed: its key goes
                 await self.bus.delete_value(key)
             else:
                 await self.bus.set_value(key, value, ttl_s=sensor_ttl_s)
+            del applied.values[key]
         if changed:
             await self.bus.set_value(messages.status_key(self.prefix), self.status_json())
         await self.bus.set_value(
@@ -252,3 +296,12 @@ class Worker:
                 "checkpoints": self.checkpoints,
             }
         ).encode()
+
+
+def _merged(older: Applied, newer: Applied) -> Applied:
+    """What two batches have to send, in order: lists queue up (older first), newer values and flags win."""
+    merged = {}
+    for name in (f.name for f in dataclasses.fields(Applied)):
+        old, new = getattr(older, name), getattr(newer, name)
+        merged[name] = {**old, **new} if isinstance(old, dict) else old + new
+    return Applied(**merged)

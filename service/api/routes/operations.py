@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.context import Context
 from service.api.schemas import Readiness
-from service.bus import messages
+from service.bus import BusCommandError, BusError, BusRefused, BusUnavailable, messages
 
 log = logging.getLogger("ndot.api")
 router = APIRouter(tags=["ops"])
@@ -26,23 +26,39 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness}},
-    summary="Bus reachable, model loaded, worker heartbeat fresh",
+    summary="Bus reachable and taking writes, model loaded, worker heartbeat fresh",
 )
 async def readyz(ctx: Context) -> Any:
+    """Ready when a probe value can be written (PING alone does not see OOM, MISCONF, READONLY, ...)
+    and the worker's heartbeat is fresh. A bus that refuses writes is still read, for the worker's state."""
     reasons: list[str] = []
-    bus_ok = await ctx.bus.ping()
-    if not bus_ok:
-        reasons.append("bus unreachable")
+    readable = True
+    try:
+        probe = repr(time.time()).encode()
+        await ctx.bus.set_value(messages.probe_key(ctx.prefix), probe, ttl_s=messages.PROBE_TTL_S)
+        bus_ok = True
+    except BusError as err:
+        ctx.bus_failed(err, "/readyz")
+        reasons.append(_not_ready(err))
+        bus_ok = False
+        readable = err.kind != "unreachable"  # a refusing Redis still answers reads
     status: dict[str, Any] = {}
     age = None
-    if bus_ok:
-        beat = await ctx.bus.get_value(messages.heartbeat_key(ctx.prefix))  # b"" once a worker stopped
-        age = time.time() - float(beat) if beat else None
-        status = await ctx.status()
+    if readable:
+        try:
+            beat = await ctx.bus.get_value(messages.heartbeat_key(ctx.prefix))  # b"" once a worker stopped
+            age = time.time() - float(beat) if beat else None
+            status = await ctx.status()
+        except BusError as err:
+            ctx.bus_failed(err, "/readyz")
+            readable = False
+            if bus_ok:
+                reasons.append(_not_ready(err))
+                bus_ok = False
     worker_ok = age is not None and age <= ctx.settings.heartbeat_timeout_s
-    if bus_ok and not worker_ok:
+    if readable and not worker_ok:
         reasons.append("no worker heartbeat" if age is None else f"worker heartbeat {age:.1f} s old")
-    if bus_ok and not status.get("model"):
+    if readable and not status.get("model"):
         reasons.append("no model loaded")
     ready = not reasons
     body = {
@@ -57,13 +73,26 @@ async def readyz(ctx: Context) -> Any:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
+def _not_ready(err: BusError) -> str:
+    """A readiness reason for a bus failure: ``bus refuses writes (OOM)``, ``bus unreachable``, ..."""
+    if isinstance(err, BusRefused):
+        return f"bus refuses writes ({err.reason})"
+    if isinstance(err, BusUnavailable):
+        return "bus unreachable"
+    if isinstance(err, BusCommandError):
+        return f"bus error ({err.code})"
+    return f"bus error ({type(err).__name__})"
+
+
 @router.get(
     "/metrics", summary="Prometheus text exposition", responses={200: {"content": {"text/plain": {}}}}
 )
 async def metrics(ctx: Context) -> Response:
     try:
         ctx.metrics.bus_lag.set(await ctx.bus.lag())
-    except Exception:  # a scrape must not fail because the bus is down; the gauge keeps its value
+    except BusError as err:  # a scrape must not fail because the bus is down; the gauge keeps its value
+        ctx.bus_failed(err, "/metrics")
+    except Exception:
         log.debug("event=metrics_bus_lag_unavailable")
     data, content_type = ctx.metrics.exposition()
     return Response(data, media_type=content_type)
