@@ -1,7 +1,8 @@
 """Capacity of one worker: what a step, a tick and a round cost, and how many live cameras it follows.
 
     .venv/bin/python benchmarks/bench_capacity.py [--backends autograd local] [--windows-ms 20 10]
-        [--levels 4 8 12 16 24 32 48] [--duration 15] [--skip-service]
+        [--levels 4 8 12 16 24] [--worker-levels 4 8 16 24 32 48 64] [--duration 15]
+        [--skip-http] [--skip-service]
 
 Part 1, in this process, one torch thread, ``stream_cnn`` with the service's defaults, per batch
 size B (1 and 8), interleaved round by round:
@@ -19,6 +20,12 @@ when no camera fell more than 0.5 s behind its clock, no packet was lost or dead
 drained within 2 s after the cameras stopped, and p99 POST -> prediction stayed under 250 ms. The
 levels climb until one is not sustained. Cameras run in client processes on the same 2 cores: the
 figure is for the whole service on this machine, clients included.
+
+Part 3, the worker alone (the capacity of one worker, one thread): ``ndot worker`` on Redis, and
+one light asyncio process that publishes each camera's packets straight onto the bus as the API
+would and waits for each reply (``benchmarks/worker_load.py``): no HTTP, no API process, no client
+processes competing for the 2 cores. Latency here is publish -> reply. Sustained as in part 2,
+plus every step the cameras' packets make answered.
 
 Prints a table, the load average before and after, and a verdict against the targets of issue 9;
 writes ``results/bench_capacity.json``.
@@ -165,12 +172,48 @@ def service_levels(
             print(
                 f"  {backend:8s} {window_ms:3d} ms {streams:4d} streams: p50 {level['latency_p50_ms']:7.1f} ms "
                 f"p99 {level['latency_p99_ms']:7.1f} ms  steps/s {level['steps_per_s']:7.1f} "
-                f"(real time needs {level['required_steps_per_s']:.0f})  behind {level['max_behind_camera_s']:.2f} s "
+                f"(cameras made {level['steps_expected'] / duration_s:.0f} frames/s)  behind {level['max_behind_camera_s']:.2f} s "
                 f"drain {level['drain_s']:.1f} s  lost {level['packets_lost']}  "
                 f"{'sustained' if level['sustained'] else 'NOT sustained'}",
                 flush=True,
             )
             measured.append({k: v for k, v in level.items() if not k.startswith("_")})
+            if not level["sustained"]:
+                break
+    return measured
+
+
+def worker_levels(
+    backend: str, window_ms: int, levels: list[int], duration_s: float, workdir: Path
+) -> list[dict[str, Any]]:
+    """Part 3: the worker alone, packets published straight onto the bus (``worker_load.py``)."""
+    from worker_load import WorkerProcess, worker_level
+
+    measured: list[dict[str, Any]] = []
+    env = {
+        "NDOT_STEP_BACKEND": backend,
+        "NDOT_WINDOW_US": str(window_ms * 1000),
+        "NDOT_MAX_STREAMS": str(max(levels) + 8),
+        "NDOT_MAX_STREAM_BACKLOG_FRAMES": "100000",
+    }
+    with WorkerProcess(workdir, env) as worker:
+        for streams in levels:
+            level = worker_level(worker.stream, streams, duration_s, window_ms * 1000)
+            level["camera_frames_per_s"] = level["expected_steps"] / duration_s
+            level["sustained"] = (
+                level["max_behind_s"] <= BEHIND_LIMIT_S
+                and level["lost"] == 0
+                and level["returned_steps"] == level["expected_steps"]
+                and (level["latency_p99_ms"] or 0) <= P99_LIMIT_MS
+            )
+            print(
+                f"  {backend:8s} {window_ms:3d} ms {streams:4d} streams: p50 {level['latency_p50_ms']:7.1f} ms "
+                f"p99 {level['latency_p99_ms']:7.1f} ms  steps/s {level['steps_per_s']:7.1f} "
+                f"(cameras made {level['camera_frames_per_s']:.0f} frames/s)  behind {level['max_behind_s']:.2f} s  "
+                f"lost {level['lost']}  {'sustained' if level['sustained'] else 'NOT sustained'}",
+                flush=True,
+            )
+            measured.append(level)
             if not level["sustained"]:
                 break
     return measured
@@ -184,13 +227,21 @@ def main() -> int:
         "--backends", nargs="+", default=["autograd", "local"], help="step backends (before, after)"
     )
     parser.add_argument("--windows-ms", type=int, nargs="+", default=[20, 10], help="frame windows (20 10)")
+    parser.add_argument("--levels", type=int, nargs="+", default=[4, 8, 12, 16, 24], help="camera counts")
     parser.add_argument(
-        "--levels", type=int, nargs="+", default=[4, 8, 12, 16, 24, 32, 48], help="camera counts"
+        "--worker-levels",
+        type=int,
+        nargs="+",
+        default=[4, 8, 16, 24, 32, 48, 64],
+        help="camera counts, part 3",
     )
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per level (15)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of part 1 (5)")
     parser.add_argument("--iters", type=int, default=30, help="calls per round and measure in part 1 (30)")
     parser.add_argument("--skip-service", action="store_true", help="part 1 only (no Redis needed)")
+    parser.add_argument(
+        "--skip-http", action="store_true", help="skip part 2 (API, HTTP and client processes)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -211,7 +262,7 @@ def main() -> int:
         print(f"  batch {batch:>2s}: floor {f['floor'] * 1e3:6.3f}  {cells}")
 
     service: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    if not args.skip_service:
+    if not (args.skip_service or args.skip_http):
         print(
             f"\nPart 2: live cameras against ndot api + ndot worker on Redis, {args.duration:g} s per level"
         )
@@ -222,15 +273,27 @@ def main() -> int:
                     workdir.mkdir()
                     levels = service_levels(backend, window_ms, args.levels, args.duration, workdir)
                     service.setdefault(backend, {})[str(window_ms)] = levels
+    alone: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    if not args.skip_service:
+        print(
+            f"\nPart 3: the worker alone, packets published straight onto Redis, {args.duration:g} s per level"
+        )
+        with tempfile.TemporaryDirectory(prefix="ndot-capacity-") as tmp:
+            for backend in args.backends:
+                for window_ms in args.windows_ms:
+                    workdir = Path(tmp) / f"alone-{backend}-{window_ms}"
+                    workdir.mkdir()
+                    levels = worker_levels(backend, window_ms, args.worker_levels, args.duration, workdir)
+                    alone.setdefault(backend, {})[str(window_ms)] = levels
     load_after = os.getloadavg()
     print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
 
-    def sustained(backend: str, window_ms: int) -> int:
-        levels = service.get(backend, {}).get(str(window_ms), [])
+    def sustained(backend: str, window_ms: int, part: dict[str, Any] = alone) -> int:
+        levels = part.get(backend, {}).get(str(window_ms), [])
         return max((lv["streams"] for lv in levels if lv["sustained"]), default=0)
 
     def p99_at(backend: str, window_ms: int, streams: int) -> float | None:
-        for level in service.get(backend, {}).get(str(window_ms), []):
+        for level in alone.get(backend, {}).get(str(window_ms), []):
             if level["streams"] == streams:
                 return level["latency_p99_ms"]
         return None
@@ -259,19 +322,19 @@ def main() -> int:
     if service:
         checks += [
             (
-                f"sustained streams at 20 ms ({best}) >= {TARGETS['streams_20ms']}",
+                f"worker alone: sustained streams at 20 ms ({best}) >= {TARGETS['streams_20ms']}",
                 sustained(best, 20),
                 TARGETS["streams_20ms"],
                 ">=",
             ),
             (
-                f"sustained streams at 10 ms ({best}) >= {TARGETS['streams_10ms']}",
+                f"worker alone: sustained streams at 10 ms ({best}) >= {TARGETS['streams_10ms']}",
                 sustained(best, 10),
                 TARGETS["streams_10ms"],
                 ">=",
             ),
             (
-                f"p99 POST->prediction at 8 streams, 20 ms ({best}) <= {TARGETS['p99_ms_8_streams_20ms']} ms",
+                f"worker alone: p99 publish->reply at 8 streams, 20 ms ({best}) <= {TARGETS['p99_ms_8_streams_20ms']} ms",
                 p99_at(best, 20, 8),
                 TARGETS["p99_ms_8_streams_20ms"],
                 "<=",
@@ -287,7 +350,8 @@ def main() -> int:
     for backend in args.backends:
         for window_ms in args.windows_ms if service else []:
             print(
-                f"  {backend}: {sustained(backend, window_ms)} real-time streams sustained at {window_ms} ms"
+                f"  {backend}: at {window_ms} ms, {sustained(backend, window_ms)} real-time streams on the worker "
+                f"alone, {sustained(backend, window_ms, service)} through HTTP with the cameras on the same cores"
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +368,11 @@ def main() -> int:
         },
         "engine_seconds": engine,
         "service": service,
-        "sustained": {b: {str(w): sustained(b, w) for w in args.windows_ms} for b in service},
+        "worker_alone": alone,
+        "sustained_worker_alone": {b: {str(w): sustained(b, w) for w in args.windows_ms} for b in alone},
+        "sustained_through_http": {
+            b: {str(w): sustained(b, w, service) for w in args.windows_ms} for b in service
+        },
         "verdicts": verdicts,
         "wall_s": time.perf_counter() - started,
         "numpy": np.__version__,

@@ -211,6 +211,7 @@ def run_level(
         "packets_lost": total["accepted"] - applied + total["lost"],
         "dead_lettered": after["dead"] - before["dead"],
         "steps_expected": total["expected_steps"],
+        "steps_returned": total["returned_steps"],
         "steps_applied": after["steps"] - before["steps"],
         "steps_per_s": (after["steps"] - before["steps"]) / (sent_s + drained_s),
         "latency_p50_ms": percentile(latencies, 50),

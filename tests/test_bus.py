@@ -392,3 +392,22 @@ def test_redis_group_is_recreated_when_lost(redis_url: str) -> None:
         factory.run(scenario)
     finally:
         factory.cleanup()
+
+
+def test_send_round_writes_values_replies_and_acks(buses: BusFactory) -> None:
+    """A worker round in one call: values set (with TTL) and deleted, replies queued, entries acked."""
+
+    async def scenario(bus: Bus) -> None:
+        ids = [await bus.publish("events", "s1", {}) for _ in range(2)]
+        await bus.read("c1", 10, 0)
+        await bus.set_value("gone", b"x")
+        values = [("kept", b"v1", None), ("brief", b"v2", 0.05), ("gone", None, None)]
+        await bus.send_round(values, [(ids[0], b"r0"), (ids[1], b"r1")], 5.0, ids)
+        assert await bus.get_value("kept") == b"v1" and await bus.get_value("gone") is None
+        assert await bus.wait_reply(ids[1], 1) == b"r1" and await bus.wait_reply(ids[0], 1) == b"r0"
+        assert await bus.pending_count() == 0
+        await asyncio.sleep(0.1)
+        assert await bus.get_value("brief") is None
+        await bus.send_round([], [], 5.0, [])  # an empty round is a no-op
+
+    buses.run(scenario)

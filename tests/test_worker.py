@@ -281,3 +281,19 @@ def test_the_fresh_flag_turns_restore_off() -> None:
 
     assert settings_from_args(build_parser().parse_args(["serve", "--fresh"])).restore_on_start is False
     assert settings_from_args(build_parser().parse_args(["worker"])).restore_on_start is True
+
+
+def test_a_checkpoint_comes_before_the_bus_may_trim_applied_history_for_bytes(tmp_path: Path) -> None:
+    """The bus trims applied entries past NDOT_BUS_MAX_BYTES; the worker checkpoints every half of it,
+    so a restart's replay never needs an entry the byte budget dropped."""
+
+    async def scenario(bus: LocalBus, new_worker) -> None:
+        worker = await new_worker()
+        await post(bus, "a", wire(list(range(0, 10_000, 250))))  # 40 events: 520 bytes of events
+        await worker.run_once(block_ms=0)
+        assert worker.checkpoints == []  # 520 + fields < 1000: not yet
+        await post(bus, "a", wire(list(range(10_000, 20_000, 250))))
+        await worker.run_once(block_ms=0)
+        assert len(worker.checkpoints) == 1  # past half of bus_max_bytes=2000
+
+    run(tmp_path, scenario, max_body_bytes=1000, bus_max_bytes=2000)

@@ -20,6 +20,10 @@ Semantics shared by both implementations (`LocalBus` in-process, `RedisStreamBus
 * Replies travel per request id (``put_reply`` / ``wait_reply``); small values (heartbeat, status,
   sensor sizes) live under plain keys with an optional TTL; ``delete_value`` removes a key (a
   closed stream leaves nothing behind). Every value operation is O(1) in the number of keys.
+* ``send_round(values, replies, reply_ttl_s, acks)``: a worker round's writes in this order, in one
+  round trip where the bus can (Redis: one pipeline). Not atomic: after a ``BusError`` the caller
+  sends the whole round again (values and acks are idempotent; a reply pushed twice is popped
+  once, and its copy expires with the reply TTL).
 * A lost connection surfaces as ``BusUnavailable`` from every method (``ping`` answers ``False``);
   the bus reconnects by itself on the next call once the server is back. A server that is up but
   refuses the command for now (Redis OOM, MISCONF, READONLY, ...) raises ``BusRefused``, a
@@ -237,6 +241,10 @@ def validate_publish(kind: str, stream_id: str, fields: Mapping[str, Any]) -> di
     return checked
 
 
+#: A value write of ``Bus.send_round``: ``(key, value, ttl_s)``; ``value`` None deletes the key.
+Value = tuple[str, bytes | None, float | None]
+
+
 @runtime_checkable
 class Bus(Protocol):
     """What the API and the worker use; see the module docstring for the semantics."""
@@ -259,3 +267,6 @@ class Bus(Protocol):
     async def set_value(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
     async def get_value(self, key: str) -> bytes | None: ...
     async def delete_value(self, key: str) -> None: ...
+    async def send_round(
+        self, values: list[Value], replies: list[tuple[str, bytes]], reply_ttl_s: float, acks: list[str]
+    ) -> None: ...

@@ -32,6 +32,7 @@ from service.bus.base import (
     BusFull,
     BusInputError,
     BusUnavailable,
+    Value,
     entry_id_key,
     entry_size,
     validate_publish,
@@ -350,6 +351,19 @@ class LocalBus:
             del self._values[key]
             return None
         return item[0]
+
+    async def send_round(
+        self, values: list[Value], replies: list[tuple[str, bytes]], reply_ttl_s: float, acks: list[str]
+    ) -> None:
+        """A worker round's writes, in order (in process there is no round trip to save)."""
+        for key, value, ttl_s in values:
+            if value is None:
+                await self.delete_value(key)
+            else:
+                await self.set_value(key, value, ttl_s)
+        for request_id, payload in replies:
+            await self.put_reply(request_id, payload, reply_ttl_s)
+        await self.ack(acks)
 
     async def delete_value(self, key: str) -> None:
         _check_name("key", key)

@@ -52,6 +52,7 @@ from service.bus.base import (
     BusError,
     BusFull,
     BusInputError,
+    Value,
     entry_id_key,
     entry_size,
     validate_publish,
@@ -59,6 +60,7 @@ from service.bus.base import (
 from service.bus.redis_entries import as_text, check_consumer, decode_entry
 from service.bus.redis_errors import bus_error, redacted
 from service.bus.redis_lua import BYTES_FULL, LAG_FULL, PUBLISH_LUA, TOO_LARGE, bytes_key
+from service.bus.redis_round import send_round
 
 __all__ = ["RedisStreamBus"]
 
@@ -393,6 +395,11 @@ class RedisStreamBus:
         name = self._value_key(key)
         async with self._guard():
             return await self._redis.get(name)
+
+    async def send_round(
+        self, values: list[Value], replies: list[tuple[str, bytes]], reply_ttl_s: float, acks: list[str]
+    ) -> None:
+        await send_round(self, values, replies, reply_ttl_s, acks)  # service.bus.redis_round
 
     async def delete_value(self, key: str) -> None:
         name = self._value_key(key)

@@ -83,6 +83,7 @@ class EntryApplier:
         self.busy: set[str] = set()  # streams whose busy flag is raised
         self.dirty = False
         self._applied_since_save = 0
+        self._bytes_since_save = 0  # bytes of the entries applied since the last checkpoint
         self._last_save_s = time.monotonic()
         self._last_refresh_s = time.monotonic()
 
@@ -253,6 +254,7 @@ class EntryApplier:
             self.last_entry_id = entry.id
             self.dirty = True
             self._applied_since_save += 1
+            self._bytes_since_save += sum(len(value) for value in entry.fields.values())
         if skipped:
             self.metrics.entries_skipped.inc(len(skipped))
             log.info(
@@ -295,13 +297,16 @@ class EntryApplier:
             )
 
     def _checkpoint_if_due(self) -> None:
-        """Periodic checkpoint: every ``checkpoint_interval_s`` or ``checkpoint_max_entries`` applied entries."""
+        """Periodic checkpoint: every ``checkpoint_interval_s``, ``checkpoint_max_entries`` applied entries,
+        or half of ``bus_max_bytes`` applied bytes (the bus may trim applied history past its byte
+        budget: the checkpoint must come first, so a restart's replay finds everything after it)."""
         s = self.settings
         by_time = (
             s.checkpoint_interval_s > 0 and time.monotonic() - self._last_save_s >= s.checkpoint_interval_s
         )
         by_count = 0 < s.checkpoint_max_entries <= self._applied_since_save
-        if self.dirty and (by_time or by_count):
+        by_bytes = self._bytes_since_save >= s.bus_max_bytes // 2
+        if self.dirty and (by_time or by_count or by_bytes):
             try:
                 info = self.save()
             except Exception as err:  # a full disk must not stop the stream; retried when due
@@ -361,7 +366,7 @@ class EntryApplier:
         self.store.prune(self.settings.checkpoint_keep)
         self.checkpoints = [i.as_dict() for i in self.store.list()]
         self.dirty = False
-        self._applied_since_save = 0
+        self._applied_since_save = self._bytes_since_save = 0
         self._last_save_s = time.monotonic()
         return info.as_dict()
 

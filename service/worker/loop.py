@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from service.bus import Bus, BusEntry, messages
+from service.bus.base import Value
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.worker.applier import Applied, EntryApplier, reason
@@ -112,7 +113,10 @@ class Worker:
         self.applier = await asyncio.to_thread(build)
         self.metrics.model_version.set(self.batcher.learner.version)
         announce = Applied(values=self.applier.sensor_values())
-        await self._bus_retry.call(lambda: self._publish_state(announce), self._stop, "start")
+        values = self._round_values(announce, changed=True)
+        await self._bus_retry.call(
+            lambda: self.bus.send_round(values, [], self.settings.reply_ttl_s, []), self._stop, "start"
+        )
         if self.restored_from is not None:
             start = f"continuing from checkpoint {self.restored_from}"
             fresh = "to start fresh: --fresh (NDOT_RESTORE_ON_START=false) or another NDOT_CHECKPOINT_DIR"
@@ -230,7 +234,7 @@ class Worker:
         else:
             applied = Applied()
         # What the bus has not taken goes out first; until all of it is out it stays in self._unsent
-        # (a bus failure below leaves the rest there for the next round: nothing applied goes unanswered).
+        # (a bus failure below leaves it there for the next round: nothing applied goes unanswered).
         changed = bool(entries or applied.values or applied.replies) or self._resync_values
         if self._unsent is not None:
             applied, changed = _merged(self._unsent, applied), True
@@ -242,46 +246,30 @@ class Worker:
                 self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(self.batcher.learner.device))
         if self._resync_values:
             applied.values = {**self.applier.sensor_values(), **applied.values}
-        await self._publish_state(applied, changed=changed)
-        self._resync_values = False
-        while applied.busy:
-            stream_id, flag = next(iter(applied.busy.items()))
-            key = messages.busy_key(self.prefix, stream_id)
-            if flag is None:
-                await self.bus.delete_value(key)
-            else:
-                await self.bus.set_value(key, flag, ttl_s=messages.BUSY_TTL_S)
-            del applied.busy[stream_id]
-        while applied.dead:
+        while applied.dead:  # (rare) before the round's answers: a dead letter is on file when its 500 is
             await self.bus.dead_letter(*applied.dead[0])
             applied.dead.pop(0)
-        while applied.replies:
-            await self.bus.put_reply(*applied.replies[0], self.settings.reply_ttl_s)
-            applied.replies.pop(0)
-        if applied.acks:
-            await self.bus.ack(applied.acks)
+        await self.bus.send_round(
+            self._round_values(applied, changed), applied.replies, self.settings.reply_ttl_s, applied.acks
+        )
+        self._resync_values = False
         self._unsent = None
 
-    async def _publish_state(self, applied: Applied, changed: bool = True) -> None:
-        """Sensor values and the status snapshot (before replies: a client that got its reply sees them).
-
-        Each value leaves ``applied.values`` once written, so a bus failure part-way leaves the rest.
-        """
+    def _round_values(self, applied: Applied, changed: bool) -> list[Value]:
+        """The round's value writes, before its replies (a client that got its reply sees them): sensor
+        sizes (``None`` = the stream closed), busy flags, the status snapshot when anything changed and
+        the heartbeat."""
         sensor_ttl_s = messages.sensor_ttl_s(self.settings.stream_ttl_s)
-        while applied.values:
-            key, value = next(iter(applied.values.items()))
-            if value is None:  # the stream closed: its key goes
-                await self.bus.delete_value(key)
-            else:
-                await self.bus.set_value(key, value, ttl_s=sensor_ttl_s)
-            del applied.values[key]
+        values: list[Value] = [(key, value, sensor_ttl_s) for key, value in applied.values.items()]
+        values += [
+            (messages.busy_key(self.prefix, stream_id), flag, messages.BUSY_TTL_S)
+            for stream_id, flag in applied.busy.items()
+        ]
         if changed:
-            await self.bus.set_value(messages.status_key(self.prefix), self.status_json())
-        await self.bus.set_value(
-            messages.heartbeat_key(self.prefix),
-            repr(time.time()).encode(),
-            ttl_s=max(60.0, 10 * self.settings.heartbeat_timeout_s),
-        )
+            values.append((messages.status_key(self.prefix), self.status_json(), None))
+        heartbeat_ttl_s = max(60.0, 10 * self.settings.heartbeat_timeout_s)
+        values.append((messages.heartbeat_key(self.prefix), repr(time.time()).encode(), heartbeat_ttl_s))
+        return values
 
     def status_json(self) -> bytes:
         batcher = self.batcher

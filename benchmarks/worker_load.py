@@ -1,0 +1,149 @@
+"""The worker alone under live cameras: packets published straight onto the Redis bus, no HTTP.
+
+``worker_level`` drives N streams from one asyncio process: each replays labelled N-MNIST
+recordings (``../shared/data/nmnist-small``; the synthetic camera when absent) at the pace of its
+event clock in packets of one window, publishes each packet as the API would (``EventsPacket`` on
+``RedisStreamBus.publish``) and waits for its reply before the next one (as a ``wait=true``
+client). Latency is publish -> reply; *behind* is how late a packet went out against its camera's
+clock. What this leaves out (HTTP, the API process, client processes) is what ``bench_load.py``
+measures; on a 2-core machine those share the cores with the worker there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("NDOT_SHARED_DATA", REPO.parent / "shared" / "data"))
+REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+class WorkerProcess:
+    """``ndot worker`` on a Redis stream of its own; a context manager."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.stream = f"bench-worker-{uuid.uuid4().hex[:8]}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("NDOT_")},
+            "REDIS_URL": REDIS_URL,
+            "NDOT_BUS_STREAM": self.stream,
+            "NDOT_CHECKPOINT_DIR": str(workdir / "ckpt"),
+            "NDOT_LOG_LEVEL": "WARNING",
+            "NDOT_WORKER_METRICS_PORT": "0",
+            "NDOT_BUS_MAX_LAG": "5000",
+            "PYTHONPATH": str(REPO),
+            **env,
+        }
+        self.log = workdir / "worker.log"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> WorkerProcess:
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "worker"],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        deadline = time.monotonic() + 120
+        while not client.get(f"{self.stream}:value:{self.stream}:worker:heartbeat"):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the worker did not start; see {self.log}")
+            time.sleep(0.2)
+        client.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(60)
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{self.stream}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def worker_level(
+    stream: str, streams: int, duration_s: float, window_us: int, seed: int = 0
+) -> dict[str, Any]:
+    return asyncio.run(_drive(stream, streams, duration_s, window_us, seed))
+
+
+async def _drive(stream: str, streams: int, duration_s: float, window_us: int, seed: int) -> dict[str, Any]:
+    from clients.packets import packetize
+    from clients.sources import open_source, synthetic_source
+    from ndot_core.events.framing import StreamFramer
+    from ndot_core.events.layout import events_to_bytes
+    from service.bus import RedisStreamBus, messages
+
+    local = DATA / "nmnist-small"
+    source = open_source(local) if (local / "labels.txt").is_file() else synthetic_source(500)
+    sequences = list(source.select(limit=200, shuffle=True, seed=seed))
+    bus = RedisStreamBus(REDIS_URL, stream=stream, max_lag=5000, max_connections=streams + 8)
+    tally = {"packets": 0, "lost": 0, "expected_steps": 0, "returned_steps": 0, "max_behind_s": 0.0}
+    latencies: list[float] = []
+    started = time.perf_counter() + 0.5
+    deadline = started + duration_s
+
+    async def camera(name: str, offset: int) -> None:
+        clock_us = 0
+        for k in range(10**9):
+            sequence = sequences[(offset + k) % len(sequences)]
+            framer = StreamFramer(sequence.sensor_size, window_us=window_us, output_size=(34, 34))
+            packets = packetize(sequence.events["t"], packet_us=window_us)
+            for packet in packets:
+                due = started + (clock_us + packet.release_us) * 1e-6
+                if due > deadline:
+                    return
+                await asyncio.sleep(max(due - time.perf_counter(), 0))
+                tally["max_behind_s"] = max(tally["max_behind_s"], time.perf_counter() - due)
+                events = sequence.events[packet.lo : packet.hi]
+                width, height = sequence.sensor_size
+                body = messages.EventsPacket(
+                    events_to_bytes(events), width, height, sequence.label, packet.start, packet.end
+                )
+                sent = time.perf_counter()
+                entry_id = await bus.publish(messages.EVENTS, name, body.to_fields())
+                reply = await bus.wait_reply(entry_id, 10.0)
+                tally["packets"] += 1
+                if reply is None:
+                    tally["lost"] += 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+                tally["returned_steps"] += len(json.loads(reply).get("steps", []))
+                tally["expected_steps"] += len(framer.push(events)) + (
+                    len(framer.flush()) if packet.end else 0
+                )
+            clock_us += packets[-1].release_us if packets else 0
+
+    try:
+        await asyncio.gather(*(camera(f"w{streams}-{i}", i * 7 + seed) for i in range(streams)))
+    finally:
+        await bus.close()
+    lat = np.asarray(latencies) * 1e3
+    return {
+        "streams": streams,
+        "window_us": window_us,
+        "duration_s": duration_s,
+        **tally,
+        "steps_per_s": tally["returned_steps"] / duration_s,
+        "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+        "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+    }
