@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         "the API answers 422 above it, before publishing. A packet then closes at most "
         "max_packet_windows + max_gap_windows + 1 frames; the worker refuses (422) any that would close more.",
     )
+    max_stream_speed: float = Field(
+        2.0,
+        ge=0,
+        description="How many times faster than its camera's real time (one frame per window) a stream's "
+        "frames may be stepped; a stream ahead of that waits, its queue and busy flag grow (0 = no cap). "
+        "Draining rounds (control entries, checkpoints, recovery) are not capped.",
+    )
     max_ticks_per_round: int = Field(
         8,
         ge=1,

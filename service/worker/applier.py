@@ -138,6 +138,10 @@ class EntryApplier:
         """Packets taken whose steps still wait for ticks (the loop should not block on the bus)."""
         return bool(self.in_flight)
 
+    def wait_s(self) -> float:
+        """Seconds until queued work may run (0: now); the loop blocks on the bus that long at most."""
+        return self.batcher.wait_s()
+
     def apply(self, entries: list[BusEntry], housekeeping: bool, drain: bool = False) -> Applied:
         """Apply ``entries`` in bus order, then at most ``max_ticks_per_round`` ticks (all with ``drain``).
 

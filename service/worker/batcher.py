@@ -41,6 +41,7 @@ from ndot_core.events.framing import StreamFramer
 from ndot_core.events.layout import EventError, events_from_bytes
 from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
+from service.worker.pace import Pace
 from service.worker.state_table import StateTable, shallow
 from service.worker.streams import StreamRegistry, StreamSlot
 
@@ -75,11 +76,13 @@ class Batcher:
         max_sensor_size: int = 65535,
         max_gap_windows: int = 100,
         max_packet_frames: int | None = None,
+        max_stream_speed: float = 0.0,
     ) -> None:
         self.learner = learner
         self.window_us = window_us
         self.max_gap_windows = max_gap_windows
         self.max_packet_frames = max_packet_frames
+        self.pace = Pace(max_stream_speed, window_us, burst=max_packet_frames or 1)  # service.worker.pace
         self.step_s_average = 0.01  # moving average of a learner step's seconds (for Retry-After)
         self.metrics = metrics
         self.max_events = max_events
@@ -207,6 +210,7 @@ class Batcher:
 
     def expire(self, ttl_s: float) -> list[StreamSlot]:
         expired = self.registry.expire(time.time(), ttl_s)
+        self.pace.forget_all_but(slot.stream_id for slot in self.registry)
         if expired:
             self.metrics.active_streams.set(len(self.registry))
         return expired
@@ -231,9 +235,13 @@ class Batcher:
         queue takes its share of ticks and the others' packets finish (and are answered) meanwhile.
         """
         ticks = 0
-        while (max_ticks is None or ticks < max_ticks) and self.tick():
+        while (max_ticks is None or ticks < max_ticks) and self.tick(paced=max_ticks is not None):
             ticks += 1
         return ticks
+
+    def wait_s(self) -> float:
+        """Seconds until a queued frame may be stepped (0: now; only a stream's pace makes one wait)."""
+        return self.pace.wait_s((slot.stream_id for slot in self.registry if slot.pending), time.monotonic())
 
     def take(self, entry_id: str) -> tuple[list[dict[str, Any]], str | None] | None:
         """A finished packet's step results and its error (``None`` = applied); ``None`` while steps wait."""
@@ -249,8 +257,10 @@ class Batcher:
         self.results.clear()
         self.remaining.clear()
 
-    def tick(self) -> int:
+    def tick(self, paced: bool = False) -> int:
         """One batched step over every stream with a frame ready; returns the batch size.
+
+        ``paced``: a stream ahead of its pace (``service.worker.pace``) sits this tick out.
 
         When the batched step raises, each row is run alone (``_run_alone``), so one bad packet
         never holds back the other streams.
@@ -258,12 +268,13 @@ class Batcher:
         self.table.fit(self.registry)
         batch: list[tuple[StreamSlot, PendingStep]] = []
         fresh_rows = []
+        now = time.monotonic()
         for slot in self.registry:
             while slot.pending and slot.pending[0][0] == RESET:
                 slot.pending.popleft()
                 fresh_rows.append(slot.row)
                 slot.sequence_step = 0
-            if slot.pending:
+            if slot.pending and (not paced or self.pace.take(slot.stream_id, now)):
                 step = slot.pending.popleft()[1]
                 self.remaining[step.entry_id] -= 1
                 batch.append((slot, step))

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -201,8 +202,8 @@ class Worker:
         if now - self._last_claim_s >= self.settings.claim_interval_s:
             await self._claim_and_apply(self.settings.claim_idle_ms)
         block = self.settings.read_block_ms if block_ms is None else block_ms
-        if self.applier.has_work:  # queued steps wait: look for new entries, do not wait for them
-            block = 0
+        if self.applier.has_work:  # queued steps wait: look for new entries, wait only for their pace
+            block = min(block, math.ceil(self.applier.wait_s() * 1000))
         entries = await self.bus.read(self.consumer, self.settings.read_count, block)
         await self._handle(entries)
         return len(entries)
@@ -216,7 +217,7 @@ class Worker:
             self.bus,
             self.consumer,
             lambda: self.applier.last_entry_id,
-            self._handle,
+            lambda entries: self._handle(entries, drain=True),  # replayed history: no pace, no budget
             self.settings.read_count,
         )
 

@@ -53,4 +53,5 @@ def build_batcher(settings: Settings, metrics: ServiceMetrics) -> Batcher:
         max_sensor_size=s.max_sensor_size,
         max_gap_windows=s.max_gap_windows,
         max_packet_frames=s.max_packet_frames,
+        max_stream_speed=s.max_stream_speed,
     )
