@@ -411,3 +411,22 @@ def test_send_round_writes_values_replies_and_acks(buses: BusFactory) -> None:
         await bus.send_round([], [], 5.0, [])  # an empty round is a no-op
 
     buses.run(scenario)
+
+
+def test_a_dead_letter_keeps_a_bounded_part_of_a_large_entry(buses: BusFactory) -> None:
+    """Dead letters are for diagnosis: a field over 16 KiB is kept as its first 16 KiB and named in
+    ``truncated`` with its size, so dead letters cannot make the bus hold what their entries held."""
+    from service.bus.base import DEAD_LETTER_FIELD_BYTES
+
+    async def scenario(bus: Bus) -> None:
+        big = bytes(range(256)) * 1024  # 256 KiB
+        entry_id = await bus.publish("events", "s1", {"events": big, "label": b"3"})
+        (entry,) = await bus.read("c1", 10, 0)
+        await bus.dead_letter(entry, "x" * 100_000)
+        (dead,) = await bus.dead_letters()
+        assert dead.fields["events"] == big[:DEAD_LETTER_FIELD_BYTES] and dead.fields["label"] == b"3"
+        assert dead.fields["truncated"] == f"events={len(big)}".encode()
+        assert len(dead.fields["error"]) == DEAD_LETTER_FIELD_BYTES
+        assert dead.fields["original_id"].decode() == entry_id and await bus.pending_count() == 0
+
+    buses.run(scenario)

@@ -218,6 +218,29 @@ def entry_size(kind: str, stream_id: str, fields: Mapping[str, bytes]) -> int:
     return size + sum(len(name.encode()) + len(value) for name, value in fields.items())
 
 
+#: Dead letters kept (oldest dropped first) and the most bytes one keeps of its fields: together they
+#: bound what dead letters can make the bus hold (10 000 x 16 KiB = 160 MiB at most).
+DEAD_LETTERS_KEPT = 10_000
+DEAD_LETTER_FIELD_BYTES = 16 * 1024
+
+
+def dead_letter_fields(entry_fields: Mapping[str, bytes], error: str, original_id: str) -> dict[str, bytes]:
+    """A dead letter's fields: the entry's, with ``error`` and ``original_id``; a field over
+    ``DEAD_LETTER_FIELD_BYTES`` is kept as its first bytes, and ``truncated`` names it with its size."""
+    fields: dict[str, bytes] = {}
+    truncated = []
+    for name, value in entry_fields.items():
+        if len(value) > DEAD_LETTER_FIELD_BYTES:
+            truncated.append(f"{name}={len(value)}")
+            value = value[:DEAD_LETTER_FIELD_BYTES]
+        fields[name] = bytes(value)
+    if truncated:
+        fields["truncated"] = ",".join(truncated).encode()
+    fields["error"] = str(error).encode()[:DEAD_LETTER_FIELD_BYTES]
+    fields["original_id"] = original_id.encode()
+    return fields
+
+
 def validate_publish(kind: str, stream_id: str, fields: Mapping[str, Any]) -> dict[str, bytes]:
     """Check a publish request; returns the fields as ``bytes`` values (bytes-likes are copied)."""
     if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from service.bus.base import (
+    DEAD_LETTERS_KEPT,
     DEFAULT_MAX_BYTES,
     BusEntry,
     BusEntryTooLarge,
@@ -33,6 +34,7 @@ from service.bus.base import (
     BusInputError,
     BusUnavailable,
     Value,
+    dead_letter_fields,
     entry_id_key,
     entry_size,
     validate_publish,
@@ -84,7 +86,7 @@ class LocalBus:
         self,
         max_lag: int = 1_000,
         retry_after_s: float = 1.0,
-        dead_letter_maxlen: int = 10_000,
+        dead_letter_maxlen: int = DEAD_LETTERS_KEPT,
         clock_ms: Callable[[], int] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
@@ -251,7 +253,7 @@ class LocalBus:
         """File ``entry`` with ``error`` (fields gain ``error`` and ``original_id``), then ack it."""
         entry_id_key(entry.id)
         self._check_open()
-        fields = {**entry.fields, "error": str(error).encode(), "original_id": entry.id.encode()}
+        fields = dead_letter_fields(entry.fields, error, entry.id)
         self._dead.append(BusEntry(self._next_id(), entry.kind, entry.stream_id, fields))
         self._release(self._pending.pop(entry.id, None))
 

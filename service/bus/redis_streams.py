@@ -46,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from service.bus.base import (
+    DEAD_LETTERS_KEPT,
     DEFAULT_MAX_BYTES,
     BusEntry,
     BusEntryTooLarge,
@@ -53,6 +54,7 @@ from service.bus.base import (
     BusFull,
     BusInputError,
     Value,
+    dead_letter_fields,
     entry_id_key,
     entry_size,
     validate_publish,
@@ -340,10 +342,10 @@ class RedisStreamBus:
     async def dead_letter(self, entry: BusEntry, error: str) -> None:
         """XADD ``entry`` with ``error`` and ``original_id`` to ``<stream>:dead``, then XACK it (atomic)."""
         entry_id_key(entry.id)
-        fields: dict[str, bytes | str] = {"kind": entry.kind, "stream_id": entry.stream_id, **entry.fields}
-        fields.update(error=str(error), original_id=entry.id)
+        fields = {"kind": entry.kind.encode(), "stream_id": entry.stream_id.encode()}
+        fields.update(dead_letter_fields(entry.fields, error, entry.id))
         async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_stream, fields, maxlen=self.maxlen, approximate=True)
+            pipe.xadd(self.dead_stream, fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)
             pipe.xack(self.stream, self.group, entry.id)
             added, _ = await pipe.execute(raise_on_error=False)  # XACK fails harmlessly without a group
             if isinstance(added, Exception):
