@@ -430,3 +430,13 @@ def test_a_dead_letter_keeps_a_bounded_part_of_a_large_entry(buses: BusFactory) 
         assert dead.fields["original_id"].decode() == entry_id and await bus.pending_count() == 0
 
     buses.run(scenario)
+
+
+def test_get_values_reads_several_keys_at_once(buses: BusFactory) -> None:
+    async def scenario(bus: Bus) -> None:
+        await bus.set_value("a", b"1")
+        await bus.set_value("c", b"3")
+        assert await bus.get_values(["a", "b", "c"]) == [b"1", None, b"3"]
+        assert await bus.get_values([]) == []
+
+    buses.run(scenario)

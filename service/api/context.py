@@ -60,8 +60,17 @@ class ServiceContext:
     async def sensor(self, stream_id: str) -> tuple[int, int] | None:
         return messages.decode_sensor(await self.bus.get_value(messages.sensor_key(self.prefix, stream_id)))
 
-    async def known_sensor(self, stream_id: str) -> tuple[int, int]:
-        sensor = await self.sensor(stream_id)
+    async def stream_values(self, stream_id: str) -> tuple[tuple[int, int] | None, bytes | None]:
+        """The stream's sensor size and busy flag, in one round trip (what every packet is checked against)."""
+        keys = [messages.sensor_key(self.prefix, stream_id), messages.busy_key(self.prefix, stream_id)]
+        sensor, busy = await self.bus.get_values(keys)
+        return messages.decode_sensor(sensor), busy
+
+    async def known_sensor(
+        self, stream_id: str, current: tuple[int, int] | None | bool = False
+    ) -> tuple[int, int]:
+        """The stream's sensor size (404 when not open); ``current``: the value already read, if any."""
+        sensor = await self.sensor(stream_id) if current is False else current
         if sensor is None:
             raise ApiError(
                 404,
@@ -70,7 +79,9 @@ class ServiceContext:
             )
         return sensor
 
-    async def check_sensor(self, stream_id: str, width: int, height: int) -> tuple[tuple[int, int], bool]:
+    async def check_sensor(
+        self, stream_id: str, width: int, height: int, current: tuple[int, int] | None | bool = False
+    ) -> tuple[tuple[int, int], bool]:
         """Check a declared sensor size (422 outside the limit, 409 when open with another one).
 
         Returns ``((width, height), known)``; writes nothing: a stream is registered only once a
@@ -79,7 +90,7 @@ class ServiceContext:
         limit = self.settings.max_sensor_size
         if not (1 <= width <= limit and 1 <= height <= limit):
             raise ApiError(422, f"sensor size {width}x{height} outside 1..{limit} pixels per side")
-        sensor = await self.sensor(stream_id)
+        sensor = await self.sensor(stream_id) if current is False else current
         if sensor is not None and sensor != (width, height):
             raise ApiError(
                 409,

@@ -367,6 +367,9 @@ class LocalBus:
             await self.put_reply(request_id, payload, reply_ttl_s)
         await self.ack(acks)
 
+    async def get_values(self, keys: list[str]) -> list[bytes | None]:
+        return [await self.get_value(key) for key in keys]
+
     async def delete_value(self, key: str) -> None:
         _check_name("key", key)
         self._check_open()

@@ -403,6 +403,13 @@ class RedisStreamBus:
     ) -> None:
         await send_round(self, values, replies, reply_ttl_s, acks)  # service.bus.redis_round
 
+    async def get_values(self, keys: list[str]) -> list[bytes | None]:
+        names = [self._value_key(key) for key in keys]
+        if not names:
+            return []
+        async with self._guard():
+            return await self._redis.mget(names)
+
     async def delete_value(self, key: str) -> None:
         name = self._value_key(key)
         async with self._guard():

@@ -60,11 +60,12 @@ async def post_events(
             raise ApiError(422, f"label {label} outside [0, {settings.num_classes})")
         if (width is None) != (height is None):
             raise ApiError(422, "give both width and height, or neither")
+        current, busy = await ctx.stream_values(stream_id)
         if width is not None and height is not None:  # checked now, registered once the packet is on the bus
-            sensor, known = await ctx.check_sensor(stream_id, width, height)
+            sensor, known = await ctx.check_sensor(stream_id, width, height, current)
         else:
-            sensor, known = await ctx.known_sensor(stream_id), True
-        await check_not_busy(ctx, stream_id)
+            sensor, known = await ctx.known_sensor(stream_id, current), True
+        check_not_busy(ctx, stream_id, busy)
         body = await read_body(request, settings.max_body_bytes)
         parse_args = (body, content_type, sensor, settings.max_events_per_packet)
         if len(body) > LARGE_BODY_BYTES:  # keep the event loop free while a big packet is checked
@@ -90,9 +91,8 @@ async def post_events(
     return {"stream_id": stream_id, "packet_id": entry_id, "steps": answer.get("steps", [])}
 
 
-async def check_not_busy(ctx: Context, stream_id: str) -> None:
+def check_not_busy(ctx: Context, stream_id: str, flag: bytes | None) -> None:
     """429 + Retry-After while the worker flags the stream as too far behind (its queue of frames)."""
-    flag = await ctx.bus.get_value(messages.busy_key(ctx.prefix, stream_id))
     if flag:
         wait_s = float(flag)
         raise ApiError(
