@@ -191,13 +191,14 @@ class EntryApplier:
         cannot fill the bus (whose lag limit every stream shares) nor queue unbounded frames here.
         """
         limit = self.settings.max_stream_backlog_frames
-        step_s = self.batcher.step_s_average
+        pace = self.batcher.pace.rate_per_s
+        frame_s = max(self.batcher.step_s_average, 1.0 / pace if pace else 0.0)  # how fast a queue drains
         for slot in self.batcher.registry:
             queued = len(slot.pending)
-            if queued > limit:
-                out.busy[slot.stream_id] = f"{max(0.1, (queued - limit // 2) * step_s):.2f}".encode()
+            if queued > limit or (slot.stream_id in self.busy and queued > limit // 2):  # raise or refresh
+                out.busy[slot.stream_id] = f"{max(0.1, (queued - limit // 2) * frame_s):.2f}".encode()
                 self.busy.add(slot.stream_id)
-            elif slot.stream_id in self.busy and queued <= limit // 2:
+            elif slot.stream_id in self.busy:
                 out.busy[slot.stream_id] = None
                 self.busy.discard(slot.stream_id)
         for stream_id in self.busy - {slot.stream_id for slot in self.batcher.registry}:
