@@ -201,7 +201,7 @@ def worker_levels(
             level = worker_level(worker.stream, streams, duration_s, window_ms * 1000)
             level["camera_frames_per_s"] = level["expected_steps"] / duration_s
             level["sustained"] = (
-                level["max_behind_s"] <= BEHIND_LIMIT_S
+                level["max_schedule_lag_s"] <= BEHIND_LIMIT_S
                 and level["lost"] == 0
                 and level["returned_steps"] == level["expected_steps"]
                 and (level["latency_p99_ms"] or 0) <= P99_LIMIT_MS
@@ -209,7 +209,7 @@ def worker_levels(
             print(
                 f"  {backend:8s} {window_ms:3d} ms {streams:4d} streams: p50 {level['latency_p50_ms']:7.1f} ms "
                 f"p99 {level['latency_p99_ms']:7.1f} ms  steps/s {level['steps_per_s']:7.1f} "
-                f"(cameras made {level['camera_frames_per_s']:.0f} frames/s)  behind {level['max_behind_s']:.2f} s  "
+                f"(cameras made {level['camera_frames_per_s']:.0f} frames/s)  behind {level['max_schedule_lag_s']:.2f} s  "
                 f"lost {level['lost']}  {'sustained' if level['sustained'] else 'NOT sustained'}",
                 flush=True,
             )

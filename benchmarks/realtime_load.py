@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,41 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("NDOT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def load_sequences(seed: int) -> list[Any]:
+    """200 labelled N-MNIST recordings in a seeded order (the synthetic camera when they are absent)."""
+    from clients.sources import open_source, synthetic_source
+
+    local = DATA / "nmnist-small"
+    source = open_source(local) if (local / "labels.txt").is_file() else synthetic_source(500)
+    return list(source.select(limit=200, shuffle=True, seed=seed))
+
+
+async def camera_packets(
+    sequences: list[Any], offset: int, started: float, deadline: float, window_us: int, tally: dict[str, Any]
+) -> AsyncIterator[tuple[Any, Any, np.ndarray, Any]]:
+    """One camera: ``(sequence, packet, events, framer)`` for each packet of one window, when the camera's
+    clock releases it, until ``deadline``; how late it went out is kept in ``tally["max_schedule_lag_s"]``.
+
+    ``framer`` (the sequence's own ``StreamFramer``) counts the frames the service should make of it.
+    """
+    from clients.packets import packetize
+    from ndot_core.events.framing import StreamFramer
+
+    clock_us = 0
+    for k in range(10**9):
+        sequence = sequences[(offset + k) % len(sequences)]
+        framer = StreamFramer(sequence.sensor_size, window_us=window_us, output_size=(34, 34))
+        packets = packetize(sequence.events["t"], packet_us=window_us)
+        for packet in packets:
+            due = started + (clock_us + packet.release_us) * 1e-6
+            if due > deadline or time.perf_counter() > deadline:  # a fixed wall-clock time, too
+                return
+            await asyncio.sleep(max(due - time.perf_counter(), 0))
+            tally["max_schedule_lag_s"] = max(tally["max_schedule_lag_s"], time.perf_counter() - due)
+            yield sequence, packet, sequence.events[packet.lo : packet.hi], framer
+        clock_us += packets[-1].release_us if packets else 0
 
 
 def camera_process(
@@ -38,13 +74,9 @@ def camera_process(
 async def _drive(
     url: str, key: str, streams: list[str], duration_s: float, seed: int, window_us: int = 10_000
 ) -> dict[str, Any]:
-    from clients.packets import encode_body, packetize
-    from clients.sources import open_source, synthetic_source
-    from ndot_core.events.framing import StreamFramer
+    from clients.packets import encode_body
 
-    local = DATA / "nmnist-small"
-    source = open_source(local) if (local / "labels.txt").is_file() else synthetic_source(500)
-    sequences = list(source.select(limit=200, shuffle=True, seed=seed))
+    sequences = load_sequences(seed)
     tally: dict[str, Any] = {
         "accepted": 0,
         "timed_out": 0,
@@ -61,28 +93,18 @@ async def _drive(
     deadline = started + duration_s
 
     async def stream(client: httpx.AsyncClient, stream_id: str, offset: int) -> None:
-        clock_us = 0
-        for k in range(10**9):
-            sequence = sequences[(offset + k) % len(sequences)]
-            framer = StreamFramer(sequence.sensor_size, window_us=window_us, output_size=(34, 34))
-            packets = packetize(sequence.events["t"], packet_us=window_us)
-            for packet in packets:
-                due = started + (clock_us + packet.release_us) * 1e-6
-                if due > deadline or time.perf_counter() > deadline:  # a fixed wall-clock time, too
-                    return
-                await asyncio.sleep(max(due - time.perf_counter(), 0))
-                tally["max_schedule_lag_s"] = max(tally["max_schedule_lag_s"], time.perf_counter() - due)
-                events = sequence.events[packet.lo : packet.hi]
-                params = {"label": sequence.label, "start": packet.start, "end": packet.end}
-                if packet.start:
-                    params.update(width=sequence.sensor_size[0], height=sequence.sensor_size[1])
-                status = await _post(client, stream_id, params, encode_body(events), latencies, tally)
-                if status in (200, 504):
-                    tally["events"] += len(events)
-                    tally["expected_steps"] += len(framer.push(events)) + (
-                        len(framer.flush()) if packet.end else 0
-                    )
-            clock_us += packets[-1].release_us if packets else 0
+        async for sequence, packet, events, framer in camera_packets(
+            sequences, offset, started, deadline, window_us, tally
+        ):
+            params = {"label": sequence.label, "start": packet.start, "end": packet.end}
+            if packet.start:
+                params.update(width=sequence.sensor_size[0], height=sequence.sensor_size[1])
+            status = await _post(client, stream_id, params, encode_body(events), latencies, tally)
+            if status in (200, 504):
+                tally["events"] += len(events)
+                tally["expected_steps"] += len(framer.push(events)) + (
+                    len(framer.flush()) if packet.end else 0
+                )
 
     limits = httpx.Limits(max_connections=len(streams), max_keepalive_connections=len(streams))
     headers = {"authorization": f"Bearer {key}"} if key else {}

@@ -23,8 +23,11 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.realtime_load import camera_packets, load_sequences  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("NDOT_SHARED_DATA", REPO.parent / "shared" / "data"))
 REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
@@ -87,51 +90,34 @@ def worker_level(
 
 
 async def _drive(stream: str, streams: int, duration_s: float, window_us: int, seed: int) -> dict[str, Any]:
-    from clients.packets import packetize
-    from clients.sources import open_source, synthetic_source
-    from ndot_core.events.framing import StreamFramer
     from ndot_core.events.layout import events_to_bytes
     from service.bus import RedisStreamBus, messages
 
-    local = DATA / "nmnist-small"
-    source = open_source(local) if (local / "labels.txt").is_file() else synthetic_source(500)
-    sequences = list(source.select(limit=200, shuffle=True, seed=seed))
+    sequences = load_sequences(seed)
     bus = RedisStreamBus(REDIS_URL, stream=stream, max_lag=5000, max_connections=streams + 8)
-    tally = {"packets": 0, "lost": 0, "expected_steps": 0, "returned_steps": 0, "max_behind_s": 0.0}
+    tally = {"packets": 0, "lost": 0, "expected_steps": 0, "returned_steps": 0, "max_schedule_lag_s": 0.0}
     latencies: list[float] = []
     started = time.perf_counter() + 0.5
     deadline = started + duration_s
 
     async def camera(name: str, offset: int) -> None:
-        clock_us = 0
-        for k in range(10**9):
-            sequence = sequences[(offset + k) % len(sequences)]
-            framer = StreamFramer(sequence.sensor_size, window_us=window_us, output_size=(34, 34))
-            packets = packetize(sequence.events["t"], packet_us=window_us)
-            for packet in packets:
-                due = started + (clock_us + packet.release_us) * 1e-6
-                if due > deadline:
-                    return
-                await asyncio.sleep(max(due - time.perf_counter(), 0))
-                tally["max_behind_s"] = max(tally["max_behind_s"], time.perf_counter() - due)
-                events = sequence.events[packet.lo : packet.hi]
-                width, height = sequence.sensor_size
-                body = messages.EventsPacket(
-                    events_to_bytes(events), width, height, sequence.label, packet.start, packet.end
-                )
-                sent = time.perf_counter()
-                entry_id = await bus.publish(messages.EVENTS, name, body.to_fields())
-                reply = await bus.wait_reply(entry_id, 10.0)
-                tally["packets"] += 1
-                if reply is None:
-                    tally["lost"] += 1
-                    continue
-                latencies.append(time.perf_counter() - sent)
-                tally["returned_steps"] += len(json.loads(reply).get("steps", []))
-                tally["expected_steps"] += len(framer.push(events)) + (
-                    len(framer.flush()) if packet.end else 0
-                )
-            clock_us += packets[-1].release_us if packets else 0
+        async for sequence, packet, events, framer in camera_packets(
+            sequences, offset, started, deadline, window_us, tally
+        ):
+            width, height = sequence.sensor_size
+            body = messages.EventsPacket(
+                events_to_bytes(events), width, height, sequence.label, packet.start, packet.end
+            )
+            sent = time.perf_counter()
+            entry_id = await bus.publish(messages.EVENTS, name, body.to_fields())
+            reply = await bus.wait_reply(entry_id, 10.0)
+            tally["packets"] += 1
+            if reply is None:
+                tally["lost"] += 1
+                continue
+            latencies.append(time.perf_counter() - sent)
+            tally["returned_steps"] += len(json.loads(reply).get("steps", []))
+            tally["expected_steps"] += len(framer.push(events)) + (len(framer.flush()) if packet.end else 0)
 
     try:
         await asyncio.gather(*(camera(f"w{streams}-{i}", i * 7 + seed) for i in range(streams)))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bus_support import BusFactory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("NDOT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -44,3 +46,12 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+@pytest.fixture(params=["local", "redis"])
+def buses(request: pytest.FixtureRequest) -> Iterator[BusFactory]:
+    """Runs a test on both buses: LocalBus, and RedisStreamBus on a fresh stream of a real Redis."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    factory = BusFactory(request.param, url)
+    yield factory
+    factory.cleanup()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
+from bus_support import BusFactory
 
 from service.bus import (
     Bus,
@@ -23,49 +21,6 @@ from service.bus import (
     entry_id_key,
     make_bus,
 )
-
-
-class BusFactory:
-    """Builds buses of one kind on one fresh stream; ``raw`` is a plain Redis client (Redis only)."""
-
-    def __init__(self, kind: str, url: str | None = None) -> None:
-        self.kind = kind
-        self.url = url
-        self.stream = f"ndot-test:{uuid.uuid4().hex}"
-        self.raw = redis.Redis.from_url(url) if url else None
-
-    def __call__(self, max_lag: int = 1_000) -> Bus:
-        if self.kind == "local":
-            return LocalBus(max_lag=max_lag, retry_after_s=0.5)
-        return RedisStreamBus(self.url, stream=self.stream, max_lag=max_lag, retry_after_s=0.5)
-
-    def run(self, scenario: Callable[[Bus], Awaitable[Any]], max_lag: int = 1_000) -> Any:
-        """Run ``scenario(bus)`` on a started bus in a fresh event loop; closes the bus after."""
-
-        async def main() -> Any:
-            bus = self(max_lag=max_lag)
-            await bus.start()
-            try:
-                return await scenario(bus)
-            finally:
-                await bus.close()
-
-        return asyncio.run(main())
-
-    def cleanup(self) -> None:
-        if self.raw is not None:
-            keys = list(self.raw.scan_iter(match=f"{self.stream}*"))
-            if keys:
-                self.raw.delete(*keys)
-            self.raw.close()
-
-
-@pytest.fixture(params=["local", "redis"])
-def buses(request: pytest.FixtureRequest) -> Iterator[BusFactory]:
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    factory = BusFactory(request.param, url)
-    yield factory
-    factory.cleanup()
 
 
 def test_round_trip_is_byte_exact(buses: BusFactory) -> None:

@@ -8,27 +8,16 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import redis
-from test_bus import BusFactory
+from bus_support import BusFactory
 
 from ndot_core.events.layout import WIRE_DTYPE
 from service.bus import Bus, LocalBus, RedisStreamBus, entry_id_key, messages
 from service.settings import Settings
 from service.worker.loop import Worker
-
-
-@pytest.fixture(params=["local", "redis"])
-def buses(request: pytest.FixtureRequest) -> Iterator[BusFactory]:
-    """Runs a test on both buses (as in tests/test_bus.py)."""
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    factory = BusFactory(request.param, url)
-    yield factory
-    factory.cleanup()
 
 
 def test_delete_value_removes_the_key(buses: BusFactory) -> None:
