@@ -7,7 +7,9 @@
     values         {prefix}:sensor:{stream_id} = b"WxH" (absent = closed; TTL ``sensor_ttl_s``, refreshed by the
                    worker while the stream lives), {prefix}:worker:heartbeat = unix s (TTL),
                    {prefix}:worker:status = JSON snapshot (model, version, streams, checkpoints),
-                   {prefix}:api:probe = unix s (TTL ``PROBE_TTL_S``, written by /readyz)
+                   {prefix}:api:probe = unix s (TTL ``PROBE_TTL_S``, written by /readyz),
+                   {prefix}:busy:{stream_id} = Retry-After s while the stream has too many frames queued
+                   (TTL ``BUSY_TTL_S``, refreshed by the worker while it stays busy; the API answers 429)
 
 ``prefix`` is the bus stream name, so two deployments on one Redis do not mix.
 """
