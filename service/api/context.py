@@ -66,11 +66,17 @@ class ServiceContext:
         sensor, busy = await self.bus.get_values(keys)
         return messages.decode_sensor(sensor), busy
 
-    async def known_sensor(
-        self, stream_id: str, current: tuple[int, int] | None | bool = False
-    ) -> tuple[int, int]:
-        """The stream's sensor size (404 when not open); ``current``: the value already read, if any."""
-        sensor = await self.sensor(stream_id) if current is False else current
+    async def known_sensor(self, stream_id: str) -> tuple[int, int]:
+        """The stream's sensor size (404 when not open)."""
+        return self.require_sensor(stream_id, await self.sensor(stream_id))
+
+    async def check_sensor(self, stream_id: str, width: int, height: int) -> tuple[tuple[int, int], bool]:
+        """``declared_sensor`` against the stream's sensor size as the bus has it now."""
+        return self.declared_sensor(stream_id, width, height, await self.sensor(stream_id))
+
+    @staticmethod
+    def require_sensor(stream_id: str, sensor: tuple[int, int] | None) -> tuple[int, int]:
+        """``sensor`` (read from the bus), or 404 when the stream is not open."""
         if sensor is None:
             raise ApiError(
                 404,
@@ -79,10 +85,11 @@ class ServiceContext:
             )
         return sensor
 
-    async def check_sensor(
-        self, stream_id: str, width: int, height: int, current: tuple[int, int] | None | bool = False
+    def declared_sensor(
+        self, stream_id: str, width: int, height: int, current: tuple[int, int] | None
     ) -> tuple[tuple[int, int], bool]:
-        """Check a declared sensor size (422 outside the limit, 409 when open with another one).
+        """Check a declared sensor size against the stream's ``current`` one (422 outside the limit,
+        409 when open with another one).
 
         Returns ``((width, height), known)``; writes nothing: a stream is registered only once a
         packet or an open for it is on the bus (``register_sensor``), so a refused request leaves none.
@@ -90,14 +97,13 @@ class ServiceContext:
         limit = self.settings.max_sensor_size
         if not (1 <= width <= limit and 1 <= height <= limit):
             raise ApiError(422, f"sensor size {width}x{height} outside 1..{limit} pixels per side")
-        sensor = await self.sensor(stream_id) if current is False else current
-        if sensor is not None and sensor != (width, height):
+        if current is not None and current != (width, height):
             raise ApiError(
                 409,
-                f"stream {stream_id!r} is open with sensor {sensor[0]}x{sensor[1]}, "
+                f"stream {stream_id!r} is open with sensor {current[0]}x{current[1]}, "
                 f"not {width}x{height}; DELETE it first",
             )
-        return (width, height), sensor is not None
+        return (width, height), current is not None
 
     async def register_sensor(self, stream_id: str, width: int, height: int) -> None:
         """Record a stream's sensor size for the packets that follow, before the worker applies the first.

@@ -62,9 +62,9 @@ async def post_events(
             raise ApiError(422, "give both width and height, or neither")
         current, busy = await ctx.stream_values(stream_id)
         if width is not None and height is not None:  # checked now, registered once the packet is on the bus
-            sensor, known = await ctx.check_sensor(stream_id, width, height, current)
+            sensor, known = ctx.declared_sensor(stream_id, width, height, current)
         else:
-            sensor, known = await ctx.known_sensor(stream_id, current), True
+            sensor, known = ctx.require_sensor(stream_id, current), True
         check_not_busy(ctx, stream_id, busy)
         body = await read_body(request, settings.max_body_bytes)
         parse_args = (body, content_type, sensor, settings.max_events_per_packet)
