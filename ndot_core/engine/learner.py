@@ -160,6 +160,9 @@ class OnlineLearner:
         self.optimizer = self._make_optimizer()
         self.version = 0  # optimizer steps taken
         self.pending_steps = 0  # labelled steps whose gradients wait for the next optimizer step
+        #: When True, a labelled ``step`` only adds its gradients to ``.grad`` (``pending_steps`` + 1) and
+        #: the caller applies them with ``apply_update`` (e.g. after reducing them over processes).
+        self.hold_updates = False
         self._last_loss: Tensor | Callable[[], Tensor] | None = None
 
     @property
@@ -246,7 +249,7 @@ class OnlineLearner:
         loss.backward()
         self.last_loss = loss.detach()
         self.pending_steps += 1
-        if self.mode == "online" or self.pending_steps >= self.steps_per_sample:
+        if self._update_due():
             self._optimizer_step()
         return logits.detach()
 
@@ -297,9 +300,34 @@ class OnlineLearner:
 
         self._last_loss = loss
         self.pending_steps += 1
-        if self.mode == "online" or self.pending_steps >= self.steps_per_sample:
+        if self._update_due():
             self._optimizer_step()
         return logits
+
+    def _update_due(self) -> bool:
+        """Whether a labelled ``step`` applies its gradients now (never while ``hold_updates``)."""
+        if self.hold_updates:
+            return False
+        return self.mode == "online" or self.pending_steps >= self.steps_per_sample
+
+    def held_gradients(self) -> list[Tensor]:
+        """Every trainable parameter's ``.grad`` (zeros where none yet), in ``optimizer`` order."""
+        grads = []
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                grads.append(param.grad)
+        return grads
+
+    def apply_update(self) -> None:
+        """One optimizer step with the gradients in ``.grad`` (as set by the caller); ``version`` + 1."""
+        self._optimizer_step()
+
+    def drop_held(self) -> None:
+        """Forget the gradients held so far (zeroed in place; ``pending_steps`` = 0)."""
+        torch._foreach_zero_(self.held_gradients())
+        self.pending_steps = 0
 
     @staticmethod
     def predict(state: NetworkState) -> Tensor:

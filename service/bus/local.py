@@ -60,6 +60,11 @@ def _check_name(what: str, value: str) -> None:
         raise BusInputError(f"{what} {value!r} must be a non-empty string")
 
 
+def _check_shard(shard: int) -> None:
+    if shard != 0:
+        raise BusInputError(f"shard {shard!r}: the embedded bus has one shard, 0")
+
+
 def _check_positive(what: str, value: float) -> None:
     if not isinstance(value, int | float) or not value > 0:
         raise BusInputError(f"{what} must be > 0, got {value!r}")
@@ -98,6 +103,8 @@ class LocalBus:
             raise ValueError(f"retry_after_s must be > 0, got {retry_after_s!r}")
         self.max_lag = max_lag
         self.max_bytes = max_bytes
+        self.shards = 1  # one process: nothing to spread (see service.bus.shards)
+        self.owned = [0]
         self.held_bytes = 0  # entry_size of the unread and pending entries
         self.retry_after_s = float(retry_after_s)
         self._closed = False
@@ -223,21 +230,24 @@ class LocalBus:
                 claimed.append(record.entry)
         return claimed
 
-    async def replay(self, after_id: str | None, count: int) -> list[BusEntry]:
+    async def replay(self, after_id: str | None, count: int, shard: int = 0) -> list[BusEntry]:
         """Up to ``count`` held entries (pending or unread) with ids above ``after_id``, in id order.
 
         Acked entries are dropped at once here, so the history is only what is still held; the
         embedded bus lives and dies with its process, so there is no older history to recover.
+        The embedded bus has one shard (0): it serves one process, so there is nothing to spread.
         """
         _check_positive("count", count)
+        _check_shard(shard)
         self._check_open()
         floor = (-1, -1) if after_id is None else entry_id_key(after_id)
         held = [p.entry for p in self._pending.values()] + list(self._unread)
         held = sorted((e for e in held if entry_id_key(e.id) > floor), key=lambda e: entry_id_key(e.id))
         return [replace(e, deliveries=0) for e in held[:count]]
 
-    async def newest_id(self) -> str | None:
+    async def newest_id(self, shard: int = 0) -> str | None:
         """The newest id handed out (entries and dead letters); None before the first."""
+        _check_shard(shard)
         self._check_open()
         return None if self._last_id == (0, 0) else f"{self._last_id[0]}-{self._last_id[1]}"
 

@@ -1,7 +1,7 @@
 """``RedisStreamBus.send_round``: a worker round's writes in one pipeline, then its acks.
 
     pipeline: SET / DEL s:value:<key> ...   RPUSH + PEXPIRE s:reply:<id> ...
-    then:     XACK s g id...                (only when every write above was taken)
+    then:     XACK s g id... per shard      (only when every write above was taken)
 
 Two round trips per round instead of one or two per value and reply. The pipeline has no
 transaction: Redis runs its commands in order, and a refused one (OOM refuses SET and RPUSH,
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import ResponseError
 
-from service.bus.base import BusInputError, Value, entry_id_key
+from service.bus.base import BusInputError, Value
 
 if TYPE_CHECKING:
     from service.bus.redis_streams import RedisStreamBus
@@ -31,8 +31,7 @@ async def send_round(
 ) -> None:
     if not reply_ttl_s > 0:
         raise BusInputError(f"reply_ttl_s must be > 0, got {reply_ttl_s!r}")
-    for entry_id in acks:
-        entry_id_key(entry_id)
+    acks_by_shard = bus._by_shard(acks)
     if not (values or replies or acks):
         return
     async with bus._guard(), bus._redis.pipeline(transaction=False) as pipe:
@@ -52,9 +51,9 @@ async def send_round(
         for result in results:
             if isinstance(result, ResponseError):
                 raise result
-        if acks:
+        for shard, raw_ids in acks_by_shard.items():
             try:
-                await bus._redis.xack(bus.stream, bus.group, *acks)
+                await bus._redis.xack(bus.shard_keys[shard], bus.group, *raw_ids)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise

@@ -62,6 +62,7 @@ from service.bus.redis_entries import as_text, check_consumer, decode_entry
 from service.bus.redis_errors import bus_error, redacted
 from service.bus.redis_lua import BYTES_FULL, LAG_FULL, PUBLISH_LUA, TOO_LARGE, bytes_key
 from service.bus.redis_values import RepliesAndValues
+from service.bus.shards import check_shards, qualify, shard_of, shard_stream_key, split_entry_id
 
 __all__ = ["RedisStreamBus"]
 
@@ -83,6 +84,10 @@ class RedisStreamBus(RepliesAndValues):
         max_reply_waiters: reply pool size, i.e. concurrent ``wait_reply`` calls served at once.
         connect_timeout_s: TCP connect timeout.
         command_timeout_s: bound on one command, on top of its own blocking time.
+        shards: how many shard streams (``service.bus.shards``); 1 = the one stream ``stream`` of old.
+            ``max_lag``, ``maxlen`` and ``max_bytes`` bound each shard.
+        owned: the shards this process reads, acks, claims and replays (default: all); ``publish``
+            writes to any shard.
     """
 
     def __init__(
@@ -98,6 +103,8 @@ class RedisStreamBus(RepliesAndValues):
         max_reply_waiters: int = 1024,
         connect_timeout_s: float = 1.0,
         command_timeout_s: float = 5.0,
+        shards: int = 1,
+        owned: list[int] | None = None,
     ) -> None:
         if not isinstance(max_lag, int) or max_lag < 1:
             raise ValueError(f"max_lag must be an int >= 1, got {max_lag!r}")
@@ -113,13 +120,19 @@ class RedisStreamBus(RepliesAndValues):
         if not stream or not group:
             raise ValueError(f"stream {stream!r} and group {group!r} must be non-empty")
         self.stream = stream
+        self.shards = check_shards(shards)
+        #: The Redis key of each shard's stream (one shard: ``stream`` itself).
+        self.shard_keys = [stream] if shards == 1 else [shard_stream_key(stream, s) for s in range(shards)]
+        self.owned: list[int] = list(range(shards))
+        if owned is not None:
+            self.own(owned)
         self.group = group
         self.max_lag = max_lag
         self.maxlen = maxlen
         self.max_bytes = max_bytes
         self.retry_after_s = float(retry_after_s)
-        self.dead_stream = f"{stream}:dead"
-        self.bytes_key = bytes_key(stream)
+        self.dead_stream = f"{stream}:dead"  # (shard 0's; see _dead_key)
+        self.bytes_key = bytes_key(self.shard_keys[0])
         self.lost_pending = 0  # pending entries found trimmed by XAUTOCLAIM (see module docstring)
         self._command_timeout_s = command_timeout_s
         self._where = redacted(url)  # logs name the server, never its credentials
@@ -155,16 +168,41 @@ class RedisStreamBus(RepliesAndValues):
                 raise
             raise error from exc
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    def own(self, shards: list[int]) -> None:
+        """Read, ack, claim and replay only ``shards`` from now on (a rank's share after a rendezvous)."""
+        owned = sorted(set(shards))
+        if not owned or not all(isinstance(s, int) and 0 <= s < self.shards for s in owned):
+            raise ValueError(f"owned shards {shards!r} must be a non-empty subset of [0, {self.shards})")
+        self.owned = owned
 
-    async def _group_info(self) -> dict[str, Any] | None:
+    def _dead_key(self, shard: int) -> str:
+        return f"{self.shard_keys[shard]}:dead"
+
+    def _shard_of_id(self, entry_id: str) -> tuple[int, str]:
+        """``(shard, raw id)`` of one of this bus's ids (a qualified id on a sharded bus)."""
+        shard, raw = split_entry_id(entry_id)
+        if shard >= self.shards or (self.shards > 1) != ("/" in entry_id):
+            raise BusInputError(f"entry id {entry_id!r} names no shard of this bus ({self.shards} shards)")
+        return shard, raw
+
+    def _by_shard(self, ids: list[str]) -> dict[int, list[str]]:
+        grouped: dict[int, list[str]] = {}
+        for entry_id in ids:
+            shard, raw = self._shard_of_id(entry_id)
+            grouped.setdefault(shard, []).append(raw)
+        return grouped
+
+    async def _ensure_group(self, shard: int | None = None) -> None:
+        for key in self.shard_keys if shard is None else [self.shard_keys[shard]]:
+            try:
+                await self._redis.xgroup_create(key, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _group_info(self, shard: int = 0) -> dict[str, Any] | None:
         try:
-            rows = await self._redis.xinfo_groups(self.stream)
+            rows = await self._redis.xinfo_groups(self.shard_keys[shard])
         except ResponseError as exc:
             if "no such key" in str(exc):
                 return None
@@ -201,12 +239,14 @@ class RedisStreamBus(RepliesAndValues):
         size = entry_size(kind, stream_id, checked)
         if size > self.max_bytes:
             raise BusEntryTooLarge(size, self.max_bytes)
+        shard = shard_of(stream_id, self.shards)
+        key = self.shard_keys[shard]
         args: list[Any] = [self.group, self.max_lag, self.maxlen, self.max_bytes]
         args += [b"kind", kind, b"stream_id", stream_id]
         for name, value in checked.items():
             args += [name, value]
         async with self._guard():
-            outcome, value = await self._publish_script(keys=[self.stream, self.bytes_key], args=args)
+            outcome, value = await self._publish_script(keys=[key, bytes_key(key)], args=args)
         if outcome == LAG_FULL:
             raise BusFull(self.retry_after_s, lag=int(value), max_lag=self.max_lag)
         if outcome == BYTES_FULL:
@@ -215,76 +255,103 @@ class RedisStreamBus(RepliesAndValues):
             )
         if outcome == TOO_LARGE:
             raise BusEntryTooLarge(int(value), self.max_bytes)
-        return as_text(value)
+        return qualify(shard, as_text(value), self.shards)
+
+    def _entry(self, shard: int, entry_id: bytes | str, raw: dict[bytes, bytes], deliveries: int) -> BusEntry:
+        entry = decode_entry(entry_id, raw, deliveries)
+        if self.shards == 1:
+            return entry
+        return BusEntry(
+            qualify(shard, entry.id, self.shards), entry.kind, entry.stream_id, entry.fields, deliveries
+        )
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[BusEntry]:
-        """Up to ``count`` new entries for ``consumer``; waits up to ``block_ms`` (<= 0: no wait)."""
+        """Up to ``count`` new entries for ``consumer`` from the owned shards; waits up to ``block_ms``.
+
+        One XREADGROUP over every owned shard's stream (``block_ms`` <= 0: no wait); ``count`` bounds
+        each shard's share, and the whole answer is cut to ``count`` (the rest stays for the next read).
+        """
         check_consumer(consumer, count)
         block = block_ms if block_ms > 0 else None  # BLOCK 0 would wait forever
+        shard_at = {self.shard_keys[s]: s for s in self.owned}
         async with self._guard(blocking_s=max(block_ms, 0) / 1000):
             try:
                 reply = await self._redis.xreadgroup(
-                    self.group, consumer, {self.stream: ">"}, count=count, block=block
+                    self.group, consumer, dict.fromkeys(shard_at, ">"), count=count, block=block
                 )
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                await self._ensure_group()  # lost with a Redis restart: start over from the stream
+                for shard in self.owned:  # lost with a Redis restart: start over from the streams
+                    await self._ensure_group(shard)
                 return []
-        return [decode_entry(eid, raw, 1) for _, entries in reply or [] for eid, raw in entries]
+        return [
+            self._entry(shard_at[as_text(key)], eid, raw, 1)
+            for key, entries in reply or []
+            for eid, raw in entries
+        ]
 
     async def ack(self, ids: list[str]) -> None:
-        for entry_id in ids:
-            entry_id_key(entry_id)
-        if not ids:
+        grouped = self._by_shard(ids)
+        if not grouped:
             return
         async with self._guard():
-            try:
-                await self._redis.xack(self.stream, self.group, *ids)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):  # no group: nothing is pending any more
-                    raise
+            for shard, raw_ids in grouped.items():
+                try:
+                    await self._redis.xack(self.shard_keys[shard], self.group, *raw_ids)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):  # no group: nothing is pending any more
+                        raise
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[BusEntry]:
-        """Entries pending for ``min_idle_ms`` or longer (any consumer), now owned by ``consumer``."""
+        """Entries pending for ``min_idle_ms`` or longer (any consumer) in the owned shards, now ``consumer``'s."""
         check_consumer(consumer, count)
+        claimed: list[BusEntry] = []
+        async with self._guard():
+            for shard in self.owned:
+                if len(claimed) >= count:
+                    break
+                claimed += await self._claim_shard(shard, consumer, min_idle_ms, count - len(claimed))
+        return claimed
+
+    async def _claim_shard(self, shard: int, consumer: str, min_idle_ms: int, count: int) -> list[BusEntry]:
+        key = self.shard_keys[shard]
         raw_claimed: list[tuple[bytes, dict[bytes, bytes]]] = []
         cursor: bytes | str = "0-0"
-        async with self._guard():
-            while len(raw_claimed) < count:
-                try:
-                    reply = await self._redis.xautoclaim(
-                        self.stream,
-                        self.group,
-                        consumer,
-                        max(int(min_idle_ms), 0),
-                        start_id=cursor,
-                        count=count - len(raw_claimed),
-                    )
-                except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    return []
-                cursor, entries = reply[0], reply[1]
-                self.lost_pending += len(reply[2]) if len(reply) > 2 else 0  # Redis 7: trimmed ids
-                for entry_id, raw in entries:
-                    if raw is None:  # Redis 6.2 reports a trimmed entry this way
-                        self.lost_pending += 1
-                        await self._redis.xack(self.stream, self.group, entry_id)
-                    else:
-                        raw_claimed.append((entry_id, raw))
-                if as_text(cursor) == "0-0":
-                    break
-            deliveries = await self._delivery_counts(consumer, [as_text(eid) for eid, _ in raw_claimed])
-        return [decode_entry(eid, raw, deliveries.get(as_text(eid), 1)) for eid, raw in raw_claimed]
+        while len(raw_claimed) < count:
+            try:
+                reply = await self._redis.xautoclaim(
+                    key,
+                    self.group,
+                    consumer,
+                    max(int(min_idle_ms), 0),
+                    start_id=cursor,
+                    count=count - len(raw_claimed),
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                return []
+            cursor, entries = reply[0], reply[1]
+            self.lost_pending += len(reply[2]) if len(reply) > 2 else 0  # Redis 7: trimmed ids
+            for entry_id, raw in entries:
+                if raw is None:  # Redis 6.2 reports a trimmed entry this way
+                    self.lost_pending += 1
+                    await self._redis.xack(key, self.group, entry_id)
+                else:
+                    raw_claimed.append((entry_id, raw))
+            if as_text(cursor) == "0-0":
+                break
+        deliveries = await self._delivery_counts(key, consumer, [as_text(eid) for eid, _ in raw_claimed])
+        return [self._entry(shard, eid, raw, deliveries.get(as_text(eid), 1)) for eid, raw in raw_claimed]
 
-    async def _delivery_counts(self, consumer: str, ids: list[str]) -> dict[str, int]:
+    async def _delivery_counts(self, key: str, consumer: str, ids: list[str]) -> dict[str, int]:
         """``times_delivered`` of ``ids`` (sorted) from ``consumer``'s pending list, paging XPENDING."""
         wanted, counts = set(ids), {}
         start = ids[0] if ids else None
         while start is not None and len(counts) < len(wanted):
             rows = await self._redis.xpending_range(
-                self.stream,
+                key,
                 self.group,
                 min=start,
                 max=ids[-1],
@@ -297,61 +364,77 @@ class RedisStreamBus(RepliesAndValues):
             start = f"({as_text(rows[-1]['message_id'])}" if rows else None
         return counts
 
-    async def replay(self, after_id: str | None, count: int) -> list[BusEntry]:
-        """Up to ``count`` entries with ids above ``after_id`` (None: from the oldest kept), in id order.
+    async def replay(self, after_id: str | None, count: int, shard: int = 0) -> list[BusEntry]:
+        """Up to ``count`` entries of one shard with ids above ``after_id``, in id order.
 
-        The stream's history, whatever each entry's state in the group (unread, pending or acked):
+        ``after_id`` None: from the oldest kept entry of ``shard``; else the shard its id names.
+        The shard's history, whatever each entry's state in the group (unread, pending or acked):
         what a restarted worker re-applies after restoring a checkpoint. Entries trimmed by
         ``maxlen`` are gone. Delivery state is untouched (``deliveries`` reads 0).
         """
         if not isinstance(count, int) or count < 1:
             raise BusInputError(f"count must be an int >= 1, got {count!r}")
-        start = "-" if after_id is None else "({}-{}".format(*entry_id_key(after_id))  # exclusive
+        if after_id is not None:
+            shard, raw = self._shard_of_id(after_id)
+        elif not (isinstance(shard, int) and 0 <= shard < self.shards):
+            raise BusInputError(f"shard {shard!r} is not one of this bus's {self.shards}")
+        start = "-" if after_id is None else "({}-{}".format(*entry_id_key(raw))  # exclusive
         async with self._guard():
-            rows = await self._redis.xrange(self.stream, min=start, max="+", count=count)
-        return [decode_entry(eid, raw, 0) for eid, raw in rows]
+            rows = await self._redis.xrange(self.shard_keys[shard], min=start, max="+", count=count)
+        return [self._entry(shard, eid, raw_fields, 0) for eid, raw_fields in rows]
 
-    async def newest_id(self) -> str | None:
-        """The stream's last generated id (None when the stream is missing or has never had an entry)."""
+    async def newest_id(self, shard: int = 0) -> str | None:
+        """The shard's last generated id (None when its stream is missing or has never had an entry)."""
         async with self._guard():
             try:
-                newest = as_text((await self._redis.xinfo_stream(self.stream))["last-generated-id"])
+                info = await self._redis.xinfo_stream(self.shard_keys[shard])
             except ResponseError as exc:
                 if "no such key" not in str(exc):
                     raise
                 return None
-        return None if entry_id_key(newest) == (0, 0) else newest
+        newest = as_text(info["last-generated-id"])
+        return None if entry_id_key(newest) == (0, 0) else qualify(shard, newest, self.shards)
 
     async def pending_count(self) -> int:
+        """Entries delivered and not yet acked, over the owned shards."""
+        total = 0
         async with self._guard():
-            info = await self._group_info()
-        return 0 if info is None else int(info["pending"])
+            for shard in self.owned:
+                info = await self._group_info(shard)
+                total += 0 if info is None else int(info["pending"])
+        return total
 
     async def lag(self) -> int:
-        """Entries not yet acked: unread (``lag``, or XLEN when Redis cannot tell) + pending."""
+        """Entries not yet acked over the owned shards: unread (``lag``, or XLEN) + pending."""
+        total = 0
         async with self._guard():
-            info = await self._group_info()
-            if info is None:
-                return 0
-            unread = info.get("lag")
-            if unread is None:
-                unread = await self._redis.xlen(self.stream)
-        return int(unread) + int(info["pending"])
+            for shard in self.owned:
+                info = await self._group_info(shard)
+                if info is None:
+                    continue
+                unread = info.get("lag")
+                if unread is None:
+                    unread = await self._redis.xlen(self.shard_keys[shard])
+                total += int(unread) + int(info["pending"])
+        return total
 
     async def dead_letter(self, entry: BusEntry, error: str) -> None:
-        """XADD ``entry`` with ``error`` and ``original_id`` to ``<stream>:dead``, then XACK it (atomic)."""
-        entry_id_key(entry.id)
+        """XADD ``entry`` with ``error`` and ``original_id`` to its shard's ``:dead`` stream, then XACK (atomic)."""
+        shard, raw = self._shard_of_id(entry.id)
         fields = {"kind": entry.kind.encode(), "stream_id": entry.stream_id.encode()}
         fields.update(dead_letter_fields(entry.fields, error, entry.id))
         async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_stream, fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)
-            pipe.xack(self.stream, self.group, entry.id)
+            pipe.xadd(self._dead_key(shard), fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)
+            pipe.xack(self.shard_keys[shard], self.group, raw)
             added, _ = await pipe.execute(raise_on_error=False)  # XACK fails harmlessly without a group
             if isinstance(added, Exception):
                 raise added
 
     async def dead_letters(self, count: int = 100) -> list[BusEntry]:
-        """The oldest ``count`` dead letters still kept, oldest first."""
+        """The oldest ``count`` dead letters still kept (every shard's), oldest first."""
+        letters: list[tuple[tuple[int, int], BusEntry]] = []
         async with self._guard():
-            rows = await self._redis.xrange(self.dead_stream, count=count)
-        return [decode_entry(eid, raw, 1) for eid, raw in rows]
+            for shard in range(self.shards):
+                for eid, raw in await self._redis.xrange(self._dead_key(shard), count=count):
+                    letters.append((entry_id_key(as_text(eid)), self._entry(shard, eid, raw, 1)))
+        return [entry for _, entry in sorted(letters, key=lambda item: item[0])[:count]]
