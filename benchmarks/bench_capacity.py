@@ -199,6 +199,7 @@ def worker_levels(
     with WorkerProcess(workdir, env) as worker:
         for streams in levels:
             level = worker_level(worker.stream, streams, duration_s, window_ms * 1000)
+            level.pop("replied_at")
             level["camera_frames_per_s"] = level["expected_steps"] / duration_s
             level["sustained"] = (
                 level["max_schedule_lag_s"] <= BEHIND_LIMIT_S

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.realtime_load import REPO, camera_process, percentile, scrape  # noqa: E402
 from clients.local_service import free_port  # noqa: E402
+from service.bus.shards import shard_key_pattern
 
 RESULTS = REPO / "benchmarks" / "results"
 REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -105,6 +106,7 @@ class Deployment:
 
         client = redis.Redis.from_url(REDIS_URL)
         keys = list(client.scan_iter(match=f"{self.stream}*", count=1000))
+        keys += list(client.scan_iter(match=shard_key_pattern(self.stream), count=1000))
         if keys:
             client.delete(*keys)
         client.close()
@@ -116,8 +118,9 @@ class Deployment:
         from service.bus import RedisStreamBus
 
         async def read() -> int:
-            bus = RedisStreamBus(REDIS_URL, stream=self.stream, max_lag=5000, maxlen=100_000)
+            bus = RedisStreamBus(REDIS_URL, stream=self.stream, max_lag=5000, maxlen=100_000, shards=None)
             try:
+                await bus.start()  # takes the deployment's shard layout
                 return await bus.lag()
             finally:
                 await bus.close()

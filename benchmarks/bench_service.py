@@ -48,6 +48,8 @@ from service_load import (  # noqa: E402
     wait_http,
 )
 
+from service.bus.shards import shard_key_pattern  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_INGEST = 10e6
 TARGET_P99_S = 0.025
@@ -89,6 +91,7 @@ def bench_ingest(bus: str, duration_s: float) -> dict[str, Any]:
 
             client = redis.Redis.from_url(REDIS_URL)
             keys = list(client.scan_iter(match=f"{stream}*"))
+            keys += list(client.scan_iter(match=shard_key_pattern(stream)))
             if keys:
                 client.delete(*keys)
     result["events_per_s"] = result["ok_per_s"] * PACKET_EVENTS

@@ -123,8 +123,8 @@ def sink_server(port: int, redis_url: str | None) -> None:
 async def redis_sink(stream: str, stop: asyncio.Event) -> None:
     from service.bus import RedisStreamBus
 
-    bus = RedisStreamBus(REDIS_URL, stream=stream, max_lag=256, maxlen=512)
-    await bus.start()
+    bus = RedisStreamBus(REDIS_URL, stream=stream, max_lag=256, maxlen=512, shards=None)
+    await bus.start()  # takes the API's shard layout
     try:
         while not stop.is_set():
             entries = await bus.read("sink", 256, 100)

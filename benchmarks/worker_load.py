@@ -26,15 +26,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.realtime_load import camera_packets, load_sequences  # noqa: E402
+from service.bus.shards import shard_key_pattern
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 class WorkerProcess:
-    """``ndot worker`` on a Redis stream of its own; a context manager."""
+    """``ndot worker`` (or ``ndot workers``: ``command``) on a Redis stream of its own; a context manager."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], command: str = "worker") -> None:
+        self.command = command
         self.stream = f"bench-worker-{uuid.uuid4().hex[:8]}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("NDOT_")},
@@ -53,7 +55,7 @@ class WorkerProcess:
     def __enter__(self) -> WorkerProcess:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker"],
+                [sys.executable, "-m", "service.cli", self.command],
                 cwd=REPO,
                 env=self.env,
                 stdout=log,
@@ -78,6 +80,7 @@ class WorkerProcess:
 
         client = redis.Redis.from_url(REDIS_URL)
         keys = list(client.scan_iter(match=f"{self.stream}*", count=1000))
+        keys += list(client.scan_iter(match=shard_key_pattern(self.stream), count=1000))
         if keys:
             client.delete(*keys)
         client.close()
@@ -94,9 +97,10 @@ async def _drive(stream: str, streams: int, duration_s: float, window_us: int, s
     from service.bus import RedisStreamBus, messages
 
     sequences = load_sequences(seed)
-    bus = RedisStreamBus(REDIS_URL, stream=stream, max_lag=5000, max_connections=streams + 8)
+    bus = RedisStreamBus(REDIS_URL, stream=stream, max_lag=5000, max_connections=streams + 8, shards=None)
     tally = {"packets": 0, "lost": 0, "expected_steps": 0, "returned_steps": 0, "max_schedule_lag_s": 0.0}
     latencies: list[float] = []
+    replied: dict[str, list[float]] = {}  # per camera: perf_counter() of each reply (recovery times)
     started = time.perf_counter() + 0.5
     deadline = started + duration_s
 
@@ -116,10 +120,12 @@ async def _drive(stream: str, streams: int, duration_s: float, window_us: int, s
                 tally["lost"] += 1
                 continue
             latencies.append(time.perf_counter() - sent)
+            replied.setdefault(name, []).append(time.perf_counter())
             tally["returned_steps"] += len(json.loads(reply).get("steps", []))
             tally["expected_steps"] += len(framer.push(events)) + (len(framer.flush()) if packet.end else 0)
 
     try:
+        await bus.start()  # takes the worker's shard layout
         await asyncio.gather(*(camera(f"w{streams}-{i}", i * 7 + seed) for i in range(streams)))
     finally:
         await bus.close()
@@ -132,4 +138,5 @@ async def _drive(stream: str, streams: int, duration_s: float, window_us: int, s
         "steps_per_s": tally["returned_steps"] / duration_s,
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
         "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+        "replied_at": replied,
     }

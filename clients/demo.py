@@ -7,7 +7,8 @@
    ``../shared/data`` beside the repository) when present; else tonic's N-MNIST test split when its
    host answers (downloaded once into ``runs/demo/data``); else the synthetic DVS camera.
 3. Replay ``--samples`` samples (shuffled, seeded) as fast as the service takes them, printing one
-   table row per ``--block`` samples: the online accuracy of that block, predicted before learning.
+   table row per ``--block`` samples: that block's prequential accuracy (each sample scored before
+   anything of it is learned: the service's learn_at=sequence), its sample and step accuracy.
 4. Write ``runs/demo/online_accuracy.png`` and ``runs/demo/replay.json``; stop the service (SIGTERM,
    wait, kill on timeout) whatever happens, Ctrl-C included.
 """
@@ -87,19 +88,29 @@ def choose_source(kind: str, data_dir: Path, classes: int) -> tuple[str, str, Se
 
 
 class BlockTable:
-    """Prints a row after 10, 25, 50 and every ``block`` finished samples: accuracy since the last row, and so far."""
+    """Prints a row after 10, 25, 50 and every ``block`` finished samples: accuracy since the last row, and so far.
+
+    ``preq``: samples the service scored (learn_at=sequence) that it predicted right before learning
+    anything of them ("-" when it learns per step); ``acc``: last step's prediction == label; ``step acc``:
+    correct labelled steps.
+    """
 
     header = (
-        f"{'samples':>8} {'acc(since)':>11} {'step acc(since)':>16} {'acc(all)':>9} {'model v':>8} {'s':>7}"
+        f"{'samples':>8} {'preq(since)':>12} {'acc(since)':>11} {'step acc(since)':>16} {'preq(all)':>10} "
+        f"{'acc(all)':>9} {'model v':>8} {'s':>7}"
     )
 
     def __init__(self, block: int) -> None:
         self.block = block
         self.rows: list[dict] = []
         self._correct = self._labelled = self._steps = self._correct_steps = 0
+        self._scored = self._prequential = 0
         self._started_s = time.perf_counter()
 
     def __call__(self, sample: SampleResult, board: Scoreboard) -> None:
+        if sample.prequential is not None:
+            self._scored += 1
+            self._prequential += sample.prequential
         if sample.correct is not None:
             self._labelled += 1
             self._correct += sample.correct
@@ -111,6 +122,8 @@ class BlockTable:
         version = board.step_records[-1]["model_version"] if board.step_records else 0
         row = {
             "samples": len(board.samples),
+            "block_prequential_accuracy": self._prequential / self._scored if self._scored else None,
+            "prequential_accuracy": board.prequential_accuracy,
             "block_accuracy": self._correct / max(self._labelled, 1),
             "block_step_accuracy": self._correct_steps / max(self._steps, 1),
             "accuracy": board.sample_accuracy or 0.0,
@@ -118,11 +131,17 @@ class BlockTable:
             "elapsed_s": time.perf_counter() - self._started_s,
         }
         self.rows.append(row)
+
+        def pct(value: float | None, width: int) -> str:
+            return f"{value:>{width}.1%}" if value is not None else f"{'-':>{width}}"
+
         tqdm.write(
-            f"{row['samples']:>8} {row['block_accuracy']:>11.1%} {row['block_step_accuracy']:>16.1%} "
-            f"{row['accuracy']:>9.1%} {version:>8} {row['elapsed_s']:>7.1f}"
+            f"{row['samples']:>8} {pct(row['block_prequential_accuracy'], 12)} {row['block_accuracy']:>11.1%} "
+            f"{row['block_step_accuracy']:>16.1%} {pct(row['prequential_accuracy'], 10)} {row['accuracy']:>9.1%} "
+            f"{version:>8} {row['elapsed_s']:>7.1f}"
         )
         self._correct = self._labelled = self._steps = self._correct_steps = 0
+        self._scored = self._prequential = 0
 
 
 def score_held_out(sequences: Iterable[Sequence], config: ClientConfig, total: int) -> tuple[int, int]:
@@ -212,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.streams} streams, as fast as the service takes them"
         )
         print(
-            "demo: online accuracy; each step predicts before learning from its label (a sample's final "
-            f"prediction follows learning on its own earlier steps)\n{BlockTable.header}"
+            "demo: online accuracy. preq: each sample scored before the service learned anything of it "
+            "(test-then-train, learn_at=sequence; '-' when it learns per step); acc: the sample's last step; "
+            f"step acc: each step predicted before its own update\n{BlockTable.header}"
         )
         table = BlockTable(args.block)
         api_key = (
@@ -248,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             service.close()
     summary = board.summary()
     print("demo summary\n" + format_summary(summary))
+    if board.scored_samples:
+        print(
+            f"demo: prequential accuracy {board.recent_prequential_accuracy:.1%} over the last "
+            f"{min(board.window, board.scored_samples)} samples ({board.prequential_accuracy:.1%} over all "
+            f"{board.scored_samples}): each predicted before anything of it was learned"
+        )
     if held_out is not None and held_out[1]:
         print(
             f"demo: held-out accuracy {held_out[0] / held_out[1]:.1%} ({held_out[0]}/{held_out[1]} samples never "

@@ -1,10 +1,16 @@
 """Online accuracy, latency and throughput of a replay, from the service's responses.
 
-Two accuracies, both prequential (the service predicts before it learns from a label):
+Three accuracies; each prediction is made before the service learns from that step's (or sample's) label:
 
-    step accuracy   = correct labelled steps / labelled steps          (the service's ndot_online_accuracy)
-    sample accuracy = samples whose last step's prediction == label / labelled samples
-                      (the prediction of the readout summed over the whole sequence, as N-MNIST is scored)
+    step accuracy        = correct labelled steps / labelled steps     (the service's ndot_online_accuracy)
+    sample accuracy      = samples whose last step's prediction == label / labelled samples
+                           (the prediction of the readout summed over the whole sequence, as N-MNIST is
+                           scored); with learn_at=step a sample's later steps follow updates on its
+                           earlier steps, so this is optimistic
+    prequential accuracy = samples whose scored prediction was right / samples the service scored
+                           (learn_at=sequence: the ``sequence`` object of the reply to the packet that
+                           ended the sample; predicted before anything of the sample was learned,
+                           the service's ndot_prequential_accuracy)
 
 each overall and over the last ``window`` steps / samples.
 """
@@ -36,6 +42,8 @@ class SampleResult:
     steps: int = 0
     correct_steps: int = 0
     final_prediction: int | None = None
+    #: learn_at=sequence: whether the service's scored prediction of this sample was right (None: not scored).
+    prequential: bool | None = None
 
     @property
     def correct(self) -> bool | None:
@@ -64,11 +72,18 @@ class Scoreboard:
     correct_steps: int = 0
     labelled_samples: int = 0
     correct_samples: int = 0
+    scored_samples: int = 0
+    prequential_correct: int = 0
     _recent_steps: deque = field(default_factory=deque)
     _recent_samples: deque = field(default_factory=deque)
+    _recent_prequential: deque = field(default_factory=deque)
 
-    def record_steps(self, sample: SampleResult, steps: list[dict], latency_s: float) -> None:
-        """Steps one 200 response reported for ``sample``."""
+    def record_steps(
+        self, sample: SampleResult, steps: list[dict], latency_s: float, sequence: dict | None = None
+    ) -> None:
+        """Steps one 200 response reported for ``sample`` (and the ``sequence`` it ended, when scored)."""
+        if sequence is not None and sequence.get("correct") is not None:
+            sample.prequential = bool(sequence["correct"])
         now = time.perf_counter() - self.started_s
         for step in steps:
             predicted = int(step["predicted"])
@@ -103,6 +118,10 @@ class Scoreboard:
             self.labelled_samples += 1
             self.correct_samples += sample.correct
             self._push(self._recent_samples, sample.correct)
+        if sample.prequential is not None:
+            self.scored_samples += 1
+            self.prequential_correct += sample.prequential
+            self._push(self._recent_prequential, sample.prequential)
 
     def _push(self, recent: deque, correct: bool) -> None:
         recent.append(correct)
@@ -125,6 +144,14 @@ class Scoreboard:
     def recent_sample_accuracy(self) -> float | None:
         return float(np.mean(self._recent_samples)) if self._recent_samples else None
 
+    @property
+    def prequential_accuracy(self) -> float | None:
+        return self.prequential_correct / self.scored_samples if self.scored_samples else None
+
+    @property
+    def recent_prequential_accuracy(self) -> float | None:
+        return float(np.mean(self._recent_prequential)) if self._recent_prequential else None
+
     def summary(self) -> dict:
         """Closing figures: counts, accuracies, latency percentiles, throughput."""
         elapsed_s = (self.finished_s or time.perf_counter()) - self.started_s
@@ -140,6 +167,9 @@ class Scoreboard:
             f"step_accuracy_last_{self.window}": self.recent_step_accuracy,
             "sample_accuracy": self.sample_accuracy,
             f"sample_accuracy_last_{self.window}": self.recent_sample_accuracy,
+            "scored_samples": self.scored_samples,
+            "prequential_accuracy": self.prequential_accuracy,
+            f"prequential_accuracy_last_{self.window}": self.recent_prequential_accuracy,
             "latency_p50_ms": float(np.percentile(latencies, 50) * 1e3) if latencies.size else None,
             "latency_p99_ms": float(np.percentile(latencies, 99) * 1e3) if latencies.size else None,
             "schedule_lag_max_s": max(self.schedule_lag_s) if self.schedule_lag_s else None,
@@ -199,11 +229,23 @@ def plot_accuracy(
     step_fraction = np.array([s.correct_steps / max(s.steps, 1) for s in scored])
     shown = seen >= min(MIN_SAMPLES_PLOTTED, len(scored))  # a mean over 1-9 samples is noise
     figure, axes = plt.subplots(figsize=(7, 4))
-    for values, label in (
+    curves = [
         (sample_correct, f"sample (final prediction), last {board.window}"),
         (step_fraction, f"step, last {board.window} samples"),
-    ):
+    ]
+    for values, label in curves:
         axes.plot(seen[shown], rolling_mean(values, board.window)[shown], label=label)
+    if all(
+        s.prequential is not None for s in scored
+    ):  # dashed: under learn_at=sequence it is the sample curve
+        prequential = np.array([float(s.prequential) for s in scored])
+        axes.plot(
+            seen[shown],
+            rolling_mean(prequential, board.window)[shown],
+            "k--",
+            linewidth=1,
+            label=f"prequential (scored before learning), last {board.window}",
+        )
     axes.set(xlabel="labelled samples seen", ylabel="accuracy", ylim=(0, 1), title=title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")

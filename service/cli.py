@@ -4,7 +4,9 @@
     ndot api      the HTTP API alone (needs REDIS_URL; workers run apart)
                   both need API keys (NDOT_INGEST_KEYS / NDOT_ADMIN_KEYS) or --insecure-local
     ndot worker   the worker alone (needs REDIS_URL); serves its own /metrics on --worker-metrics-port
+    ndot workers --nproc N   N worker ranks under torchrun, streams sharded, weights kept in step
     ndot train|eval|compare ...   handed to ndot_core.experiments.cli
+    ndot export RUN_OR_CHECKPOINT --format nir --out FILE   a trained network as a NIR file (service.export)
 
 Every setting of ``service.settings.Settings`` is a flag (``--max-streams 32``) and an env var
 (``NDOT_MAX_STREAMS=32``; ``REDIS_URL`` without prefix); flags win over env vars.
@@ -18,7 +20,9 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import types
@@ -151,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(
             name, help=f"offline {name} (ndot_core.experiments.cli; its own --help)", add_help=False
         )
+    commands.add_parser(
+        "workers", help="N worker ranks under torchrun, one model (its own --help)", add_help=False
+    )
+    commands.add_parser(
+        "export", help="a run or checkpoint as a NIR file (service.export; its own --help)", add_help=False
+    )
     return parser
 
 
@@ -161,6 +171,7 @@ def run_http(settings: Settings, run_worker: bool) -> int:
     """Serve until SIGTERM / SIGINT; the exit code: 1 when the in-process worker's last checkpoint failed."""
     import uvicorn
 
+    from service.api.routes.view import close_live_views
     from service.app import create_app
     from service.server import uvicorn_config
 
@@ -180,6 +191,10 @@ def run_http(settings: Settings, run_worker: bool) -> int:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            close_live_views(app)  # open live views end now, not at the graceful-shutdown timeout
+            super().handle_exit(sig, frame)
+
     app = create_app(settings, run_worker=run_worker)
     Server(uvicorn_config(app, settings)).run()
     return 1 if any(worker.shutdown_error for worker in app.state.workers) else 0
@@ -194,14 +209,17 @@ async def run_worker_apart(settings: Settings) -> int:
 
     from service.bus import make_bus
     from service.metrics import ServiceMetrics
+    from service.worker.cluster_member import from_environment
     from service.worker.loop import Worker
 
+    member = from_environment(settings)  # a rank of `ndot workers` (torchrun), or None
     metrics = ServiceMetrics(settings.accuracy_window)
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=metrics.registry)
+    if settings.worker_metrics_port:  # rank r serves on the port + r
+        port = settings.worker_metrics_port + (member.rank if member else 0)
+        start_http_server(port, addr=settings.host, registry=metrics.registry)
     bus = make_bus(settings)
     try:
-        worker = Worker(settings, bus, metrics)
+        worker = Worker(settings, bus, metrics, cluster=member)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
@@ -209,7 +227,73 @@ async def run_worker_apart(settings: Settings) -> int:
         await worker.run()
     finally:
         await bus.close()
+        if member is not None:
+            member.leave()
     return 1 if worker.shutdown_error else 0
+
+
+def run_workers(argv: list[str]) -> int:
+    """``ndot workers --nproc N [--max-restarts K] [worker flags]``: N worker ranks on this machine.
+
+    A thin wrapper over ``torchrun --standalone --nproc-per-node N --max-restarts K -m service.cli
+    worker [worker flags]``: SIGTERM / SIGINT go on to torchrun, which stops the ranks (they stop
+    together, each writes its checkpoint), and then exits 0; otherwise torchrun's exit code. For
+    ranks on several machines, run torchrun with a rendezvous yourself (docs/scale-out.md).
+    """
+    parser = argparse.ArgumentParser(
+        prog="ndot workers",
+        description="Run N worker ranks on this machine under torchrun (torch.distributed): the streams' "
+        "shards are split between them and their weights kept in step (docs/scale-out.md). Every other "
+        "flag is a flag of `ndot worker` (see `ndot worker --help`); REDIS_URL is required.",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=int(os.environ.get("NDOT_WORKER_RANKS", "2")),
+        help="worker ranks to start (env NDOT_WORKER_RANKS; default 2)",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="times torchrun restarts the ranks after one dies (default 3)",
+    )
+    own, rest = parser.parse_known_args(argv)
+    if own.nproc < 1 or own.max_restarts < 0:
+        parser.error("--nproc must be >= 1 and --max-restarts >= 0")
+    if not (os.environ.get("REDIS_URL") or os.environ.get("NDOT_REDIS_URL") or "--redis-url" in rest):
+        print(
+            "ndot workers: needs REDIS_URL (or --redis-url): the ranks share the streams through Redis",
+            file=sys.stderr,
+        )
+        return 2
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={own.nproc}",
+        f"--max-restarts={own.max_restarts}",
+        "-m",
+        "service.cli",
+        "worker",
+        *rest,
+    ]
+    log.info("event=starting_workers nproc=%d command=%r", own.nproc, " ".join(command))
+    torchrun = subprocess.Popen(command)
+    stopping: list[int] = []
+
+    def forward(sig: int, frame: types.FrameType | None) -> None:
+        stopping.append(sig)  # torchrun sends it on to the ranks: they stop together, each checkpoints
+        torchrun.send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = torchrun.wait()
+    if stopping:  # torchrun reports the signal it was stopped with as a failure; a stop asked for is not
+        log.info("event=workers_stopped signal=%d torchrun_exit=%d", stopping[0], code)
+        return 0
+    return code
 
 
 def run_offline(argv: list[str]) -> int:
@@ -230,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in OFFLINE_COMMANDS:
         return run_offline(argv)
+    if argv and argv[0] == "workers":
+        return run_workers(argv[1:])
+    if argv and argv[0] == "export":
+        from service.export import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
     configure_logging(settings)

@@ -7,12 +7,14 @@ many as they like. No stream ids appear as labels.
 
 Who increments what: the API counts packets ``accepted`` / ``rejected`` / ``throttled`` (bus
 backpressure or the per-key rate limit), requests refused before their route
-(``ndot_requests_refused_total{reason}``) and the POST -> prediction latency; the worker counts
-everything it applies (events, steps, predictions, accuracy, streams, bus lag, memory, model
-version, step duration), each failed attempt at a packet (``failed``), each packet moved to the
-dead-letter stream (``dead_lettered``), each entry skipped as applied before and each checkpoint
-file or write that failed (``ndot_checkpoint_errors_total{stage}``). Both count the bus calls that
-failed (``ndot_bus_errors_total{side, kind}``): Redis unreachable, refusing writes (OOM, MISCONF,
+(``ndot_requests_refused_total{reason}``), the POST -> prediction latency and the open live views;
+the worker counts everything it applies (events, steps, predictions, step and prequential accuracy,
+sequences by outcome, streams, bus lag,
+memory, model version, step duration, the time of its last round), each failed attempt at a packet
+(``failed``), each packet moved to the dead-letter stream (``dead_lettered``), each entry skipped
+as applied before and each checkpoint file or write that failed
+(``ndot_checkpoint_errors_total{stage}``). Both count the bus calls that failed
+(``ndot_bus_errors_total{side, kind}``): Redis unreachable, refusing writes (OOM, MISCONF,
 READONLY, ...) or answering an unexpected error.
 """
 
@@ -57,6 +59,8 @@ LATENCY_BUCKETS_S = (
 
 PACKET_OUTCOMES = ("accepted", "rejected", "applied", "failed", "dead_lettered", "throttled")
 STEP_KINDS = ("learn", "infer")
+#: What became of a sequence under learn_at=sequence (``ndot_sequences_total{outcome}``).
+SEQUENCE_OUTCOMES = ("scored", "learned", "too_long", "incomplete", "unlabelled", "abandoned", "failed")
 #: Why the API refused a request before it reached a route's own checks (auth, rate limit, body size).
 REFUSAL_REASONS = ("unauthenticated", "forbidden", "rate_limited", "too_large")
 #: Where a checkpoint failed: a file unreadable when listed, refused at restore, a write, deleting old
@@ -84,7 +88,11 @@ class ServiceMetrics:
             registry=r,
         )
         self.steps = Counter(
-            "ndot_steps", "Network time-steps by kind (learn = labelled).", ["kind"], registry=r
+            "ndot_steps",
+            "Network time-steps by kind: learn = steps that learned from a label (learn_at=sequence: the "
+            "replayed steps), infer = steps that only predicted.",
+            ["kind"],
+            registry=r,
         )
         self.predictions = Counter("ndot_predictions", "Predictions returned.", registry=r)
         self.correct_predictions = Counter(
@@ -92,7 +100,26 @@ class ServiceMetrics:
         )
         self.online_accuracy = Gauge(
             "ndot_online_accuracy",
-            f"Accuracy over the last {accuracy_window} labelled predictions (predict first, then learn).",
+            f"Step-level accuracy over the last {accuracy_window} labelled time-steps, each predicted before "
+            "its own update. With learn_at=step a sample's later steps follow updates on its earlier steps "
+            "(optimistic); ndot_prequential_accuracy is the sample-level test-then-train figure.",
+            registry=r,
+        )
+        self.prequential_accuracy = Gauge(
+            "ndot_prequential_accuracy",
+            "Sample-level test-then-train accuracy over the last scored sequences (learn_at=sequence): "
+            "each sequence's prediction at its end, made before any learning from its label (NaN until one "
+            "is scored).",
+            registry=r,
+        )
+        self.prequential_accuracy.set(float("nan"))
+        self.sequences = Counter(
+            "ndot_sequences",
+            "Labelled sequences of learn_at=sequence by outcome: scored (prediction met its label), learned "
+            "(replayed with its label), too_long (over the frames or bytes bound: scored, not learned), "
+            "incomplete (begun before a restore without its frames: scored, not learned), unlabelled (dropped "
+            "without a label), abandoned (cut by a stream or model reset), failed (replay failed).",
+            ["outcome"],
             registry=r,
         )
         self.active_streams = Gauge("ndot_active_streams", "Live streams held by the worker.", registry=r)
@@ -107,6 +134,16 @@ class ServiceMetrics:
             "ndot_device_memory_bytes", "Bytes held by the torch device allocator (0 on CPU).", registry=r
         )
         self.model_version = Gauge("ndot_model_version", "Optimizer steps taken by the model.", registry=r)
+        self.worker_heartbeat = Gauge(
+            "ndot_worker_heartbeat_timestamp_seconds",
+            "Unix time of the worker's last round sent to the bus (0 in a process without a worker).",
+            registry=r,
+        )
+        self.live_viewers = Gauge(
+            "ndot_live_viewers",
+            "Live views (GET /v1/streams/{id}/live) open on this API process.",
+            registry=r,
+        )
         self.entries_skipped = Counter(
             "ndot_entries_skipped",
             "Bus entries skipped as applied before (at or below the worker's watermark).",
@@ -143,6 +180,8 @@ class ServiceMetrics:
             self.steps.labels(kind=kind)
         for reason in REFUSAL_REASONS:
             self.refused.labels(reason=reason)
+        for outcome in SEQUENCE_OUTCOMES:
+            self.sequences.labels(outcome=outcome)
         for stage in CHECKPOINT_STAGES:
             self.checkpoint_errors.labels(stage=stage)
         for side in BUS_ERROR_SIDES:
@@ -150,6 +189,17 @@ class ServiceMetrics:
                 self.bus_errors.labels(side=side, kind=kind)
         self._recent_correct: deque[bool] = deque(maxlen=accuracy_window)
         self._recent_correct_count = 0
+        self._recent_sequences: deque[bool] = deque(maxlen=100)
+
+    def set_prequential_window(self, size: int) -> None:
+        """Average ``ndot_prequential_accuracy`` over the last ``size`` scored sequences (from now on)."""
+        self._recent_sequences = deque(self._recent_sequences, maxlen=size)
+
+    def record_sequence(self, correct: bool) -> None:
+        """Count one scored sequence (its prediction, made before learning from it, against its label)."""
+        self.sequences.labels(outcome="scored").inc()
+        self._recent_sequences.append(correct)
+        self.prequential_accuracy.set(sum(self._recent_sequences) / len(self._recent_sequences))
 
     def bus_error(self, side: str, kind: str) -> None:
         """Count one failed bus call (``kind`` = ``BusError.kind``; others, such as ``full``, are not failures)."""

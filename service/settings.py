@@ -48,6 +48,32 @@ class Settings(BaseSettings):
         "holds the whole lag bound (2000) of 10k-event packets (130 KB) twice over, and caps 16 MiB bodies "
         "at 32. Must be >= 2 x max_body_bytes; Redis's maxmemory must leave room above it (docs/deploy.md).",
     )
+    shards: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Redis bus only: streams are spread over this many shard streams (crc32(stream id) % "
+        "shards), whole shards are owned by one worker rank each. Fixed for a deployment's life: its bus "
+        "history and checkpoints are per shard. The bus bounds (max_lag, maxlen, max_bytes) hold per shard "
+        "(docs/scale-out.md). The embedded bus has one shard.",
+    )
+
+    # --- scale-out: worker ranks under torchrun -------------------------------------------------
+    sync_mode: Literal["average", "grad"] = Field(
+        "average",
+        description="How worker ranks keep one model: 'average' (parameters averaged every "
+        "sync_every_ticks ticks: periodic model averaging) or 'grad' (gradients all-reduced every tick: "
+        "the same updates as one worker holding every stream).",
+    )
+    sync_every_ticks: int = Field(
+        10, ge=1, description="Ticks between parameter averages (sync_mode average)."
+    )
+    cluster_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend of the ranks: auto = nccl on cuda, else gloo."
+    )
+    cluster_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a rank waits for the others at a rendezvous or a collective."
+    )
 
     # --- model and learning ---------------------------------------------------------------------
     model: str = Field("stream_cnn", description="Model name for ndot_core.build_model.")
@@ -141,7 +167,38 @@ class Settings(BaseSettings):
         "until the queue is under half of this.",
     )
     accuracy_window: int = Field(
-        500, ge=1, description="Labelled predictions the ndot_online_accuracy gauge averages over."
+        500, ge=1, description="Labelled steps the ndot_online_accuracy gauge (step level) averages over."
+    )
+
+    # --- when labels are learned: test-then-train (docs/service.md#labels-and-learn_at) ----------
+    learn_at: Literal["sequence", "step"] = Field(
+        "sequence",
+        description="'sequence' (test-then-train): a sequence streams unlabelled, its prediction at its end is "
+        "scored against its label (from its packets, or POST /v1/streams/{id}/label later), then its held "
+        "frames are replayed with the label to learn; 'step': learn at every labelled step as it runs "
+        "(NDOT_O as in the paper; a sample's later predictions follow updates on its earlier steps, so its "
+        "accuracy is optimistic).",
+    )
+    sequence_max_frames: int = Field(
+        250,
+        ge=1,
+        description="learn_at=sequence: frames one sequence may hold for its replay (250 = 5 s at 20 ms); a "
+        "longer sequence is scored but not learned (ndot_sequences_total{outcome='too_long'}).",
+    )
+    sequence_max_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1,
+        description="learn_at=sequence: bytes one sequence may hold (its frames and its start state); a "
+        "larger one is scored but not learned. A stream holds at most sequences_held + 1 sequences.",
+    )
+    sequences_held: int = Field(
+        2,
+        ge=0,
+        description="learn_at=sequence: ended sequences per stream that wait for a late label "
+        "(POST /v1/streams/{id}/label); past it the oldest unlabelled one is dropped, never learned.",
+    )
+    prequential_window: int = Field(
+        100, ge=1, description="Scored sequences the ndot_prequential_accuracy gauge averages over."
     )
 
     # --- checkpoints ----------------------------------------------------------------------------

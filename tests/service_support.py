@@ -72,12 +72,14 @@ class ServiceProcess:
     def __init__(self, command: str, env: dict[str, str], log_path: Path) -> None:
         self.command, self.log_path = command, log_path
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NDOT_") and k != "REDIS_URL"}
-        # 10 ms windows: the tests cut their packets and count their expected frames at 10 ms
+        # 10 ms windows: the tests cut their packets and count their expected frames at 10 ms;
+        # learn_at=step: they count per-step learning (test-then-train: tests/test_prequential*.py)
         self.env.update(
             {
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(REPO_ROOT),
                 "NDOT_WINDOW_US": "10000",
+                "NDOT_LEARN_AT": "step",
                 **AUTH_ENV,
                 **env,
             }
@@ -161,12 +163,15 @@ def post_sample(
 
 
 def clear_redis(url: str, prefix: str) -> None:
-    """Delete every key of one test's bus (they all start with its stream name)."""
+    """Delete every key of one test's bus (its stream name, and its shards' keys)."""
     import redis
+
+    from service.bus.shards import shard_key_pattern
 
     client = redis.Redis.from_url(url)
     try:
         keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        keys += list(client.scan_iter(match=shard_key_pattern(prefix), count=1000))
         if keys:
             client.delete(*keys)
     finally:

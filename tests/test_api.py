@@ -35,7 +35,8 @@ TWO_FRAMES = body(np.arange(0, 25_000, 500))
 
 
 def settings_for(tmp: Path, redis_url: str | None, **overrides) -> Settings:
-    knobs = {**AUTH_SETTINGS, "window_us": 10_000, **overrides}  # the packets here are cut at 10 ms
+    # the packets here are cut at 10 ms; the tests count per-step learning (sequence: test_prequential_api.py)
+    knobs = {**AUTH_SETTINGS, "window_us": 10_000, "learn_at": "step", **overrides}
     return Settings(
         redis_url=redis_url,
         bus_stream=f"test-api-{uuid.uuid4().hex[:8]}",

@@ -35,6 +35,7 @@ from test_faults import packet
 from ndot_core.events.layout import WIRE_DTYPE
 from service.app import create_app
 from service.bus import BusFull, BusInputError, BusUnavailable, LocalBus, RedisStreamBus, messages
+from service.bus.shards import shard_of, shard_stream_key
 from service.settings import Settings
 from service.worker.loop import Worker
 
@@ -381,8 +382,9 @@ def test_an_unexpected_redis_error_is_a_json_500_naming_it(redis_url: str, tmp_p
     raw = redis.Redis.from_url(redis_url)
     try:
         with ServerThread(create_app(settings, run_worker=False)) as server, http(server.url) as client:
-            raw.delete(settings.bus_stream)
-            raw.set(settings.bus_stream, b"not a stream")  # someone else's key in the bus's place
+            key = shard_stream_key(settings.bus_stream, shard_of("cam", settings.shards))  # cam's shard
+            raw.delete(key)
+            raw.set(key, b"not a stream")  # someone else's key in the bus's place
             answer = client.post(
                 "/v1/streams/cam/events",
                 params={"width": 34, "height": 34, "wait": False},

@@ -12,7 +12,14 @@ import redis
 
 from service.bus import BusEntry, BusInputError, LocalBus, RedisStreamBus
 from service.bus.redis_lua import bytes_key
-from service.bus.shards import Watermark, qualify, shard_of, shard_stream_key, split_entry_id
+from service.bus.shards import (
+    Watermark,
+    qualify,
+    shard_key_pattern,
+    shard_of,
+    shard_stream_key,
+    split_entry_id,
+)
 
 SHARDS = 8
 STREAM_IDS = [f"cam-{i}" for i in range(12)]
@@ -54,8 +61,7 @@ def stream(redis_url: str) -> Iterator[str]:
     name = f"ndot-test-shards:{uuid.uuid4().hex[:12]}"
     yield name
     raw = redis.Redis.from_url(redis_url)
-    base, _, tail = name.rpartition(":")
-    for pattern in (f"{name}*", f"{base}:{{*}}:{tail}*"):
+    for pattern in (f"{name}*", shard_key_pattern(name)):
         keys = list(raw.scan_iter(match=pattern))
         if keys:
             raw.delete(*keys)
@@ -164,5 +170,23 @@ def test_unsharded_buses_keep_plain_ids(redis_url: str, stream: str) -> None:
             with pytest.raises(BusInputError):
                 await each.replay(None, 10, shard=1)
             await each.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_shard_count_is_recorded_and_a_mismatch_refused(redis_url: str, stream: str) -> None:
+    async def scenario() -> None:
+        first = sharded(redis_url, stream)
+        await first.start()
+        entry_id = await first.publish("events", "cam-1", {"n": b"0"})
+        other = RedisStreamBus(redis_url, stream=stream, shards=4)
+        with pytest.raises(ValueError, match=f"laid out in {SHARDS} shards.*NDOT_SHARDS={SHARDS}"):
+            await other.start()
+        tool = RedisStreamBus(redis_url, stream=stream, shards=None)  # takes the recorded layout
+        await tool.start()
+        assert tool.shards == SHARDS and await tool.lag() == 1
+        assert [e.id for e in await tool.read("w", 10, 0)] == [entry_id]
+        for bus in (first, other, tool):
+            await bus.close()
 
     asyncio.run(scenario())

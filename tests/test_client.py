@@ -278,7 +278,8 @@ def test_help_explains_every_flag() -> None:
 def served(tmp_path_factory) -> Iterator[str]:
     """`python -m service.cli serve` on the embedded bus, a free port and a temporary checkpoint dir."""
     service = LocalService(
-        checkpoint_dir=tmp_path_factory.mktemp("checkpoints"), env={"NDOT_WINDOW_US": "10000"}
+        checkpoint_dir=tmp_path_factory.mktemp("checkpoints"),
+        env={"NDOT_WINDOW_US": "10000", "NDOT_LEARN_AT": "step"},  # the tests count per-step learning
     )
     service.start()
     yield service.url

@@ -51,8 +51,9 @@ def registered_sample_names() -> set[str]:
 
 
 def test_compose_has_the_stack_and_builds_one_image() -> None:
-    assert set(SERVICES) == {"redis", "api", "worker", "client", "prometheus", "grafana"}
-    assert set(own_image_services()) == {"api", "worker", "client"}
+    assert set(SERVICES) == {"redis", "api", "worker", "workers", "client", "prometheus", "grafana"}
+    assert set(own_image_services()) == {"api", "worker", "workers", "client"}
+    assert SERVICES["workers"]["profiles"] == ["ranks"]  # worker ranks only when asked for
     for spec in own_image_services().values():
         assert spec["build"]["context"] == "."
         assert spec["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
@@ -66,7 +67,8 @@ def test_compose_commands_are_console_scripts_with_real_subcommands_and_flags() 
     assert commands["api"] == ["ndot", "api"] and commands["worker"] == ["ndot", "worker"]
     for command in commands.values():
         assert command[0] in SCRIPTS, f"{command[0]} is not a console script of pyproject.toml"
-    for sub in ("api", "worker", "serve"):
+    assert commands["workers"][:2] == ["ndot", "workers"]
+    for sub in ("api", "worker", "serve", "workers"):
         done = subprocess.run(
             [sys.executable, "-m", "service.cli", sub, "--help"],
             cwd=REPO,
@@ -168,10 +170,10 @@ def test_dashboard_has_the_required_panels() -> None:
 
 
 def test_dashboard_queries_name_only_registered_metrics() -> None:
-    registered = registered_sample_names()
+    registered = registered_sample_names() | {"ALERTS"}  # Prometheus' series of alert states (alerts.yml)
     assert "process_resident_memory_bytes" in registered
     for title, expr in dashboard_queries():
-        names = set(re.findall(r"\b(?:ndot|process)_[a-z0-9_]+", expr))
+        names = set(re.findall(r"\b(?:ndot|process)_[a-z0-9_]+|\bALERTS\b", expr))
         assert names, f"{title}: {expr!r} names no metric"
         unknown = names - registered
         assert not unknown, f"{title}: {expr!r} names {sorted(unknown)}, not in service/metrics.py"

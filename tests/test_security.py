@@ -66,6 +66,8 @@ ADMIN_ROUTES = [
     ("GET", "/v1/checkpoints"),
     ("POST", "/v1/checkpoints/any/restore"),
     ("POST", "/v1/model/reset"),
+    ("POST", "/v1/model/export"),
+    ("GET", "/v1/cluster"),
 ]
 
 

@@ -43,6 +43,7 @@ def run(
         "checkpoint_interval_s": 0,
         "read_block_ms": 1,
         "window_us": 10_000,
+        "learn_at": "step",  # these tests count per-step learning (learn_at=sequence: test_prequential.py)
         **overrides,
     }
     settings = Settings(redis_url=None, checkpoint_dir=tmp_path / "ckpt", **knobs)

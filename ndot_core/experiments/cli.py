@@ -26,14 +26,17 @@ from ndot_core.experiments.compare import (
     format_table,
     write_table,
 )
-from ndot_core.experiments.config import ExperimentError, RunConfig
+from ndot_core.experiments.config import ExperimentError, RunConfig, torch_threads
 from ndot_core.experiments.run_files import CheckpointError
 from ndot_core.experiments.runs import evaluate_checkpoint, train
+from ndot_core.experiments.scoring import load_run, score_folder, score_recording, write_folder_report
 
 PROG = "ndot"
 EPILOG = """examples:
   ndot train --dataset nmnist --data-dir ../shared/data/nmnist-small --model mlp -T 10 --epochs 5 --out runs/ndot
   ndot eval runs/ndot
+  ndot eval runs/ndot --data-dir ../shared/data/nmnist-small          # any labelled folder: confusion matrix
+  ndot eval runs/ndot --data-dir ../shared/data/recordings/nmnist-digit.bin   # one recording
   ndot compare --data-dir ../shared/data/nmnist-small -T 6 10 --runs ndot:online,ottt:accumulate,bptt --out runs/cmp
 """
 
@@ -74,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_parser = commands.add_parser(
         "eval",
-        help="held-out accuracy of a saved checkpoint",
-        description="Load a checkpoint, rebuild its dataset split and report accuracy.",
+        help="score a saved network: its run's held-out split, any labelled folder, or one recording",
+        description="Load a run's checkpoint and score it. Without --data-dir: the run's own stratified split "
+        "(--split). With --data-dir FOLDER: every recording its labels.txt lists (id<TAB>class lines, the "
+        "recordings beside it or under train/), framed as the run framed its data; prints the accuracy and "
+        "writes confusion.csv, confusion.png and predictions.csv (--out-dir). With --data-dir FILE: that one "
+        "recording's prediction and class probabilities.",
     )
     eval_parser.add_argument(
         "checkpoint",
@@ -86,9 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=None,
-        help="dataset folder, if not where the checkpoint's run found it",
+        help="score on this labelled folder (labels.txt of id<TAB>class lines, recordings beside it or under "
+        "train/: .bs2 .bin .aedat4 .raw .dat .npy) or on this one recording file (default: the run's own split)",
     )
-    eval_parser.add_argument("--download", action="store_true", help="download the dataset if missing")
+    eval_parser.add_argument(
+        "--run-data-dir",
+        type=Path,
+        default=None,
+        help="where the run's own dataset is now, if it moved (scoring the run's split)",
+    )
+    eval_parser.add_argument(
+        "--sensor-size",
+        type=flags.positive_int,
+        nargs=2,
+        metavar=("W", "H"),
+        default=None,
+        help="sensor of recordings whose files carry none (default: 34 34 for N-MNIST .bs2/.bin; other "
+        "formats carry their own)",
+    )
+    eval_parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="folder for confusion.csv, confusion.png and predictions.csv of a --data-dir folder "
+        "(default: RUN/eval-<folder name>)",
+    )
+    eval_parser.add_argument("--download", action="store_true", help="download the run's dataset if missing")
     eval_parser.add_argument(
         "--split",
         default="test",
@@ -172,9 +202,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.data_dir is not None:
+        return _eval_data(args)
     result = evaluate_checkpoint(
         args.checkpoint,
-        data_dir=args.data_dir,
+        data_dir=args.run_data_dir,
         device=args.device,
         batch_size=args.batch_size,
         split=args.split,
@@ -185,6 +217,50 @@ def _eval(args: argparse.Namespace) -> int:
         f"{result['name']} T={result['T']} epoch {result['epoch']}: {args.split} accuracy "
         f"{100 * result['accuracy']:.2f}% on {result['samples']} samples (loss {result['loss']:.4f})"
     )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _eval_data(args: argparse.Namespace) -> int:
+    """``ndot eval RUN --data-dir PATH``: a labelled folder (accuracy, confusion matrix) or one recording."""
+    path: Path = args.data_dir
+    if not path.exists():
+        raise ExperimentError(f"--data-dir {path}: no such folder or file")
+    sensor = tuple(args.sensor_size) if args.sensor_size else None
+    with torch_threads(1):
+        run = load_run(args.checkpoint, args.device)
+        if path.is_file():
+            result = score_recording(run, path, sensor)
+            print(
+                f"{path}: predicted class {result['predicted']} ({result['events']} events, sensor "
+                f"{result['sensor'][0]}x{result['sensor'][1]})"
+            )
+            for k, p in sorted(enumerate(result["probabilities"]), key=lambda item: -item[1]):
+                print(f"  class {k:>3}  p = {p:.4f}")
+        else:
+            result = score_folder(
+                run, path, args.batch_size or run.config.batch_size, sensor, not args.no_progress
+            )
+            out_dir = args.out_dir or run.folder / f"eval-{path.resolve().name}"
+            title = f"{run.config.run_name} T={run.steps} on {path.resolve().name}"
+            files = write_folder_report(result, out_dir, title)
+            print(
+                f"{path}: accuracy {100 * result['accuracy']:.2f}% on {result['samples']} recordings "
+                f"({run.config.run_name} T={run.steps}, epoch {run.metadata.get('epoch')})"
+            )
+            print(
+                "  recall per class: "
+                + ", ".join(f"{k}: {100 * r:.0f}%" for k, r in result["recall"].items())
+            )
+            print(
+                f"  wrote {files['confusion_csv']}, {files['confusion_png'].name}, {files['predictions_csv'].name}"
+            )
+            result = {
+                **result,
+                "predictions": [{**row, "p": [float(p) for p in row["p"]]} for row in result["predictions"]],
+            }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -104,3 +104,29 @@ def plot_comparison(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def plot_confusion(matrix: Any, path: Path, title: str = "") -> Path:
+    """Confusion matrix ``C[true, predicted]`` (counts) as a heat map, each row shaded by its share."""
+    import numpy as np
+
+    counts = np.asarray(matrix)
+    classes = counts.shape[0]
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.45 * classes + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if classes <= 20:
+        for (true, predicted), count in np.ndenumerate(counts):
+            if count:
+                colour = "white" if shares[true, predicted] > 0.6 else "black"
+                ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8, color=colour)
+        ax.set_xticks(range(classes))
+        ax.set_yticks(range(classes))
+    ax.set(xlabel="predicted class", ylabel="true class", title=title or "confusion matrix")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -128,12 +128,17 @@ class ReadoutRecorder:
 
 def build_learner(config: RunConfig, train_set: FrameSet) -> OnlineLearner:
     """Model and learner for ``config``, seeded by ``config.seed``."""
+    return learner_for(config, train_set.frame_shape, train_set.num_classes)
+
+
+def learner_for(config: RunConfig, frame_shape: tuple[int, int, int], num_classes: int) -> OnlineLearner:
+    """Model and learner for ``config`` on frames ``(C, H, W)`` of ``num_classes`` classes, seeded."""
     torch.manual_seed(config.seed)
-    channels, height, width = train_set.frame_shape
+    channels, height, width = frame_shape
     model = build_model(
         config.model,
         in_channels=channels,
-        num_classes=train_set.num_classes,
+        num_classes=num_classes,
         input_size=(height, width),
         **config.model_args,
     )

@@ -20,7 +20,7 @@ from service.api.auth import Gate, KeyRing
 from service.api.context import ServiceContext
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimit, RateLimiter
-from service.api.routes import checkpoints, model, operations, streams
+from service.api.routes import checkpoints, cluster, model, operations, streams, view
 from service.bus import Bus, BusRefused, make_bus
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -89,7 +89,14 @@ def create_api(
         on_refused=lambda: metrics.refused.labels(reason="too_large").inc(),
     )
     install_error_handlers(app)
-    for router in (streams.router, checkpoints.router, model.router, operations.router):
+    for router in (
+        streams.router,
+        checkpoints.router,
+        model.router,
+        operations.router,
+        cluster.router,
+        view.router,
+    ):
         app.include_router(router)
     return app
 

@@ -123,9 +123,28 @@ class ServiceContext:
             log.warning("event=sensor_not_registered stream=%s error=%r", stream_id, err.summary)
 
     async def status(self) -> dict[str, Any]:
-        """The worker's latest status snapshot (empty before the worker first wrote one)."""
-        raw = await self.bus.get_value(messages.status_key(self.prefix))
-        return json.loads(raw) if raw else {}
+        """The worker's latest status snapshot (empty before the worker first wrote one).
+
+        With worker ranks (``ndot workers``) the ranks' snapshots merged: every rank's streams (each
+        with its ``rank``); the model fields and the checkpoints (committed rounds: the group's) of rank 0.
+        """
+        cluster, ranks = await self.cluster_status()
+        if cluster is None:
+            raw = await self.bus.get_value(messages.status_key(self.prefix))
+            return json.loads(raw) if raw else {}
+        merged: dict[str, Any] = {"checkpoints": [], **(ranks[0] or {}), "streams": []}
+        for rank, status in enumerate(ranks):
+            merged["streams"] += [{**item, "rank": rank} for item in (status or {}).get("streams", [])]
+        return merged
+
+    async def cluster_status(self) -> tuple[dict[str, Any] | None, list[dict[str, Any] | None]]:
+        """``(cluster, [status of rank 0, 1, ...])`` as the ranks wrote them; ``(None, [])`` for one worker."""
+        raw = await self.bus.get_value(messages.cluster_key(self.prefix))
+        if not raw:
+            return None, []
+        cluster = json.loads(raw)
+        keys = [messages.rank_status_key(self.prefix, rank) for rank in range(int(cluster["world_size"]))]
+        return cluster, [json.loads(value) if value else None for value in await self.bus.get_values(keys)]
 
     async def request(
         self, kind: str, stream_id: str, fields: dict[str, bytes] | None = None

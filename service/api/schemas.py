@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Stream ids and checkpoint names: safe as Redis key parts and file names.
@@ -44,8 +46,73 @@ class StepResult(BaseModel):
         ..., description="Softmax of the mean readout over the sequence (K values)."
     )
     label: int | None = Field(None, description="The packet's label, when it had one.")
-    learned: bool = Field(..., description="True when the step's label updated the weights.")
+    learned: bool = Field(
+        ...,
+        description="True when the step's label updated the weights at this step (learn_at=step); "
+        "with learn_at=sequence always false: the sequence is learned after its end.",
+    )
     model_version: int = Field(..., description="Optimizer steps the model had taken after this step.")
+
+
+class SequenceResult(BaseModel):
+    """A sequence's test-then-train outcome (learn_at=sequence): scored before it is learned."""
+
+    sequence: int | None = Field(None, description="The sequence's number within its stream (from 1).")
+    predicted: int | None = Field(
+        None,
+        description="Its prediction: argmax of the readout summed over all its steps, made with weights "
+        "that learned nothing of it yet.",
+    )
+    probabilities: list[float] | None = Field(
+        None, description="Softmax of the mean readout over its steps (K values)."
+    )
+    label: int | None = Field(None, description="Its label; null while it waits for one.")
+    correct: bool | None = Field(None, description="predicted == label (null without a label).")
+    learning: str = Field(
+        ...,
+        description="queued: its held frames are replayed with the label in the next ticks; awaiting_label: "
+        "held until POST /v1/streams/{id}/label names it; not_held: dropped unlabelled; too_long: over "
+        "NDOT_SEQUENCE_MAX_FRAMES/BYTES, scored but not learned; incomplete: begun before a restore, scored "
+        "but not learned; abandoned: cut by a reset; applied_before: a label entry applied before a restart.",
+    )
+    model_version: int | None = Field(None, description="Optimizer steps of the weights that predicted it.")
+
+
+class LabelResult(SequenceResult):
+    """Answer to ``POST /v1/streams/{id}/label``: the labelled sequence, scored."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "stream_id": "cam-1",
+                    "sequence": 12,
+                    "predicted": 3,
+                    "probabilities": [0.01, 0.02, 0.05, 0.8, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02],
+                    "label": 3,
+                    "correct": True,
+                    "learning": "queued",
+                    "model_version": 120,
+                }
+            ]
+        }
+    )
+    stream_id: str
+
+
+class SequenceLabel(BaseModel):
+    """Body of ``POST /v1/streams/{id}/label``: the class of one of the stream's sequences."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"label": 3, "sequence": "last"}, {"label": 7, "sequence": 12}]}
+    )
+    label: int = Field(..., strict=True, ge=0, description="The class, in [0, K).")
+    sequence: Annotated[int, Field(strict=True, ge=1)] | Literal["last"] = Field(
+        "last",
+        description='"last": the stream\'s sequence that ended last (before this label, in bus order); or '
+        "a sequence number (StreamInfo.sequences counts them): an ended one still held, or the running one "
+        "(then the label is held and it is scored and learned when it ends).",
+    )
 
 
 class PacketResult(BaseModel):
@@ -74,6 +141,11 @@ class PacketResult(BaseModel):
     stream_id: str
     packet_id: str = Field(..., description="Bus entry id of the packet.")
     steps: list[StepResult]
+    sequence: SequenceResult | None = Field(
+        None,
+        description="learn_at=sequence, on the packet with end=true: the sequence it ended, scored when "
+        "labelled (its prediction at its end, made before any learning from it).",
+    )
 
 
 class PacketAccepted(BaseModel):
@@ -101,6 +173,9 @@ class StreamInfo(BaseModel):
                     "last_prediction": 3,
                     "online_accuracy": 0.82,
                     "labelled_steps": 900,
+                    "prequential_accuracy": 0.77,
+                    "scored_sequences": 30,
+                    "learned_sequences": 30,
                 }
             ]
         }
@@ -112,9 +187,19 @@ class StreamInfo(BaseModel):
     sequences: int = Field(..., description="Sequences begun (packets with start=true, or the first one).")
     last_prediction: int | None = Field(None, description="Predicted class of the latest step.")
     online_accuracy: float | None = Field(
-        None, description="Correct / labelled steps (predicted before learning)."
+        None,
+        description="Correct / labelled steps, step level (each step predicted before its own update; with "
+        "learn_at=step a sample's later steps follow updates on its earlier ones: optimistic).",
     )
     labelled_steps: int = Field(0, description="Steps that carried a label.")
+    prequential_accuracy: float | None = Field(
+        None,
+        description="learn_at=sequence: correct / scored sequences, each predicted at its end before any "
+        "learning from its label (test-then-train, sample level).",
+    )
+    scored_sequences: int = Field(0, description="Sequences scored against their label (learn_at=sequence).")
+    learned_sequences: int = Field(0, description="Sequences learned by replay (learn_at=sequence).")
+    rank: int | None = Field(None, description="The worker rank holding the stream (worker ranks only).")
 
 
 class StreamList(BaseModel):

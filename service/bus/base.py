@@ -52,6 +52,7 @@ __all__ = [
     "BusEntry",
     "BusEntryTooLarge",
     "BusError",
+    "BusFenced",
     "BusFull",
     "BusInputError",
     "BusRefused",
@@ -171,6 +172,15 @@ class BusCommandError(BusError):
     @property
     def summary(self) -> str:
         return f"error ({self.code})"
+
+
+class BusFenced(BusError):
+    """A newer worker group owns the shard (its fencing token is higher): this process is a zombie.
+
+    Not retried: a worker that gets it stops (its acks would settle entries its successor owns).
+    """
+
+    kind = "fenced"
 
 
 class BusInputError(BusError, ValueError):

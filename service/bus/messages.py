@@ -2,6 +2,8 @@
 
     events entry   kind="events", stream_id, fields {events: WIRE_DTYPE bytes, width, height,
                    label (absent = unlabelled), start, end, posted_s}
+    label entry    kind="label", stream_id, fields {label, sequence: b"<number>" | b"last"}: a label for a
+                   sequence of the stream, after the fact (learn_at=sequence; ``LabelRequest``)
     control entry  kind in CONTROL_KINDS, stream_id (MODEL_STREAM for model-wide ones), fields
     reply          per entry id: JSON {"ok": true, ...result} or {"ok": false, "status": 4xx/5xx, "detail"}
     values         {prefix}:sensor:{stream_id} = b"WxH" (absent = closed; TTL ``sensor_ttl_s``, refreshed by the
@@ -10,6 +12,14 @@
                    {prefix}:api:probe = unix s (TTL ``PROBE_TTL_S``, written by /readyz),
                    {prefix}:busy:{stream_id} = Retry-After s while the stream has too many frames queued
                    (TTL ``BUSY_TTL_S``, refreshed by the worker while it stays busy; the API answers 429)
+                   {prefix}:viewing:{stream_id} = b"1" while a browser watches the stream (TTL
+                   ``VIEWING_TTL_S``, refreshed by the API's live-view endpoint; read by the worker ~1/s)
+                   {prefix}:live:{stream_id} = JSON of the stream's latest step for live views (frame,
+                   probabilities, counters; ``service.worker.live``), at most every ``LIVE_INTERVAL_S``,
+                   written only while its viewing flag stands (TTL ``LIVE_TTL_S``)
+                   {prefix}:worker:cluster = JSON {world_size, attempt, shards, sync_mode, sync_every_ticks}
+                   (rank 0 of worker ranks; absent for one worker), {prefix}:worker:status:rank:{r} = rank
+                   r's status snapshot (its streams, watermark, and "cluster": shards, tick clock, digest)
 
 ``prefix`` is the bus stream name, so two deployments on one Redis do not mix.
 """
@@ -22,9 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 EVENTS = "events"
+#: A label for a sequence that streamed without one (``LabelRequest``); applied in the stream's bus order.
+LABEL = "label"
+#: ``LabelRequest.sequence`` naming the stream's sequence that ended last (before the label, in bus order).
+LAST_SEQUENCE = "last"
 OPEN, RESET, DELETE = "open", "reset", "delete"
 CHECKPOINT, RESTORE, MODEL_RESET = "checkpoint", "restore", "model_reset"
-CONTROL_KINDS = (OPEN, RESET, DELETE, CHECKPOINT, RESTORE, MODEL_RESET)
+#: The live weights as a file: fields {format: b"nir", dt}; the reply carries it (service.worker.model_export).
+MODEL_EXPORT = "model_export"
+CONTROL_KINDS = (OPEN, RESET, DELETE, CHECKPOINT, RESTORE, MODEL_RESET, MODEL_EXPORT)
 #: ``stream_id`` of the model-wide control entries (not a valid stream id: it has no effect on streams).
 MODEL_STREAM = "*"
 
@@ -62,12 +78,41 @@ def busy_key(prefix: str, stream_id: str) -> str:
 BUSY_TTL_S = 5.0
 
 
+def viewing_key(prefix: str, stream_id: str) -> str:
+    """Set by the API while a live view of the stream is open: the worker publishes ``live_key`` then."""
+    return f"{prefix}:viewing:{stream_id}"
+
+
+def live_key(prefix: str, stream_id: str) -> str:
+    """The stream's latest step as JSON for live views (``service.worker.live``)."""
+    return f"{prefix}:live:{stream_id}"
+
+
+#: TTL of a viewing flag: the API re-sets it every second while a view is open, so the worker stops
+#: publishing a stream's live value this long after its last viewer left.
+VIEWING_TTL_S = 3.0
+#: Seconds between two live values of one stream (at most ~10 updates per second, however fast it steps).
+LIVE_INTERVAL_S = 0.1
+#: TTL of a live value: an idle stream's last step stays visible this long.
+LIVE_TTL_S = 60.0
+
+
 def heartbeat_key(prefix: str) -> str:
     return f"{prefix}:worker:heartbeat"
 
 
 def status_key(prefix: str) -> str:
     return f"{prefix}:worker:status"
+
+
+def rank_status_key(prefix: str, rank: int) -> str:
+    """The status snapshot of worker rank ``rank`` of a cluster (``ndot workers``)."""
+    return f"{prefix}:worker:status:rank:{rank}"
+
+
+def cluster_key(prefix: str) -> str:
+    """Set by rank 0 of a cluster: JSON {world_size, shards, sync_mode, attempt} (absent: one worker)."""
+    return f"{prefix}:worker:cluster"
 
 
 def probe_key(prefix: str) -> str:
@@ -132,6 +177,35 @@ class EventsPacket:
             )
         except KeyError as err:
             raise ValueError(f"events entry lacks field {err.args[0]!r}") from err
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRequest:
+    """The fields of a label entry: ``label`` for sequence ``sequence`` (a number, or ``LAST_SEQUENCE``)."""
+
+    label: int
+    sequence: int | str = LAST_SEQUENCE
+
+    def to_fields(self) -> dict[str, bytes]:
+        return {"label": str(self.label).encode(), "sequence": str(self.sequence).encode()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, bytes]) -> LabelRequest:
+        """Decode; raises ``ValueError`` naming the field when one is missing or malformed."""
+        if "label" not in fields:
+            raise ValueError("label entry lacks field 'label'")
+        text = fields["label"].decode(errors="replace")
+        if not text.lstrip("-").isdigit():
+            raise ValueError(f"label entry: label {text[:40]!r} is not an integer")
+        label = int(text)
+        raw = fields.get("sequence", LAST_SEQUENCE.encode()).decode(errors="replace")
+        if raw == LAST_SEQUENCE:
+            return cls(label, LAST_SEQUENCE)
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(
+                f"label entry: sequence {raw[:40]!r} is neither a number >= 1 nor {LAST_SEQUENCE!r}"
+            )
+        return cls(label, int(raw))
 
 
 def ok_reply(**result: Any) -> bytes:

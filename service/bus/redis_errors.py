@@ -7,6 +7,8 @@
     MasterDownError, TryAgainError, ClusterDownError, or a plain ResponseError carrying the word,
     also inside a Lua script's error (Redis 7 keeps the word first, Redis 6 writes "... -OOM ...")
         -> BusRefused(reason)                      "redis at host:port/db refuses writes (OOM): ..."
+    FENCED (a fenced ack of a shard that a newer worker group owns)
+        -> BusFenced
     any other error answer (WRONGTYPE, NOPERM, ERR unknown command, ...)
         -> BusCommandError(code)
 
@@ -31,7 +33,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.bus.base import REFUSAL_REASONS, BusCommandError, BusError, BusRefused, BusUnavailable
+from service.bus.base import REFUSAL_REASONS, BusCommandError, BusError, BusFenced, BusRefused, BusUnavailable
 
 __all__ = ["bus_error", "redacted"]
 
@@ -84,6 +86,8 @@ def bus_error(exc: BaseException, where: str) -> BusError | None:
         if code is None:
             match = _CODE_RE.match(text)
             code = match.group(1) if match else "ERR"
+        if code == "FENCED":  # a fenced script's refusal (service.bus.redis_lua.FENCED_ACK_LUA)
+            return BusFenced(f"redis at {where}: {text}")
         return BusCommandError(code, f"redis at {where} answered an error ({code}): {text}")
     if isinstance(exc, _CONNECTION_ERRORS):
         return BusUnavailable(f"redis at {where} is unreachable: {type(exc).__name__}: {exc}")

@@ -23,7 +23,16 @@ small dropped entry sharing a node with a pending one is freed with that node.
 
 from __future__ import annotations
 
-__all__ = ["PUBLISH_LUA", "PUBLISHED", "LAG_FULL", "BYTES_FULL", "TOO_LARGE", "bytes_key"]
+__all__ = [
+    "BYTES_FULL",
+    "CLAIM_SHARD_LUA",
+    "FENCED_ACK_LUA",
+    "LAG_FULL",
+    "PUBLISHED",
+    "PUBLISH_LUA",
+    "TOO_LARGE",
+    "bytes_key",
+]
 
 #: First element of the script's answer.
 LAG_FULL, PUBLISHED, BYTES_FULL, TOO_LARGE = 0, 1, 2, 3
@@ -136,4 +145,26 @@ end
 local id = redis.call('XADD', stream, '*', unpack(ARGV, FIRST))
 redis.call('HSET', counter, 'bytes', held + size, 'entries', length + 1)
 return {1, id}
+"""
+
+
+# Fencing tokens (docs/scale-out.md): every worker group takes a token higher than any before it
+# (INCR of ``<stream>:epoch``) and writes it into the owner key of each shard it owns; a shard's acks
+# run only while its owner key still holds the acking group's token, atomically on the server.
+
+# KEYS[1] = owner key of a shard; ARGV[1] = the group's token. -> 0 (owned now), or the newer token
+CLAIM_SHARD_LUA = """
+local owner = tonumber(redis.call('GET', KEYS[1]) or '0')
+if owner > tonumber(ARGV[1]) then return owner end
+redis.call('SET', KEYS[1], ARGV[1])
+return 0
+"""
+
+# KEYS[1] = shard stream, KEYS[2] = its owner key; ARGV[1] = group, ARGV[2] = token, ARGV[3..] = ids
+FENCED_ACK_LUA = """
+local owner = redis.call('GET', KEYS[2])
+if owner ~= ARGV[2] then
+  return redis.error_reply('FENCED shard owned by token ' .. tostring(owner) .. ', not ' .. ARGV[2])
+end
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
 """

@@ -31,6 +31,7 @@ async def send_round(
 ) -> None:
     if not reply_ttl_s > 0:
         raise BusInputError(f"reply_ttl_s must be > 0, got {reply_ttl_s!r}")
+    await bus._check_layout()
     acks_by_shard = bus._by_shard(acks)
     if not (values or replies or acks):
         return
@@ -53,7 +54,7 @@ async def send_round(
                 raise result
         for shard, raw_ids in acks_by_shard.items():
             try:
-                await bus._redis.xack(bus.shard_keys[shard], bus.group, *raw_ids)
+                await bus._ack_shard(shard, raw_ids)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise

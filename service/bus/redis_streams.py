@@ -43,7 +43,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from service.bus.base import (
     DEAD_LETTERS_KEPT,
@@ -51,6 +51,7 @@ from service.bus.base import (
     BusEntry,
     BusEntryTooLarge,
     BusError,
+    BusFenced,
     BusFull,
     BusInputError,
     dead_letter_fields,
@@ -58,16 +59,25 @@ from service.bus.base import (
     entry_size,
     validate_publish,
 )
-from service.bus.redis_entries import as_text, check_consumer, decode_entry
+from service.bus.redis_entries import as_text, check_consumer
 from service.bus.redis_errors import bus_error, redacted
-from service.bus.redis_lua import BYTES_FULL, LAG_FULL, PUBLISH_LUA, TOO_LARGE, bytes_key
+from service.bus.redis_lua import (
+    BYTES_FULL,
+    CLAIM_SHARD_LUA,
+    FENCED_ACK_LUA,
+    LAG_FULL,
+    PUBLISH_LUA,
+    TOO_LARGE,
+    bytes_key,
+)
+from service.bus.redis_shards import ShardLayout
 from service.bus.redis_values import RepliesAndValues
-from service.bus.shards import check_shards, qualify, shard_of, shard_stream_key, split_entry_id
+from service.bus.shards import check_shards, qualify, shard_of
 
 __all__ = ["RedisStreamBus"]
 
 
-class RedisStreamBus(RepliesAndValues):
+class RedisStreamBus(ShardLayout, RepliesAndValues):
     """The ``Bus`` over Redis Streams.
 
     Args:
@@ -85,7 +95,9 @@ class RedisStreamBus(RepliesAndValues):
         connect_timeout_s: TCP connect timeout.
         command_timeout_s: bound on one command, on top of its own blocking time.
         shards: how many shard streams (``service.bus.shards``); 1 = the one stream ``stream`` of old.
-            ``max_lag``, ``maxlen`` and ``max_bytes`` bound each shard.
+            ``max_lag``, ``maxlen`` and ``max_bytes`` bound each shard. ``start`` records the count on
+            Redis (``<stream>:shards``) and refuses a process configured with another one (its entries
+            would go to streams nobody reads); ``None`` takes the recorded count (1 if none), for tools.
         owned: the shards this process reads, acks, claims and replays (default: all); ``publish``
             writes to any shard.
     """
@@ -103,7 +115,7 @@ class RedisStreamBus(RepliesAndValues):
         max_reply_waiters: int = 1024,
         connect_timeout_s: float = 1.0,
         command_timeout_s: float = 5.0,
-        shards: int = 1,
+        shards: int | None = 1,
         owned: list[int] | None = None,
     ) -> None:
         if not isinstance(max_lag, int) or max_lag < 1:
@@ -120,10 +132,11 @@ class RedisStreamBus(RepliesAndValues):
         if not stream or not group:
             raise ValueError(f"stream {stream!r} and group {group!r} must be non-empty")
         self.stream = stream
-        self.shards = check_shards(shards)
-        #: The Redis key of each shard's stream (one shard: ``stream`` itself).
-        self.shard_keys = [stream] if shards == 1 else [shard_stream_key(stream, s) for s in range(shards)]
-        self.owned: list[int] = list(range(shards))
+        self.layout_key = f"{stream}:shards"
+        self._adopt_layout = shards is None
+        self._layout_checked = False
+        self._set_layout(1 if shards is None else check_shards(shards))
+        self._wanted_owned = owned
         if owned is not None:
             self.own(owned)
         self.group = group
@@ -154,6 +167,8 @@ class RedisStreamBus(RepliesAndValues):
             BlockingConnectionPool.from_url(url, max_connections=max_reply_waiters, **options)
         )
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
+        self._claim_script = self._redis.register_script(CLAIM_SHARD_LUA)
+        self._fenced_ack_script = self._redis.register_script(FENCED_ACK_LUA)
 
     # -- plumbing ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -167,30 +182,6 @@ class RedisStreamBus(RepliesAndValues):
             if error is None:
                 raise
             raise error from exc
-
-    def own(self, shards: list[int]) -> None:
-        """Read, ack, claim and replay only ``shards`` from now on (a rank's share after a rendezvous)."""
-        owned = sorted(set(shards))
-        if not owned or not all(isinstance(s, int) and 0 <= s < self.shards for s in owned):
-            raise ValueError(f"owned shards {shards!r} must be a non-empty subset of [0, {self.shards})")
-        self.owned = owned
-
-    def _dead_key(self, shard: int) -> str:
-        return f"{self.shard_keys[shard]}:dead"
-
-    def _shard_of_id(self, entry_id: str) -> tuple[int, str]:
-        """``(shard, raw id)`` of one of this bus's ids (a qualified id on a sharded bus)."""
-        shard, raw = split_entry_id(entry_id)
-        if shard >= self.shards or (self.shards > 1) != ("/" in entry_id):
-            raise BusInputError(f"entry id {entry_id!r} names no shard of this bus ({self.shards} shards)")
-        return shard, raw
-
-    def _by_shard(self, ids: list[str]) -> dict[int, list[str]]:
-        grouped: dict[int, list[str]] = {}
-        for entry_id in ids:
-            shard, raw = self._shard_of_id(entry_id)
-            grouped.setdefault(shard, []).append(raw)
-        return grouped
 
     async def _ensure_group(self, shard: int | None = None) -> None:
         for key in self.shard_keys if shard is None else [self.shard_keys[shard]]:
@@ -219,6 +210,7 @@ class RedisStreamBus(RepliesAndValues):
 
         Optional: publish and read re-create the group themselves when it is missing.
         """
+        await self._check_layout()
         async with self._guard():
             await self._ensure_group()
 
@@ -235,6 +227,7 @@ class RedisStreamBus(RepliesAndValues):
 
     # -- the stream --------------------------------------------------------------------------
     async def publish(self, kind: str, stream_id: str, fields: dict[str, bytes]) -> str:
+        await self._check_layout()
         checked = validate_publish(kind, stream_id, fields)
         size = entry_size(kind, stream_id, checked)
         if size > self.max_bytes:
@@ -257,20 +250,13 @@ class RedisStreamBus(RepliesAndValues):
             raise BusEntryTooLarge(int(value), self.max_bytes)
         return qualify(shard, as_text(value), self.shards)
 
-    def _entry(self, shard: int, entry_id: bytes | str, raw: dict[bytes, bytes], deliveries: int) -> BusEntry:
-        entry = decode_entry(entry_id, raw, deliveries)
-        if self.shards == 1:
-            return entry
-        return BusEntry(
-            qualify(shard, entry.id, self.shards), entry.kind, entry.stream_id, entry.fields, deliveries
-        )
-
     async def read(self, consumer: str, count: int, block_ms: int) -> list[BusEntry]:
         """Up to ``count`` new entries for ``consumer`` from the owned shards; waits up to ``block_ms``.
 
         One XREADGROUP over every owned shard's stream (``block_ms`` <= 0: no wait); ``count`` bounds
         each shard's share, and the whole answer is cut to ``count`` (the rest stays for the next read).
         """
+        await self._check_layout()
         check_consumer(consumer, count)
         block = block_ms if block_ms > 0 else None  # BLOCK 0 would wait forever
         shard_at = {self.shard_keys[s]: s for s in self.owned}
@@ -292,19 +278,21 @@ class RedisStreamBus(RepliesAndValues):
         ]
 
     async def ack(self, ids: list[str]) -> None:
+        await self._check_layout()
         grouped = self._by_shard(ids)
         if not grouped:
             return
         async with self._guard():
             for shard, raw_ids in grouped.items():
                 try:
-                    await self._redis.xack(self.shard_keys[shard], self.group, *raw_ids)
+                    await self._ack_shard(shard, raw_ids)
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):  # no group: nothing is pending any more
                         raise
 
     async def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[BusEntry]:
         """Entries pending for ``min_idle_ms`` or longer (any consumer) in the owned shards, now ``consumer``'s."""
+        await self._check_layout()
         check_consumer(consumer, count)
         claimed: list[BusEntry] = []
         async with self._guard():
@@ -372,6 +360,7 @@ class RedisStreamBus(RepliesAndValues):
         what a restarted worker re-applies after restoring a checkpoint. Entries trimmed by
         ``maxlen`` are gone. Delivery state is untouched (``deliveries`` reads 0).
         """
+        await self._check_layout()
         if not isinstance(count, int) or count < 1:
             raise BusInputError(f"count must be an int >= 1, got {count!r}")
         if after_id is not None:
@@ -385,6 +374,7 @@ class RedisStreamBus(RepliesAndValues):
 
     async def newest_id(self, shard: int = 0) -> str | None:
         """The shard's last generated id (None when its stream is missing or has never had an entry)."""
+        await self._check_layout()
         async with self._guard():
             try:
                 info = await self._redis.xinfo_stream(self.shard_keys[shard])
@@ -397,6 +387,7 @@ class RedisStreamBus(RepliesAndValues):
 
     async def pending_count(self) -> int:
         """Entries delivered and not yet acked, over the owned shards."""
+        await self._check_layout()
         total = 0
         async with self._guard():
             for shard in self.owned:
@@ -406,6 +397,7 @@ class RedisStreamBus(RepliesAndValues):
 
     async def lag(self) -> int:
         """Entries not yet acked over the owned shards: unread (``lag``, or XLEN) + pending."""
+        await self._check_layout()
         total = 0
         async with self._guard():
             for shard in self.owned:
@@ -420,18 +412,29 @@ class RedisStreamBus(RepliesAndValues):
 
     async def dead_letter(self, entry: BusEntry, error: str) -> None:
         """XADD ``entry`` with ``error`` and ``original_id`` to its shard's ``:dead`` stream, then XACK (atomic)."""
+        await self._check_layout()
         shard, raw = self._shard_of_id(entry.id)
         fields = {"kind": entry.kind.encode(), "stream_id": entry.stream_id.encode()}
         fields.update(dead_letter_fields(entry.fields, error, entry.id))
         async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+            if self.fence_token is not None:  # fenced: only while the shard is still this group's
+                await pipe.watch(self.owner_key(shard))
+                owner = await pipe.get(self.owner_key(shard))
+                if owner != str(self.fence_token).encode():
+                    raise BusFenced(f"shard {shard} is owned by token {owner!r}, not {self.fence_token}")
+                pipe.multi()
             pipe.xadd(self._dead_key(shard), fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)
             pipe.xack(self.shard_keys[shard], self.group, raw)
-            added, _ = await pipe.execute(raise_on_error=False)  # XACK fails harmlessly without a group
+            try:
+                added, _ = await pipe.execute(raise_on_error=False)  # XACK fails harmlessly without a group
+            except WatchError:
+                raise BusFenced(f"shard {shard} changed owner while dead-lettering {entry.id}") from None
             if isinstance(added, Exception):
                 raise added
 
     async def dead_letters(self, count: int = 100) -> list[BusEntry]:
         """The oldest ``count`` dead letters still kept (every shard's), oldest first."""
+        await self._check_layout()
         letters: list[tuple[tuple[int, int], BusEntry]] = []
         async with self._guard():
             for shard in range(self.shards):

@@ -19,7 +19,15 @@ from collections.abc import Iterable, Mapping
 
 from service.bus.base import BusInputError, entry_id_key
 
-__all__ = ["Watermark", "qualify", "shard_of", "shard_stream_key", "split_entry_id"]
+__all__ = [
+    "Watermark",
+    "per_shard_bounds",
+    "qualify",
+    "shard_key_pattern",
+    "shard_of",
+    "shard_stream_key",
+    "split_entry_id",
+]
 
 MAX_SHARDS = 4096
 
@@ -35,10 +43,24 @@ def shard_of(stream_id: str, shards: int) -> int:
     return zlib.crc32(stream_id.encode()) % shards
 
 
-def shard_stream_key(stream: str, shard: int) -> str:
+def shard_stream_key(stream: str, shard: int | str) -> str:
     """The Redis key of shard ``shard`` of ``stream``: ``"ndot:events"`` -> ``"ndot:{17}:events"``."""
     base, _, tail = stream.rpartition(":")
     return f"{base}:{{{shard}}}:{tail}" if base else f"{{{shard}}}:{stream}"
+
+
+def per_shard_bounds(
+    maxlen: int | None, max_bytes: int, max_lag: int, max_body: int, shards: int
+) -> tuple[int | None, int]:
+    """``(maxlen, max_bytes)`` of one shard: the deployment's totals spread over the shards, but never
+    below what one shard needs (``2 * max_lag`` entries; ``2 * max_body`` bytes, so the largest packet fits)."""
+    shard_maxlen = None if not maxlen else max(maxlen // shards, 2 * max_lag)
+    return shard_maxlen, max(max_bytes // shards, 2 * max_body, 1)
+
+
+def shard_key_pattern(stream: str) -> str:
+    """A Redis glob matching every key of every shard of ``stream`` (for tools that clean up)."""
+    return shard_stream_key(stream, "*") + "*"  # type: ignore[arg-type]
 
 
 def qualify(shard: int, raw_id: str, shards: int) -> str:

@@ -6,6 +6,8 @@ the newest entry applied. For a batch of entries it::
     skips entries at or below the watermark (applied before: by this process or its checkpoint;
         logged and counted in ndot_entries_skipped_total, never silent)
     events  -> frames onto its stream's queue (batcher.push_packet)
+    label   -> the named sequence of its stream gets its label (batcher.push_label, learn_at=sequence):
+               answered once that sequence's end ran (scored), refused 404/409/422 without a dead letter
     control -> drain queued steps, then apply (open, reset, delete, checkpoint, restore, model_reset)
     at most max_ticks_per_round batched ticks (each steps every stream with a frame ready once)
     settle: answer and ack the packets whose steps all ran; the rest stay in flight for the next round
@@ -28,13 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ndot_core.events.layout import EventError
-from service.bus import BusEntry, entry_id_key, messages
+from service.bus import BusEntry, messages
+from service.bus.shards import Watermark
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.worker.batcher import PacketFailed
-from service.worker.checkpoint_tree import beyond, validate_tree
+from service.worker.checkpoint_due import CheckpointDue
+from service.worker.checkpoint_tree import beyond, tree_watermark, validate_tree
 from service.worker.checkpoints import CheckpointError, CheckpointStore
 from service.worker.model import build_batcher, model_descriptor
+from service.worker.model_export import export_reply
+from service.worker.sequences import LabelRefused
 from service.worker.streams import StreamError
 
 log = logging.getLogger("ndot.worker")
@@ -68,23 +74,22 @@ class Applied:
 class EntryApplier:
     """The model, its checkpoints and the watermark; applies batches of entries (see the module docstring)."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, shards: int = 1) -> None:
         self.settings = settings
         self.metrics = metrics
         self.prefix = settings.bus_stream
         self.store = CheckpointStore(settings.checkpoint_dir, report=self.checkpoint_failed)
         self.batcher = build_batcher(settings, metrics)
-        self.last_entry_id: str | None = (
-            None  # the watermark: newest entry applied (entries come in id order)
-        )
+        #: The newest entry applied per shard (entries of one shard come in id order).
+        self.watermark = Watermark()
+        self.shards = shards  # the bus's shard count (1: unsharded), recorded in checkpoints
+        self.in_cluster = False  # one rank of several (service.worker.cluster_member)
         self.checkpoints: list[dict[str, Any]] = []
         #: Packets taken off the bus whose steps still wait for ticks, in bus order (not yet acked).
         self.in_flight: dict[str, BusEntry] = {}
         self.busy: set[str] = set()  # streams whose busy flag is raised
         self.dirty = False
-        self._applied_since_save = 0
-        self._bytes_since_save = 0  # bytes of the entries applied since the last checkpoint
-        self._last_save_s = time.monotonic()
+        self.due = CheckpointDue(settings, shards)  # when the next periodic checkpoint is due
         self._last_refresh_s = time.monotonic()
 
     def checkpoint_failed(self, stage: str, name: str, error: BaseException) -> None:
@@ -92,12 +97,45 @@ class EntryApplier:
         self.metrics.checkpoint_errors.labels(stage=stage).inc()
         log.error("event=checkpoint_error stage=%s name=%s error=%r", stage, name, str(error))
 
-    def restore_newest(self, bus_newest: str | None) -> str | None:
+    def adopt_watermark(self, tree: dict[str, Any], bus_newest: dict[int, str | None], name: str) -> None:
+        """Take a restored tree's watermark, but no mark the bus cannot back (see ``restore_newest``)."""
+        watermark, shards = tree_watermark(tree)
+        if shards != self.shards:
+            log.warning(
+                "event=watermark_dropped name=%s checkpoint_shards=%d bus_shards=%d action=%r",
+                name,
+                shards,
+                self.shards,
+                "the checkpoint's ids name shards of another layout: every entry the bus holds is applied",
+            )
+            watermark = Watermark()
+        for shard, newest in bus_newest.items():
+            mark = watermark.get(shard)
+            if mark is not None and beyond(mark, newest):
+                log.warning(
+                    "event=watermark_beyond_bus name=%s shard=%d watermark=%s bus_newest=%s action=%r",
+                    name,
+                    shard,
+                    mark,
+                    newest,
+                    "the bus never handed out this id, so it does not hold the checkpoint's history: "
+                    "every entry it holds is applied",
+                )
+                watermark.drop(shard)
+        self.watermark = watermark
+
+    @property
+    def last_entry_id(self) -> str | None:
+        """The watermark of an unsharded bus: the newest entry applied (None on a sharded bus)."""
+        return self.watermark.get(0) if self.shards == 1 else None
+
+    def restore_newest(self, bus_newest: dict[int, str | None]) -> str | None:
         """Load the newest usable checkpoint (skipping, logging and counting bad ones); its name, or None.
 
-        ``bus_newest``: the bus's newest id. A watermark beyond it names entries this bus never had
-        (a new or emptied bus, another one, a clock stepped back): the weights are kept, the
-        watermark dropped, so no entry of this bus is skipped as applied before.
+        ``bus_newest``: the bus's newest id of each shard this worker owns. A shard's watermark beyond
+        it names entries this bus never had (a new or emptied bus, another one, a clock stepped back):
+        the weights are kept, that mark dropped, so no entry of this bus is skipped as applied before.
+        A checkpoint of another shard count keeps no mark at all (its ids name other shards).
         """
         for info in reversed(self.store.list()):
             try:
@@ -105,18 +143,7 @@ class EntryApplier:
             except CheckpointError as err:
                 self.checkpoint_failed("restore", info.name, err)
                 continue
-            watermark = tree.get("last_entry_id")
-            if beyond(watermark, bus_newest):
-                log.warning(
-                    "event=watermark_beyond_bus name=%s watermark=%s bus_newest=%s action=%r",
-                    info.name,
-                    watermark,
-                    bus_newest,
-                    "the bus never handed out this id, so it does not hold the checkpoint's history: "
-                    "every entry it holds is applied",
-                )
-                watermark = None
-            self.last_entry_id = watermark
+            self.adopt_watermark(tree, bus_newest, info.name)
             log.info(
                 "event=checkpoint_restored name=%s model_version=%d streams=%d",
                 info.name,
@@ -135,8 +162,9 @@ class EntryApplier:
 
     @property
     def has_work(self) -> bool:
-        """Packets taken whose steps still wait for ticks (the loop should not block on the bus)."""
-        return bool(self.in_flight)
+        """Packets taken whose steps still wait for ticks, or replays of scored sequences (the loop should
+        not block on the bus)."""
+        return bool(self.in_flight) or self.batcher.replaying
 
     def wait_s(self) -> float:
         """Seconds until queued work may run (0: now); the loop blocks on the bus that long at most."""
@@ -175,10 +203,15 @@ class EntryApplier:
                 continue
             entry = self.in_flight.pop(entry_id)
             steps, poisoned = taken
+            sequence = self.batcher.take_sequence(entry_id)
             if poisoned is not None:
                 self._refuse(out, entry, 500, poisoned)
                 continue
-            out.replies.append((entry.id, messages.ok_reply(steps=steps)))
+            if entry.kind == messages.LABEL:
+                reply = messages.ok_reply(sequence=sequence)
+            else:
+                reply = messages.ok_reply(steps=steps, **({} if sequence is None else {"sequence": sequence}))
+            out.replies.append((entry.id, reply))
             out.acks.append(entry.id)
             applied += 1
         if applied:
@@ -207,10 +240,11 @@ class EntryApplier:
 
     def already_applied(self, entry: BusEntry) -> bool:
         """At or below the watermark: applied before (by this worker or the checkpoint it restored)."""
-        return self.last_entry_id is not None and entry_id_key(entry.id) <= entry_id_key(self.last_entry_id)
+        return self.watermark.covers(entry.id)
 
     def _apply_in_order(self, entries: list[BusEntry], housekeeping: bool, max_ticks: int | None) -> Applied:
         batcher, out = self.batcher, Applied()
+        idle = not entries and not self.in_flight  # nobody waits: replays may run alone (learn_at=sequence)
         skipped: list[str] = []
         for entry in entries:
             if entry.id in self.in_flight:  # claimed again while its steps still wait: it is ours already
@@ -248,6 +282,18 @@ class EntryApplier:
                     out.values[messages.sensor_key(self.prefix, slot.stream_id)] = None
                     log.info("event=stream_evicted stream=%s", slot.stream_id)
                 self.in_flight[entry.id] = entry
+            elif entry.kind == messages.LABEL:
+                try:
+                    request = messages.LabelRequest.from_fields(entry.fields)
+                    batcher.push_label(entry.id, entry.stream_id, request.label, request.sequence)
+                except ValueError as err:
+                    self._refuse(out, entry, 422, str(err))
+                    continue
+                except LabelRefused as err:  # answered (a client's mistake, not a poison entry); applied
+                    out.replies.append((entry.id, messages.error_reply(err.status, err.detail)))
+                    out.acks.append(entry.id)
+                else:
+                    self.in_flight[entry.id] = entry
             elif entry.kind in messages.CONTROL_KINDS:
                 batcher.drain()  # bus order: everything before the control entry is applied first
                 self._settle(out)
@@ -256,10 +302,9 @@ class EntryApplier:
             else:
                 self._refuse(out, entry, 400, f"unknown entry kind {entry.kind!r}")
                 continue
-            self.last_entry_id = entry.id
+            self.watermark.advance(entry.id)
             self.dirty = True
-            self._applied_since_save += 1
-            self._bytes_since_save += sum(len(value) for value in entry.fields.values())
+            self.due.count(entry.id, sum(len(value) for value in entry.fields.values()))
         if skipped:
             self.metrics.entries_skipped.inc(len(skipped))
             log.info(
@@ -267,15 +312,28 @@ class EntryApplier:
                 len(skipped),
                 skipped[0],
                 skipped[-1],
-                self.last_entry_id,
+                self.watermark.as_dict(),
                 "at or below the watermark: applied before, by this worker or the checkpoint it restored",
             )
-        batcher.drain(max_ticks)
+        batcher.drain(max_ticks, idle=idle)
         self._settle(out)
+        self._refresh_learned(out)
         self._flag_busy(out)
         if housekeeping:
             self._housekeeping(out)
         return out
+
+    def _refresh_learned(self, out: Applied) -> None:
+        """A stream whose sequence was learned (a replay, learn_at=sequence) changed: its sensor value is
+        re-set, which makes the round write the status snapshot (``GET /v1/streams/{id}``) too."""
+        if self.batcher.sequences is None:
+            return
+        for stream_id in self.batcher.sequences.learned_streams:
+            slot = self.batcher.registry.get(stream_id)
+            if slot is not None:
+                key = messages.sensor_key(self.prefix, stream_id)
+                out.values.setdefault(key, messages.encode_sensor(slot.width, slot.height))
+        self.batcher.sequences.learned_streams.clear()
 
     def _refuse(self, out: Applied, entry: BusEntry, status: int, detail: str) -> None:
         log.warning(
@@ -302,26 +360,28 @@ class EntryApplier:
             )
 
     def _checkpoint_if_due(self) -> None:
-        """Periodic checkpoint: every ``checkpoint_interval_s``, ``checkpoint_max_entries`` applied entries,
-        or half of ``bus_max_bytes`` applied bytes (the bus may trim applied history past its byte
-        budget: the checkpoint must come first, so a restart's replay finds everything after it)."""
-        s = self.settings
-        by_time = (
-            s.checkpoint_interval_s > 0 and time.monotonic() - self._last_save_s >= s.checkpoint_interval_s
-        )
-        by_count = 0 < s.checkpoint_max_entries <= self._applied_since_save
-        by_bytes = self._bytes_since_save >= s.bus_max_bytes // 2
-        if self.dirty and (by_time or by_count or by_bytes):
-            try:
-                info = self.save()
-            except Exception as err:  # a full disk must not stop the stream; retried when due
-                self._last_save_s = time.monotonic()
-                self.checkpoint_failed("save", "periodic", err)
-                return
-            log.info("event=periodic_checkpoint name=%s entries=%d", info["name"], self._applied_since_save)
+        """Periodic checkpoint when ``self.due`` says so (``service.worker.checkpoint_due``: by time, or
+        before the bus may trim applied history of a shard; a restart's replay must find everything
+        after it). Ranks of a cluster checkpoint together instead (``service.worker.cluster_member``)."""
+        if not self.dirty or self.in_cluster or not self.due.due():
+            return
+        applied = self.due.applied
+        try:
+            info = self.save()
+        except Exception as err:  # a full disk must not stop the stream; retried when due
+            self.due.failed()
+            self.checkpoint_failed("save", "periodic", err)
+            return
+        log.info("event=periodic_checkpoint name=%s entries=%d", info["name"], applied)
 
     def _control(self, entry: BusEntry, out: Applied) -> bytes:
         batcher, kind, stream_id = self.batcher, entry.kind, entry.stream_id
+        if self.in_cluster and kind in (messages.CHECKPOINT, messages.RESTORE):
+            return messages.error_reply(
+                409,
+                f"{kind} by request is not served by a cluster of worker ranks yet: each rank checkpoints "
+                "its own shards periodically and on shutdown (docs/scale-out.md)",
+            )
         key = messages.sensor_key(self.prefix, stream_id)
         try:
             if kind == messages.OPEN:
@@ -347,6 +407,8 @@ class EntryApplier:
             if kind == messages.MODEL_RESET:
                 batcher.reset_model(self.settings.seed)
                 return messages.ok_reply(model=self.settings.model, model_version=batcher.learner.version)
+            if kind == messages.MODEL_EXPORT:  # the weights as a NIR file (service.worker.model_export)
+                return export_reply(batcher.learner.model, batcher.learner.version, entry.fields)
         except StreamError as err:
             return messages.error_reply(409, str(err))
         except CheckpointError as err:
@@ -363,21 +425,34 @@ class EntryApplier:
             return messages.error_reply(500, f"{kind} failed: {reason(err)}")
         return messages.error_reply(400, f"unknown control {kind!r}")
 
-    def save(self) -> dict[str, Any]:
+    def checkpoint_tree(self) -> dict[str, Any]:
+        """What a checkpoint holds now (the queues drained first): model, streams, the watermark."""
         tree = self.batcher.snapshot()
         tree["model"] = model_descriptor(self.settings)
-        tree["last_entry_id"] = self.last_entry_id
-        info = self.store.save(tree)
+        tree["last_entry_id"] = self.last_entry_id  # the watermark of an unsharded bus, as always
+        if self.shards > 1:
+            tree["shards"] = self.shards
+            tree["watermark"] = self.watermark.as_dict()
+        return tree
+
+    def save(self) -> dict[str, Any]:
+        info = self.store.save(self.checkpoint_tree())
         self.store.prune(self.settings.checkpoint_keep)
         self.checkpoints = [i.as_dict() for i in self.store.list()]
-        self.dirty = False
-        self._applied_since_save = self._bytes_since_save = 0
-        self._last_save_s = time.monotonic()
+        self.saved()
         return info.as_dict()
+
+    def saved(self) -> None:
+        """Everything applied so far is in a checkpoint (here, or in a cluster's committed round)."""
+        self.dirty = False
+        self.due.saved()
 
     def _load(self, name: str) -> dict[str, Any]:
         """Read, check and swap in checkpoint ``name``; ``CheckpointError`` leaves the model untouched."""
-        tree = self.store.load(name)
+        return self.load_tree(self.store.load(name), name)
+
+    def load_tree(self, tree: dict[str, Any], name: str) -> dict[str, Any]:
+        """Check and swap in a checkpoint's tree; ``CheckpointError`` leaves the model untouched."""
         if tree.get("model") != model_descriptor(self.settings):
             raise CheckpointError(
                 f"checkpoint {name!r} is for model {tree.get('model')}, "

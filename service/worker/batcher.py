@@ -14,12 +14,19 @@ batch ``[B, C, H, W]`` and runs::
 ``argmax readout_sum`` with ``probabilities = softmax(readout_sum / steps)``: the evidence summed
 over the sequence so far.
 
-Failures are confined to the packet that causes them. A tick whose learner step raises leaves the
-state untouched (``sub`` is a copy; ``assign`` runs only after the step) and is re-run row by row,
-so the other streams' steps still apply; a step that fails alone is retried up to ``max_failures``
-attempts in all, then its packet is given up (``poisoned``: its remaining steps are dropped, its
-stream goes on with the next packet). Framing a packet is undone on failure (the framer is rebuilt
-from its ``state_dict`` taken before) and retried the same way (``PacketFailed`` after the last).
+When labels are learned (``learn_at``): ``"step"`` learns each labelled step as it runs (above);
+``"sequence"`` (test-then-train, ``service.worker.sequence_learning``) steps every live frame
+unlabelled, holds a sequence's frames and label, scores its prediction at its end (an END marker
+after its last frame) and then learns it by replaying the held frames as extra labelled rows of
+the next ticks, on rows apart from the live ones: a tick is then two learner steps::
+
+    learner.step(live frames, None (no row learns), the live rows)             predict
+    learner.step(replay frames, their labels, NetworkState.cat(replay rows))   learn (one row per replay)
+
+Failures are confined to the packet that causes them: a tick whose learner step raises leaves the
+state untouched and is re-run row by row (``service.worker.step_failures``; ``poisoned`` packets
+after ``max_failures`` attempts). Framing a packet is undone on failure (the framer is rebuilt from
+its ``state_dict`` taken before) and retried the same way (``PacketFailed`` after the last).
 
 Everything here is synchronous torch / numpy work, run off the event loop by the worker.
 """
@@ -36,16 +43,23 @@ import numpy as np
 import torch
 
 import service.worker.batcher_state as batcher_state
+import service.worker.step_failures as step_failures
 from ndot_core import NetworkState, OnlineLearner
 from ndot_core.events.framing import StreamFramer
 from ndot_core.events.layout import EventError, events_from_bytes
 from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
+from service.worker.batcher_sequences import RESET, STEP, SequenceHooks
+from service.worker.live import LiveFrames
 from service.worker.pace import Pace
+from service.worker.sequence_learning import Replay, SequenceLearning
+from service.worker.sequences import SequenceLimits
 from service.worker.state_table import StateTable, shallow
 from service.worker.streams import StreamRegistry, StreamSlot
 
-RESET, STEP = "reset", "step"
+LEARN_AT = ("sequence", "step")
+#: With only replays queued, how long the worker loop waits for packets before running them alone.
+REPLAY_IDLE_S = 0.005
 log = logging.getLogger("ndot.worker")
 
 
@@ -60,9 +74,15 @@ class PendingStep:
     frame: np.ndarray  # [C, H, W] float32
     label: int | None
     entry_id: str
+    learn: bool = True  # False: the label is held for the sequence's end (learn_at=sequence)
+
+    @property
+    def learn_label(self) -> int:
+        """The label this step learns from, -1 for none."""
+        return -1 if self.label is None or not self.learn else self.label
 
 
-class Batcher:
+class Batcher(SequenceHooks):
     """Streams' frame queues over one learner and one batched ``NetworkState``."""
 
     def __init__(
@@ -77,13 +97,20 @@ class Batcher:
         max_gap_windows: int = 100,
         max_packet_frames: int | None = None,
         max_stream_speed: float = 0.0,
+        learn_at: str = "step",
+        sequence_limits: SequenceLimits | None = None,
+        prequential_window: int = 100,
     ) -> None:
+        if learn_at not in LEARN_AT:
+            raise ValueError(f"learn_at must be one of {LEARN_AT}, got {learn_at!r}")
         self.learner = learner
         self.window_us = window_us
         self.max_gap_windows = max_gap_windows
         self.max_packet_frames = max_packet_frames
         self.pace = Pace(max_stream_speed, window_us, burst=max_packet_frames or 1)  # service.worker.pace
         self.step_s_average = 0.01  # moving average of a learner step's seconds (for Retry-After)
+        self.ticks_run = 0  # ticks that stepped at least one row
+        self.model_resets = 0
         self.metrics = metrics
         self.max_events = max_events
         self.max_failures = max_failures
@@ -91,12 +118,18 @@ class Batcher:
         self.input_size: tuple[int, int] = tuple(learner.model.input_size)  # (H, W)
         self.registry = StreamRegistry(capacity, self.new_framer)
         self.table = StateTable(learner)  # one compact row per live stream (service.worker.state_table)
+        self.live = LiveFrames(window_us)  # watched streams' latest steps (service.worker.live)
         #: Step results per bus entry id, filled by ticks, taken by the worker once the entry is done.
         self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
         #: Packets given up after ``max_failures`` failed steps: entry id -> error (taken by the worker).
         self.poisoned: dict[str, str] = {}
-        #: Steps each packet still has queued; a packet is done when its count is 0 (``take``).
+        #: Steps (and END markers) each entry still has queued; an entry is done when its count is 0 (``take``).
         self.remaining: dict[str, int] = defaultdict(int)
+        #: learn_at=sequence: held sequences, scores and replays; None when labels are learned per step.
+        self.sequences: SequenceLearning | None = None
+        if learn_at == "sequence":
+            self.sequences = SequenceLearning(learner, metrics, sequence_limits or SequenceLimits())
+            metrics.set_prequential_window(prequential_window)
 
     @property
     def state(self) -> NetworkState:
@@ -129,15 +162,17 @@ class Batcher:
         slot, evicted = self.registry.open(stream_id, width, height, time.time())
         if evicted is not None:
             self.metrics.streams_evicted.inc()
+            self._closed(evicted)
         if created:  # its row may hold an old stream's state
             self._begin_sequence(slot)
         self.metrics.active_streams.set(len(self.registry))
         return slot, [] if evicted is None else [evicted]
 
-    def _begin_sequence(self, slot: StreamSlot) -> None:
+    def _begin_sequence(self, slot: StreamSlot, framer: StreamFramer | None = None) -> None:
         """Fresh framer now, fresh neuron state at this point of the stream's queue."""
-        slot.framer = self.new_framer(slot.width, slot.height)
-        slot.pending.append((RESET, None))
+        slot.framer = framer or self.new_framer(slot.width, slot.height)
+        record = self.sequences.begin(slot) if self.sequences is not None else None
+        slot.pending.append((RESET, record))
         slot.sequence_events = 0
 
     def push_packet(self, entry_id: str, stream_id: str, packet: EventsPacket) -> list[StreamSlot]:
@@ -148,6 +183,9 @@ class Batcher:
         times (each attempt undone).
         """
         events = events_from_bytes(packet.events, (packet.width, packet.height), self.max_events)
+        classes = self.learner.model.num_classes
+        if self.sequences is not None and packet.label is not None and not 0 <= packet.label < classes:
+            raise ValueError(f"label {packet.label} outside [0, {classes})")  # (held: no step would meet it)
         slot, evicted = self.open(stream_id, packet.width, packet.height)
         error: Exception | None = None
         for attempt in range(1, self.max_failures + 1):
@@ -176,22 +214,29 @@ class Batcher:
         )
 
     def _frame(self, entry_id: str, slot: StreamSlot, packet: EventsPacket, events: np.ndarray) -> None:
-        """Frame one packet's (valid) events onto ``slot``'s queue."""
-        if packet.start and slot.sequence_events:  # a sequence without events yet is already fresh
-            self._begin_sequence(slot)
-        late_before = slot.framer.late_events
-        frames = slot.framer.push(events, max_frames=self.max_packet_frames)
+        """Frame one packet's (valid) events onto ``slot``'s queue (nothing changes if framing raises)."""
+        begins = packet.start and slot.sequence_events  # a sequence without events yet is already fresh
+        framer = self.new_framer(slot.width, slot.height) if begins else slot.framer
+        late_before = framer.late_events
+        frames = framer.push(events, max_frames=self.max_packet_frames)
         if packet.end:
-            frames += slot.framer.flush()
+            frames += framer.flush()
 
+        if begins:  # a start cuts the running sequence: it ends here
+            self._end_sequence(slot, None)
+            self._begin_sequence(slot, framer)
         if len(events) and not slot.sequence_events:
             slot.sequences += 1
         slot.sequence_events += len(events)
         self.metrics.events.inc(len(events))
-        self.metrics.late_events.inc(slot.framer.late_events - late_before)
-        slot.pending.extend((STEP, PendingStep(f, packet.label, entry_id)) for f in frames)
+        self.metrics.late_events.inc(framer.late_events - late_before)
+        learn = self.sequences is None
+        slot.pending.extend((STEP, PendingStep(f, packet.label, entry_id, learn)) for f in frames)
         self.remaining[entry_id] += len(frames)
+        if self.sequences is not None:
+            self.sequences.framed(slot, frames, packet.label)
         if packet.end:  # the next packet begins a new sequence
+            self._end_sequence(slot, entry_id)
             self._begin_sequence(slot)
         slot.last_entry_id = entry_id
         self.results.setdefault(entry_id, [])
@@ -202,10 +247,14 @@ class Batcher:
         slot.framer = self.new_framer(slot.width, slot.height)
         slot.sequence_step = 0
         slot.sequence_events = 0
+        if self.sequences is not None:  # its running sequence is cut: neither scored nor learned
+            self._finished(self.sequences.abandon(slot))
 
     def remove(self, stream_id: str) -> StreamSlot | None:
         slot = self.registry.remove(stream_id)
         self.metrics.active_streams.set(len(self.registry))
+        if slot is not None:
+            self._closed(slot)
         return slot
 
     def expire(self, ttl_s: float) -> list[StreamSlot]:
@@ -213,35 +262,51 @@ class Batcher:
         self.pace.forget_all_but(slot.stream_id for slot in self.registry)
         if expired:
             self.metrics.active_streams.set(len(self.registry))
+        for slot in expired:
+            self._closed(slot)
         return expired
 
     def reset_model(self, seed: int) -> None:
         """Fresh weights and optimizer; every stream's neuron state back to rest (framers kept)."""
         self.learner.reset_weights(seed)
+        self.model_resets += 1
         self.state.reset_rows(list(range(self.state.batch_size)))
         for slot in self.registry:
             slot.sequence_step = 0
+            if self.sequences is not None:  # running sequences are cut (their rows rest now)
+                self._finished(self.sequences.abandon(slot))
         self.metrics.model_version.set(self.learner.version)
 
     # --- ticks ------------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return any(slot.pending for slot in self.registry)
+        return any(slot.pending for slot in self.registry) or self.replaying
 
-    def drain(self, max_ticks: int | None = None) -> int:
+    def drain(self, max_ticks: int | None = None, idle: bool = False) -> int:
         """Run ticks until no stream has a frame ready, or ``max_ticks`` ran; returns the number of ticks.
 
         Every tick steps every stream that has a frame ready once, so with a budget a stream with a long
         queue takes its share of ticks and the others' packets finish (and are answered) meanwhile.
+        Replays (learn_at=sequence) are background work: with a budget they ride along with the ticks of
+        live frames (one row per stream per tick), and ticks of replays alone run only in an ``idle``
+        round (no packet read or waiting), so they never hold back a round's answers; without a budget
+        everything runs.
         """
         ticks = 0
-        while (max_ticks is None or ticks < max_ticks) and self.tick(paced=max_ticks is not None):
+        while max_ticks is None or ticks < max_ticks:
+            if not self.tick(paced=max_ticks is not None, replays_alone=max_ticks is None or idle):
+                break
             ticks += 1
         return ticks
 
     def wait_s(self) -> float:
-        """Seconds until a queued frame may be stepped (0: now; only a stream's pace makes one wait)."""
-        return self.pace.wait_s((slot.stream_id for slot in self.registry if slot.pending), time.monotonic())
+        """Seconds until a queued frame may be stepped (0: now; only a stream's pace makes one wait), or,
+        with only replays to run, ``REPLAY_IDLE_S``: the loop waits that long for packets before an idle
+        round runs the replays alone (instead of spinning on the bus)."""
+        live = [slot.stream_id for slot in self.registry if slot.pending]
+        if not live and self.replaying:
+            return REPLAY_IDLE_S
+        return self.pace.wait_s(live, time.monotonic())
 
     def take(self, entry_id: str) -> tuple[list[dict[str, Any]], str | None] | None:
         """A finished packet's step results and its error (``None`` = applied); ``None`` while steps wait."""
@@ -254,79 +319,60 @@ class Batcher:
         """Drop every queued step and result (after a failure outside any one packet)."""
         for slot in self.registry:
             slot.pending.clear()
+            if self.sequences is not None:  # its sequences lost queued frames: dropped
+                self.sequences.close(slot)
         self.results.clear()
         self.remaining.clear()
+        if self.sequences is not None:
+            self.sequences.results.clear()
 
-    def tick(self, paced: bool = False) -> int:
+    def tick(self, paced: bool = False, replays_alone: bool = True) -> int:
         """One batched step over every stream with a frame ready; returns the batch size.
 
         ``paced``: a stream ahead of its pace (``service.worker.pace``) sits this tick out.
+        ``replays_alone``: run the replays' rows (learn_at=sequence) even when no live frame is ready.
 
-        When the batched step raises, each row is run alone (``_run_alone``), so one bad packet
-        never holds back the other streams.
+        When the batched step raises, each row is run alone (``service.worker.step_failures``), so one
+        bad packet never holds back the other streams.
         """
         self.table.fit(self.registry)
         batch: list[tuple[StreamSlot, PendingStep]] = []
-        fresh_rows = []
+        fresh_rows: list[int] = []
+        starting: list[tuple[StreamSlot, Any]] = []
         now = time.monotonic()
         for slot in self.registry:
-            while slot.pending and slot.pending[0][0] == RESET:
-                slot.pending.popleft()
-                fresh_rows.append(slot.row)
-                slot.sequence_step = 0
+            self._markers(slot, fresh_rows, starting)
             if slot.pending and (not paced or self.pace.take(slot.stream_id, now)):
                 step = slot.pending.popleft()[1]
                 self.remaining[step.entry_id] -= 1
                 batch.append((slot, step))
         if fresh_rows:
             self.table.reset_rows(fresh_rows)
-        if not batch:
+        for slot, record in starting:  # the row a sequence starts from (at rest after its reset)
+            self.sequences.started(record, self._row_unless_resting(slot.row))
+        replays = self.sequences.rows() if self.sequences is not None else []
+        if not batch and not (replays and replays_alone):
             return 0
-        try:
-            self._step(batch)
-        except Exception as err:
-            if len(batch) == 1:
-                self._run_alone(batch[0], err)
-            else:
-                log.warning(
-                    "event=batch_step_failed rows=%d error=%r; running each row alone",
-                    len(batch),
-                    f"{type(err).__name__}: {err}",
-                )
-                for item in batch:
-                    self._run_alone(item, None)
-        return len(batch)
-
-    def _run_alone(self, item: tuple[StreamSlot, PendingStep], failure: Exception | None) -> None:
-        """Run one row's step, with up to ``max_failures`` attempts in all; give its packet up after that.
-
-        ``failure``: the error of a first attempt already made alone (it counts as one attempt).
-        """
-        slot, step = item
-        attempts = 0 if failure is None else 1
-        while failure is None or attempts < self.max_failures:
-            if failure is not None:
-                self.metrics.packets.labels(outcome="failed").inc()
-                log.warning(
-                    "event=step_failed id=%s stream=%s attempt=%d error=%r",
-                    step.entry_id,
-                    slot.stream_id,
-                    attempts,
-                    f"{type(failure).__name__}: {failure}",
-                )
-                if (
-                    self.learner.device.type == "cuda"
-                ):  # a transient out-of-memory may pass once the cache is freed
-                    torch.cuda.empty_cache()
+        self.ticks_run += 1  # (the tick clock of a cluster counts these: service.worker.cluster)
+        if batch:
             try:
-                self._step([item])
-                return
+                self._step(batch)
             except Exception as err:
-                failure, attempts = err, attempts + 1
-        self.metrics.packets.labels(outcome="failed").inc()
-        self.poisoned[step.entry_id] = (
-            f"learner step failed {attempts} times on this packet: {type(failure).__name__}: {failure}"
-        )
+                step_failures.run_each_alone(self, batch, [], err)
+        if replays:  # after the live rows: a replay's update reaches the live rows at the next tick
+            try:
+                self._replay_step(replays)
+            except Exception as err:
+                step_failures.run_each_alone(self, [], replays, err)
+        for slot, _ in batch:  # a sequence's END right after its last frame: its reply goes this round
+            self._markers(slot, None, None)
+        return len(batch) + len(replays)
+
+    def give_up(self, slot: StreamSlot, step: PendingStep, error: str) -> None:
+        """A packet whose step failed on every attempt: its remaining steps dropped, ``error`` its answer."""
+        if self.sequences is not None:  # the row missed a frame of its sequence: not scored, not learned
+            self._finished(self.sequences.abandon(slot))
+        self.poisoned[step.entry_id] = error
         slot.pending = type(slot.pending)(
             work for work in slot.pending if not (work[0] == STEP and work[1].entry_id == step.entry_id)
         )
@@ -342,22 +388,45 @@ class Batcher:
         batch.sort(key=lambda item: item[0].row)
         rows = [slot.row for slot, _ in batch]
         frames = torch.from_numpy(np.stack([step.frame for _, step in batch]))
-        label_list = [-1 if step.label is None else step.label for _, step in batch]
+        label_list = [step.learn_label for _, step in batch]
         labels = torch.tensor(label_list, dtype=torch.long) if max(label_list) >= 0 else None
         sub, how = self.table.batch_of(rows)
         before = shallow(sub) if how == "whole" else None
-        started = time.perf_counter()
         try:
-            self.learner.step(frames, labels, sub)
+            self._timed_step(frames, labels, sub)
         except Exception:
             if before is not None:
                 self.table.state = before
             raise
+        self.table.put(rows, sub, how)
+        self._record(batch, sub)
+
+    def _replay_step(self, replays: list[Replay]) -> None:
+        """The tick's replay rows (one per stream that has one), in one learning step of their own.
+
+        Apart from the live rows: a step mixing unlabelled and labelled rows costs more than the two
+        apart (measured: 16 live + 1 replay row 11.1 ms together, 6.6 ms apart). A failed step changes
+        nothing (``cat`` copies the replays' rows).
+        """
+        frames = torch.from_numpy(np.stack([replay.frame() for replay in replays]))
+        labels = torch.tensor([replay.label for replay in replays], dtype=torch.long)
+        states = [self.sequences.state_of(replay) for replay in replays]
+        stepped = states[0] if len(states) == 1 else NetworkState.cat(states)
+        before = shallow(stepped)
+        try:
+            self._timed_step(frames, labels, stepped)
+        except Exception:
+            if len(states) == 1:  # the step rebinds the tensors of the state it is given
+                replays[0].state = before
+            raise
+        self.sequences.stepped(replays, [stepped.narrow(i, 1) for i in range(len(replays))])
+
+    def _timed_step(self, frames: torch.Tensor, labels: torch.Tensor | None, state: NetworkState) -> None:
+        started = time.perf_counter()
+        self.learner.step(frames, labels, state)
         elapsed = time.perf_counter() - started
         self.metrics.step_duration.observe(elapsed)
         self.step_s_average += 0.05 * (elapsed - self.step_s_average)
-        self.table.put(rows, sub, how)
-        self._record(batch, sub)
 
     def _record(self, batch: list[tuple[StreamSlot, PendingStep]], sub: NetworkState) -> None:
         predicted = OnlineLearner.predict(sub).tolist()
@@ -373,7 +442,7 @@ class Batcher:
                     "predicted": guess,
                     "probabilities": probs,
                     "label": step.label,
-                    "learned": step.label is not None,
+                    "learned": step.learn_label >= 0,
                     "model_version": version,
                 }
             )
@@ -381,13 +450,14 @@ class Batcher:
             slot.steps += 1
             slot.last_prediction = guess
             if correct is not None:
-                learned += 1
+                learned += step.learn_label >= 0
                 slot.labelled_steps += 1
                 slot.correct_steps += correct
             self.metrics.record_prediction(correct)
         self.metrics.steps.labels(kind="learn").inc(learned)
         self.metrics.steps.labels(kind="infer").inc(len(batch) - learned)
         self.metrics.model_version.set(version)
+        self.live.record(batch, predicted, probabilities, version)
 
     # --- checkpoints ------------------------------------------------------------------------------
 

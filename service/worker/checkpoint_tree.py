@@ -6,7 +6,9 @@ or written by a buggy version, is refused with the path of the first bad field i
 swapped in::
 
     model_version, created          int >= 0, finite number >= 0
-    last_entry_id                   None or "<ms>-<seq>" (the watermark; compared with the bus at start)
+    last_entry_id                   None or "<ms>-<seq>" (the watermark of an unsharded bus; older files)
+    shards, watermark               int in [1, 4096]; {"<shard>": "<ms>-<seq>"} with shards below it (the
+                                    newest entry applied per shard; compared with the bus at start)
     rng.cpu (.cuda)                 uint8 tensors, the CPU one of torch's generator size
     network_state                   tensors (shapes checked against the model by ``Batcher.load``)
     learner                         model tensors; optimizer groups with the running optimizer's keys,
@@ -15,8 +17,8 @@ swapped in::
                                     model_version; pending steps >= 0; pending gradients of known
                                     parameters and their shapes
     registry.streams[i].meta        the ``StreamSlot`` fields: id, sensor 1..65536, counters >= 0 with
-                                    correct <= labelled <= steps, prediction in [0, K), entry id <= the
-                                    watermark, finite activity time
+                                    correct <= labelled <= steps, prediction in [0, K), entry id covered
+                                    by the watermark, finite activity time
     registry.streams[i].framer      the ``StreamFramer`` state: ints of their ranges, the stream's sensor,
                                     a 1-D int64 ``pending_index``
 """
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from service.bus import BusInputError, entry_id_key
+from service.bus.shards import MAX_SHARDS, Watermark, split_entry_id
 from service.worker.checkpoints import CheckpointError
 
 _INT64 = (-(2**63), 2**63 - 1)
@@ -107,10 +110,47 @@ def _tensor(path: str, value: Any, dtype: torch.dtype | None = None) -> torch.Te
 
 
 def beyond(watermark: str | None, newest: str | None) -> bool:
-    """True when the watermark names an entry the bus never handed out (newest: the bus's newest id)."""
+    """True when the watermark names an entry the bus never handed out (newest: the bus's newest id).
+
+    Both ids of one shard (plain or shard-qualified ``"<shard>/<ms>-<seq>"``).
+    """
     if watermark is None:
         return False
-    return newest is None or entry_id_key(watermark) > entry_id_key(newest)
+    return newest is None or entry_id_key(split_entry_id(watermark)[1]) > entry_id_key(
+        split_entry_id(newest)[1]
+    )
+
+
+def tree_watermark(tree: dict[str, Any]) -> tuple[Watermark, int]:
+    """``(watermark, shards)`` of a validated tree (a file of before shards: its ``last_entry_id``, 1 shard)."""
+    if tree.get("shards", 1) > 1:
+        return Watermark.from_dict(tree["watermark"]), int(tree["shards"])
+    last = tree.get("last_entry_id")
+    return (Watermark.of_ids([last]) if last else Watermark()), 1
+
+
+def _watermark(tree: dict[str, Any]) -> Watermark:
+    shards = _int("shards", tree.get("shards", 1), 1, MAX_SHARDS)
+    last = _entry_id("last_entry_id", tree.get("last_entry_id"))
+    if shards == 1:
+        if "watermark" in tree:
+            raise _fail(
+                "watermark",
+                "expected none on an unsharded bus (its mark is last_entry_id)",
+                tree["watermark"],
+            )
+        return Watermark() if last is None else Watermark.of_ids([tree["last_entry_id"]])
+    if last is not None:
+        raise _fail(
+            "last_entry_id", f"expected null with shards = {shards} (the marks are in watermark)", last
+        )
+    marks = _dict("watermark", tree.get("watermark"))
+    for shard, raw in marks.items():
+        if not isinstance(shard, str) or not shard.isdigit() or int(shard) >= shards:
+            raise _fail("watermark", f"expected shard numbers below shards = {shards}", shard)
+        if _entry_id(f"watermark.{shard}", raw) is None:
+            raise _fail(f"watermark.{shard}", "expected a bus entry id '<ms>-<seq>'", raw)
+    return Watermark.from_dict(marks)
 
 
 def validate_tree(tree: Any, learner: Any, num_classes: int) -> None:
@@ -125,7 +165,7 @@ def validate_tree(tree: Any, learner: Any, num_classes: int) -> None:
     version = _int("model_version", tree["model_version"], 0)
     if "created" in tree:
         _number("created", tree["created"])
-    watermark = _entry_id("last_entry_id", tree.get("last_entry_id"))
+    watermark = _watermark(tree)
     rng = _dict("rng", tree.get("rng", {}))
     if "cpu" in rng and _tensor("rng.cpu", rng["cpu"], torch.uint8).shape != torch.get_rng_state().shape:
         raise _fail("rng.cpu", f"expected {tuple(torch.get_rng_state().shape)} bytes", rng["cpu"])
@@ -204,7 +244,7 @@ def _hyper(path: str, value: Any, reference: Any) -> None:
         raise _fail(path, "expected a string", value)
 
 
-def _validate_stream(path: str, stream: Any, num_classes: int, watermark: tuple[int, int] | None) -> None:
+def _validate_stream(path: str, stream: Any, num_classes: int, watermark: Watermark) -> None:
     stream = _dict(path, stream)
     if set(stream) != {"meta", "framer"}:
         raise _fail(path, "expected keys ['framer', 'meta']", sorted(map(str, stream)))
@@ -230,11 +270,14 @@ def _validate_stream(path: str, stream: Any, num_classes: int, watermark: tuple[
             raise _fail(f"{path}.meta.{key}", f"expected at most {bound} = {counts[bound]}", meta[key])
     if meta["last_prediction"] is not None:
         _int(f"{path}.meta.last_prediction", meta["last_prediction"], 0, num_classes - 1)
-    last = _entry_id(f"{path}.meta.last_entry_id", meta["last_entry_id"])
-    if last is not None and (watermark is None or last > watermark):
-        raise _fail(
-            f"{path}.meta.last_entry_id", "expected an id at or below last_entry_id", meta["last_entry_id"]
-        )
+    last = meta["last_entry_id"]
+    if last is not None:
+        try:
+            covered = watermark.covers(last)
+        except BusInputError:
+            raise _fail(f"{path}.meta.last_entry_id", "expected a bus entry id or null", last) from None
+        if not covered:
+            raise _fail(f"{path}.meta.last_entry_id", "expected an id covered by the watermark", last)
     framer = _dict(f"{path}.framer", stream["framer"])
     for key, bounds in _FRAMER_INTS.items():
         _int(f"{path}.framer.{key}", framer.get(key), *(bounds or _INT64))

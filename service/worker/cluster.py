@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -175,12 +176,81 @@ class ParameterAverager(ModelAverager):
         self.step += 1
         if self.step % self.period:
             return False
-        params = [p for p in params]
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
-        flat /= dist.get_world_size()
-        dist.all_reduce(flat)
-        _unflatten_into(flat, params)
+        average_in_place(params)
         return True
+
+
+def average_in_place(params: Iterable[torch.Tensor]) -> None:
+    """Every rank's parameters become their mean over the ranks (one flat all-reduce, copied back in place)."""
+    params = list(params)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    flat /= dist.get_world_size()
+    dist.all_reduce(flat)
+    _unflatten_into(flat, params)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    """What the ranks agreed at the end of a round."""
+
+    ticks: int  # the tick clock after the round (every rank's equal)
+    averaged: bool  # the parameters were averaged this round
+    stop: bool  # some rank is stopping: every rank stops after this round
+    model_reset: bool  # some rank applied a model reset this round: every rank resets too
+    checkpoint: bool  # some rank's checkpoint is due, or they stop: every rank saves this round (the cut)
+
+
+class RoundSync:
+    """One collective per worker round on every rank, in step: the tick clock, averaging, stop, reset.
+
+    Each rank runs its rounds at its own pace (reading its shards, applying, ticking) and ends every
+    round here, so the ranks meet once a round::
+
+        [ticks, stop, reset, checkpoint]  <-  all-reduce MAX over the ranks
+        clock += ticks;  average the parameters when the clock passes a multiple of every_ticks,
+                         or when the ranks checkpoint (so every rank saves the same weights)
+
+    A round's ticks count once (the most any rank ran), so the clock is the same on every rank and the
+    ranks average together. ``stop``: a rank asked to stop (SIGTERM) makes every rank stop after the
+    same round, so none waits in a collective for a rank that left. ``reset``: a model reset reached
+    one rank (its shard holds the control entry); the others reset too, so all start again equal.
+    """
+
+    def __init__(self, every_ticks: int) -> None:
+        if every_ticks < 1:
+            raise ValueError(f"every_ticks must be >= 1, got {every_ticks}")
+        self.every_ticks = every_ticks
+        self.clock = 0
+        self.rounds = 0
+        self.averages = 0
+        self.sync_s = 0.0  # seconds spent in the collectives, all rounds
+        self.digest: str | None = None  # the model digest right after the latest average
+        self.digest_clock: int | None = None  # the clock at that average
+
+    def after_round(
+        self,
+        params: Iterable[torch.Tensor],
+        ticks: int,
+        stop: bool,
+        model_reset: bool,
+        checkpoint: bool = False,
+    ) -> RoundOutcome:
+        """The round's collective (see the class docstring); call on every rank once per round."""
+        started = time.perf_counter()
+        agreed = torch.tensor([ticks, int(stop), int(model_reset), int(checkpoint)], dtype=torch.long)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        ticks, stop, model_reset, checkpoint = (int(v) for v in agreed.tolist())
+        checkpoint = checkpoint or stop
+        before, self.clock = self.clock, self.clock + ticks
+        self.rounds += 1
+        averaged = self.clock // self.every_ticks > before // self.every_ticks or bool(checkpoint)
+        if averaged:
+            params = list(params)
+            average_in_place(params)
+            self.averages += 1
+            self.digest, self.digest_clock = model_digest(params), self.clock
+        self.sync_s += time.perf_counter() - started
+        return RoundOutcome(self.clock, averaged, bool(stop), bool(model_reset), bool(checkpoint))
 
 
 class GradientSync:

@@ -46,22 +46,35 @@ from service.settings import Settings
 from service.worker.applier import Applied, EntryApplier, reason
 from service.worker.batcher import Batcher
 from service.worker.bus_retry import RETRIED, BusRetry
+from service.worker.cluster_checkpoints import round_infos
+from service.worker.cluster_member import ClusterMember
 from service.worker.recovery import recover
 
 log = logging.getLogger("ndot.worker")
 
 HOUSEKEEPING_INTERVAL_S = 1.0
+#: A rank's longest wait for entries: every round ends in a collective, so a rank waiting for its own
+#: shards holds up the others' next round (their packets) that long.
+CLUSTER_READ_BLOCK_MS = 5
 
 
 class Worker:
     """One persistent SNN fed by the bus; see the module docstring."""
 
     def __init__(
-        self, settings: Settings, bus: Bus, metrics: ServiceMetrics | None = None, consumer: str | None = None
+        self,
+        settings: Settings,
+        bus: Bus,
+        metrics: ServiceMetrics | None = None,
+        consumer: str | None = None,
+        cluster: ClusterMember | None = None,
     ) -> None:
         self.settings = settings
         self.bus = bus
         self.metrics = metrics or ServiceMetrics(settings.accuracy_window)
+        self.cluster = cluster  # one rank of a torchrun group (service.worker.cluster_member), or None
+        if cluster is not None:
+            cluster.attach_metrics(self.metrics.registry)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.prefix = settings.bus_stream
         self.applier: EntryApplier | None = None  # built in start(), in a thread
@@ -72,6 +85,7 @@ class Worker:
         self._bus_retry = BusRetry(self.metrics)
         self._last_claim_s = 0.0
         self._last_housekeeping_s = 0.0
+        self._status_s = 0.0  # when this rank last wrote its status (cluster)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -98,20 +112,45 @@ class Worker:
         stop is requested (then returns, without a model if it had none; ``run`` returns at once).
         The bus's group is created on the first read if nobody created it before.
         """
-        # a checkpoint's watermark must not lie beyond the bus's newest id
-        opened, bus_newest = await self._bus_retry.call(self.bus.newest_id, self._stop, "start")
+        applier_settings = self.settings
+        if self.cluster is not None:  # meet the other ranks: this rank's shards, its checkpoint folder
+            if not hasattr(self.bus, "own"):
+                raise ValueError(
+                    "worker ranks need the Redis bus (REDIS_URL): the embedded one is in-process"
+                )
+            owned, token = await asyncio.to_thread(self.cluster.join, self.bus.shards)
+            self.bus.own(owned)
+            await self.bus.claim_shards(token)  # acks fenced: a zombie of an older group is refused
+            applier_settings = self.settings.model_copy(
+                update={"checkpoint_dir": self.cluster.checkpoint_dir()}
+            )
+
+        # a checkpoint's watermark must not lie beyond the bus's newest id of a shard
+
+        async def newest_ids() -> dict[int, str | None]:
+            return {shard: await self.bus.newest_id(shard) for shard in self.bus.owned}
+
+        opened, bus_newest = await self._bus_retry.call(newest_ids, self._stop, "start")
         if not opened:
             log.info("event=worker_stopped_before_start consumer=%s", self.consumer)
             return
 
         def build() -> EntryApplier:
-            applier = EntryApplier(self.settings, self.metrics)
+            applier = EntryApplier(applier_settings, self.metrics, shards=self.bus.shards)
+            applier.in_cluster = self.cluster is not None
+            if self.cluster is not None:  # the group's committed rounds (service.worker.cluster_checkpoints)
+                if self.settings.restore_on_start:
+                    self.restored_from = self.cluster.restore(applier, bus_newest)
+                applier.checkpoints = round_infos(self.cluster.checkpoint_dir())
+                return applier
             if self.settings.restore_on_start:
                 self.restored_from = applier.restore_newest(bus_newest)
             applier.checkpoints = [i.as_dict() for i in applier.store.list()]
             return applier
 
         self.applier = await asyncio.to_thread(build)
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.align, self.batcher)  # rank 0's weights on every rank
         self.metrics.model_version.set(self.batcher.learner.version)
         announce = Applied(values=self.applier.sensor_values())
         values = self._round_values(announce, changed=True)
@@ -161,7 +200,7 @@ class Worker:
         if self.applier is None:  # stopped while start waited for the bus
             return
         recovered = False
-        while not self._stop.is_set():
+        while self.cluster is not None or not self._stop.is_set():
             try:
                 if not recovered:
                     await self.recover()
@@ -174,11 +213,22 @@ class Worker:
                     await asyncio.wait_for(self._stop.wait(), delay)
             else:
                 self._bus_retry.recovered("run")
+            if self.cluster is not None:  # every rank ends every round together (and stops together)
+                outcome = await asyncio.to_thread(self.cluster.after_round, self.applier, self._stop.is_set())
+                if outcome.stop:
+                    self._stop.set()
+                    break
         # packets taken off the bus are finished, answered and acked (with what the bus had refused)
         if self.applier.has_work or self._unsent is not None:
             with contextlib.suppress(*RETRIED):  # unacked, they are replayed by the next worker
                 await self._handle([], drain=True)
-        if self.applier.dirty:
+        if self.cluster is not None:  # the stop round was a cut: every rank saved, rank 0 committed
+            self.shutdown_error = self.cluster.cut_error
+            if self.shutdown_error:
+                log.error("event=shutdown_checkpoint_failed error=%r", self.shutdown_error)
+            else:
+                log.info("event=shutdown_checkpoint name=%s", self.cluster.committed)
+        elif self.applier.dirty:
             try:
                 info = await asyncio.to_thread(self.applier.save)
             except Exception as err:  # one clear line and a non-zero exit, not a traceback
@@ -204,6 +254,8 @@ class Worker:
         block = self.settings.read_block_ms if block_ms is None else block_ms
         if self.applier.has_work:  # queued steps wait: look for new entries, wait only for their pace
             block = min(block, math.ceil(self.applier.wait_s() * 1000))
+        if self.cluster is not None:  # the other ranks wait for this round's end: never for long
+            block = min(block, CLUSTER_READ_BLOCK_MS)
         entries = await self.bus.read(self.consumer, self.settings.read_count, block)
         await self._handle(entries)
         return len(entries)
@@ -216,7 +268,7 @@ class Worker:
         return await recover(
             self.bus,
             self.consumer,
-            lambda: self.applier.last_entry_id,
+            lambda: self.applier.watermark,
             lambda entries: self._handle(entries, drain=True),  # replayed history: no pace, no budget
             self.settings.read_count,
         )
@@ -243,6 +295,8 @@ class Worker:
         if housekeeping:
             self._last_housekeeping_s = now
             self.metrics.bus_lag.set(await self.bus.lag())
+            streams = [slot.stream_id for slot in self.batcher.registry]
+            await self.batcher.live.refresh_watched(self.bus, self.prefix, streams)  # viewing flags
             if self.batcher.learner.device.type == "cuda":
                 self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(self.batcher.learner.device))
         if self._resync_values:
@@ -255,6 +309,7 @@ class Worker:
         )
         self._resync_values = False
         self._unsent = None
+        self.metrics.worker_heartbeat.set(time.time())
 
     def _round_values(self, applied: Applied, changed: bool) -> list[Value]:
         """The round's value writes, before its replies (a client that got its reply sees them): sensor
@@ -266,23 +321,47 @@ class Worker:
             (messages.busy_key(self.prefix, stream_id), flag, messages.BUSY_TTL_S)
             for stream_id, flag in applied.busy.items()
         ]
-        if changed:
+        if changed and self.cluster is None:
             values.append((messages.status_key(self.prefix), self.status_json(), None))
+        elif self.cluster is not None and (changed or time.monotonic() - self._status_s >= 1.0):
+            # each rank its own snapshot (its tick clock moves every round: at most once a second
+            # when nothing else changed); rank 0 says what the cluster is
+            self._status_s = time.monotonic()
+            values.append(
+                (messages.rank_status_key(self.prefix, self.cluster.rank), self.status_json(), None)
+            )
+            if self.cluster.rank == 0:
+                values.append((messages.cluster_key(self.prefix), self._cluster_json(), None))
         heartbeat_ttl_s = max(60.0, 10 * self.settings.heartbeat_timeout_s)
         values.append((messages.heartbeat_key(self.prefix), repr(time.time()).encode(), heartbeat_ttl_s))
+        values += self.batcher.live.due_values(self.prefix)  # live views, <= 10/s per watched stream
         return values
 
     def status_json(self) -> bytes:
         batcher = self.batcher
+        status = {
+            "time": time.time(),
+            "consumer": self.consumer,
+            "model": self.settings.model,
+            "model_version": batcher.learner.version,
+            "device": str(batcher.learner.device),
+            "streams": batcher.registry.infos(),
+            "checkpoints": self.checkpoints,
+            "watermark": self.applier.watermark.as_dict(),
+        }
+        if self.cluster is not None:
+            status["cluster"] = self.cluster.status()
+        return json.dumps(status).encode()
+
+    def _cluster_json(self) -> bytes:
+        assert self.cluster is not None
         return json.dumps(
             {
-                "time": time.time(),
-                "consumer": self.consumer,
-                "model": self.settings.model,
-                "model_version": batcher.learner.version,
-                "device": str(batcher.learner.device),
-                "streams": batcher.registry.infos(),
-                "checkpoints": self.checkpoints,
+                "world_size": self.cluster.world_size,
+                "attempt": self.cluster.config.restart_count,
+                "shards": self.bus.shards,
+                "sync_mode": self.settings.sync_mode,
+                "sync_every_ticks": self.settings.sync_every_ticks,
             }
         ).encode()
 

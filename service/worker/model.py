@@ -10,6 +10,7 @@ from ndot_core import OnlineLearner, build_model
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.worker.batcher import Batcher
+from service.worker.sequences import SequenceLimits
 
 
 def model_descriptor(settings: Settings) -> dict[str, Any]:
@@ -54,4 +55,7 @@ def build_batcher(settings: Settings, metrics: ServiceMetrics) -> Batcher:
         max_gap_windows=s.max_gap_windows,
         max_packet_frames=s.max_packet_frames,
         max_stream_speed=s.max_stream_speed,
+        learn_at=s.learn_at,
+        sequence_limits=SequenceLimits(s.sequence_max_frames, s.sequence_max_bytes, s.sequences_held),
+        prequential_window=s.prequential_window,
     )

@@ -1,15 +1,15 @@
 """Recovery of a worker that starts after another one died: nothing lost, nothing applied twice.
 
-A checkpoint holds the model and every stream's state as of bus entry ``L`` (its
-``last_entry_id``). Entries after ``L`` are in one of three states on the bus:
+A checkpoint holds the model and every stream's state as of its watermark ``L`` (the newest entry
+applied, per shard: ``service.bus.shards.Watermark``). Entries after ``L`` are in one of three states:
 
     acked     applied by the dead worker after its last checkpoint   -> in the stream's history only
     pending   read by the dead worker, not acked (maybe applied)      -> in the history and the PEL
     unread    never delivered                                         -> in the history; read later
 
-so the worker re-applies the history after ``L`` in id order (``Bus.replay``), which covers all
-three, and then skips every entry at or below the newest id it applied (the watermark) when it
-comes again by ``read`` or ``claim_stale``. Pending entries are claimed first, so an entry that
+so the worker re-applies the history after ``L`` of every shard it owns (``Bus.replay``), which
+covers all three, and then skips every entry its watermark covers when it comes again by ``read``
+or ``claim_stale``. Pending entries are claimed first, so an entry that
 keeps killing workers (a crash loop) shows its delivery count and is dead-lettered once it passes
 ``max_deliveries`` instead of being replayed for ever.
 
@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from service.bus import Bus, BusEntry, entry_id_key
+from service.bus.shards import Watermark, qualify, split_entry_id
 
 log = logging.getLogger("ndot.worker")
 
@@ -31,33 +32,58 @@ log = logging.getLogger("ndot.worker")
 PENDING_SCAN = 10_000
 
 
+def _order(entry_id: str) -> tuple[int, int]:
+    """Order of entries across shards: their ids' (ms, seq) (one shard's entries keep their order)."""
+    return entry_id_key(split_entry_id(entry_id)[1])
+
+
+def _published_order(entry: BusEntry) -> tuple[int, int]:
+    return _order(entry.id)
+
+
 async def recover(
     bus: Bus,
     consumer: str,
-    watermark: Callable[[], str | None],
+    watermark: Callable[[], Watermark],
     handle: Callable[[list[BusEntry]], Awaitable[None]],
     page: int,
 ) -> int:
-    """Re-apply the history after ``watermark()``, then settle the claimed pending entries.
+    """Re-apply the history after ``watermark()`` in every owned shard, then settle the claimed pending ones.
 
-    ``handle(entries)`` applies, replies and acks a batch (skipping entries at or below the
-    watermark, dead-lettering those delivered too often); returns how many entries were replayed.
+    Each pass takes up to ``page`` entries of every owned shard and hands them to ``handle`` as one
+    batch, in publish order (shards interleaved by their ids' time; each shard's own order kept), so
+    the ticks of a replay see every shard's streams together. ``handle(entries)`` applies, replies and
+    acks a batch (skipping entries the watermark covers, dead-lettering those delivered too often);
+    returns how many entries were replayed.
     """
     claimed = {entry.id: entry for entry in await bus.claim_stale(consumer, 0, PENDING_SCAN)}
     replayed = 0
-    after = watermark()
-    while True:
-        history = await bus.replay(after, page)
-        if not history:
+    mark = watermark()
+    cursors: dict[int, str | None] = {
+        shard: None if (newest := mark.get(shard)) is None else qualify(shard, newest, bus.shards)
+        for shard in bus.owned
+    }
+    while cursors:
+        batch: list[BusEntry] = []
+        for shard, after in list(cursors.items()):
+            history = await bus.replay(after, page, shard=shard)
+            batch += history
+            if len(history) < page:
+                del cursors[shard]  # the shard's history is done
+            elif history:
+                cursors[shard] = history[-1].id
+        if not batch:
             break
-        batch = [claimed.pop(entry.id, entry) for entry in history]  # claimed copies carry their deliveries
-        await handle(batch)
+        batch = [claimed.pop(entry.id, entry) for entry in sorted(batch, key=_published_order)]
+        await handle(batch)  # claimed copies carry their deliveries
         replayed += len(batch)
-        after = max(watermark() or batch[-1].id, batch[-1].id, key=entry_id_key)
-        if len(history) < page:
-            break
-    if claimed:  # pending entries outside the history (at or below the watermark, or trimmed)
-        await handle(sorted(claimed.values(), key=lambda entry: entry_id_key(entry.id)))
+        mark = watermark()  # a restore in the history moves the watermark: go on after it
+        for shard, after in cursors.items():
+            newest = mark.get(shard)
+            if newest is not None and (after is None or entry_id_key(newest) > _order(after)):
+                cursors[shard] = qualify(shard, newest, bus.shards)
+    if claimed:  # pending entries outside the history (covered by the watermark, or trimmed)
+        await handle(sorted(claimed.values(), key=_published_order))
     if replayed:
-        log.info("event=replayed entries=%d upto=%s", replayed, after)
+        log.info("event=replayed entries=%d watermark=%s", replayed, watermark().as_dict())
     return replayed

@@ -53,11 +53,16 @@ class StreamSlot:
     correct_steps: int = 0
     last_prediction: int | None = None
     last_entry_id: str | None = None
-    #: Work not yet run by the batcher, in order: ``("reset", None)`` or ``("step", PendingStep)``.
+    #: Work not yet run by the batcher, in order: ``("reset", record | None)``, ``("step", PendingStep)``
+    #: or ``("end", EndMarker)`` (learn_at=sequence: after a sequence's last frame).
     pending: deque[tuple[str, Any]] = field(default_factory=deque)
+    #: learn_at=sequence: the stream's held sequences and prequential counters
+    #: (``service.worker.sequences.SequenceBook``; checkpointed apart from ``metadata``).
+    book: Any = None
 
     def info(self) -> dict[str, Any]:
         """The ``StreamInfo`` fields (docs/design.md)."""
+        book = self.book
         return {
             "stream_id": self.stream_id,
             "width": self.width,
@@ -67,10 +72,13 @@ class StreamSlot:
             "last_prediction": self.last_prediction,
             "online_accuracy": self.correct_steps / self.labelled_steps if self.labelled_steps else None,
             "labelled_steps": self.labelled_steps,
+            "prequential_accuracy": None if book is None else book.prequential_accuracy,
+            "scored_sequences": 0 if book is None else book.scored,
+            "learned_sequences": 0 if book is None else book.learned,
         }
 
     def metadata(self) -> dict[str, Any]:
-        """Everything but the framer and the queue, as JSON-able values (for checkpoints)."""
+        """Everything but the framer, the queue and the book, as JSON-able values (for checkpoints)."""
         return {
             "stream_id": self.stream_id,
             "row": self.row,

@@ -1,4 +1,4 @@
-"""Streams: post event packets, open, list, inspect, reset and delete a stream."""
+"""Streams: post event packets, label a sequence after the fact, open, list, inspect, reset and delete a stream."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ from service.api.body import BINARY, EVENTS_BODY, JSON, LARGE_BODY_BYTES, parse_
 from service.api.context import ADMIN, ERRORS, INGEST, Context, StreamId
 from service.api.errors import ApiError
 from service.api.limits import retry_after_header
-from service.api.schemas import PacketAccepted, PacketResult, SensorSize, StreamAction, StreamInfo, StreamList
+from service.api.schemas import (
+    LabelResult,
+    PacketAccepted,
+    PacketResult,
+    SensorSize,
+    SequenceLabel,
+    StreamAction,
+    StreamInfo,
+    StreamList,
+)
 from service.bus import BusFull, messages
 from service.settings import Settings
 
@@ -88,7 +97,35 @@ async def post_events(
         return JSONResponse({"stream_id": stream_id, "packet_id": entry_id}, status_code=202)
     answer = await ctx.reply(entry_id)
     metrics.prediction_latency.observe(time.perf_counter() - received)
-    return {"stream_id": stream_id, "packet_id": entry_id, "steps": answer.get("steps", [])}
+    return {
+        "stream_id": stream_id,
+        "packet_id": entry_id,
+        "steps": answer.get("steps", []),
+        "sequence": answer.get("sequence"),
+    }
+
+
+@router.post(
+    "/{stream_id}/label",
+    dependencies=INGEST,
+    response_model=LabelResult,
+    summary="Label a sequence after it streamed: it is scored, then learned (learn_at=sequence)",
+)
+async def label_sequence(ctx: Context, stream_id: StreamId, body: SequenceLabel) -> Any:
+    """The label goes in the stream's bus order: ``"last"`` names the sequence that ended before it.
+
+    The answer comes once that sequence's last frame has run: its prediction (made before any learning
+    from it) against the label. 404 unknown stream; 409 no such sequence held (too old, labelled
+    already, not begun) or the worker learns per step; 422 a label outside [0, K).
+    """
+    classes = ctx.settings.num_classes
+    if not 0 <= body.label < classes:
+        raise ApiError(422, f"label {body.label} outside [0, {classes})")
+    await ctx.known_sensor(stream_id)
+    request = messages.LabelRequest(body.label, body.sequence)
+    answer = await ctx.request(messages.LABEL, stream_id, request.to_fields())
+    sequence = answer.get("sequence") or {"label": body.label, "learning": "applied_before"}
+    return {"stream_id": stream_id, **sequence}
 
 
 def check_not_busy(ctx: Context, stream_id: str, flag: bytes | None) -> None:

@@ -1,0 +1,248 @@
+"""This worker as one rank of a torchrun group: its shards, its rounds with the others, its status.
+
+``ndot workers --nproc N`` (``torchrun``) starts N ``ndot worker`` processes; each finds its rank in
+torchrun's environment (``ClusterConfig.from_env``) and the ``Worker`` hands this object the
+cluster's part of its life::
+
+    start   join the process group (keyed per restart attempt), own shards s % W == r of the bus,
+            restore the newest committed round (``cluster_checkpoints``: any world size), then
+            take rank 0's weights
+    round   after every loop round: RoundSync (tick clock, periodic averaging, stop, model reset,
+            checkpoint); a checkpoint round is a consistent cut: every rank saves, rank 0 commits
+    status  rank, world, shards, clock, averages, the digest at the latest average, sync seconds
+
+Not done yet (docs/scale-out.md): fencing tokens, and ``grad`` sync inside the service (the
+primitive exists: ``cluster.GradientSync``, tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from service.settings import Settings
+from service.worker.applier import EntryApplier
+from service.worker.batcher import Batcher
+from service.worker.checkpoints import CheckpointError
+from service.worker.cluster import (
+    ClusterConfig,
+    RoundOutcome,
+    RoundSync,
+    broadcast_parameters,
+    join,
+    leave,
+    owned_shards,
+)
+from service.worker.cluster_checkpoints import (
+    committed_rounds,
+    merged_tree,
+    prune_rounds,
+    round_infos,
+    save_round,
+)
+
+log = logging.getLogger("ndot.cluster")
+
+
+class ClusterMember:
+    """Rank ``config.rank`` of ``config.world_size`` (see the module docstring)."""
+
+    def __init__(self, config: ClusterConfig, settings: Settings) -> None:
+        if settings.sync_mode != "average":
+            raise ValueError(
+                "NDOT_SYNC_MODE=grad is not served by worker ranks yet: use 'average' (docs/scale-out.md)"
+            )
+        self.config = config
+        self.settings = settings
+        self.sync = RoundSync(settings.sync_every_ticks)
+        self.shards: list[int] = []
+        self._ticks_seen = 0
+        self._resets_seen = 0
+        self._metrics: dict[str, Any] = {}
+        self.committed: str | None = None  # the newest round this group committed
+        self.token = 0  # this group's fencing token (join)
+        self._epoch_key = f"{settings.bus_stream}:epoch"  # (RedisStreamBus.epoch_key)
+        self.cut_error: str | None = None  # why the latest cut was not committed, if it was not
+
+    def attach_metrics(self, registry: CollectorRegistry) -> None:
+        """This rank's cluster metrics in the worker's registry (label ``rank``: one value per process)."""
+        rank = str(self.rank)
+        self._metrics = {
+            "clock": Gauge(
+                "ndot_cluster_tick_clock", "The cluster's tick clock.", ["rank"], registry=registry
+            ).labels(rank=rank),
+            "rounds": Counter(
+                "ndot_cluster_rounds",
+                "Rounds ended together with the other ranks.",
+                ["rank"],
+                registry=registry,
+            ).labels(rank=rank),
+            "averages": Counter(
+                "ndot_cluster_averages", "Parameter averages taken part in.", ["rank"], registry=registry
+            ).labels(rank=rank),
+            "sync": Counter(
+                "ndot_cluster_sync_seconds",
+                "Seconds spent in the round's collectives (waiting for the other ranks included).",
+                ["rank"],
+                registry=registry,
+            ).labels(rank=rank),
+            "world": Gauge(
+                "ndot_cluster_world_size", "Worker ranks in the group.", ["rank"], registry=registry
+            ).labels(rank=rank),
+        }
+        self._metrics["world"].set(self.world_size)
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    def backend(self) -> str:
+        if self.settings.cluster_backend != "auto":
+            return self.settings.cluster_backend
+        return "nccl" if self.settings.torch_device() == "cuda" else "gloo"
+
+    def join(self, shards: int) -> tuple[list[int], int]:
+        """Join the group (blocks until every rank is there); returns ``(owned shards, fencing token)``.
+
+        Rank 0 takes the group's fencing token (``INCR <stream>:epoch``: higher than any group's before)
+        and every rank gets it; the worker then writes it into its shards' owner keys
+        (``RedisStreamBus.claim_shards``), so acks of an older group's zombie are refused.
+        """
+        join(self.config, self.backend(), self.settings.cluster_timeout_s)
+        token = [self._redis().incr(self._epoch_key) if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(token, src=0)
+        self.token = int(token[0])
+        self.shards = owned_shards(self.rank, self.world_size, shards)
+        log.info(
+            "event=rank_owns rank=%d world_size=%d shards=%d first=%s",
+            self.rank,
+            self.world_size,
+            len(self.shards),
+            self.shards[:8],
+        )
+        return self.shards, self.token
+
+    def _redis(self) -> redis.Redis:
+        return redis.Redis.from_url(str(self.settings.redis_url), socket_timeout=10)
+
+    def fence_holds(self) -> bool:
+        """Whether no newer group took a token since this one joined (asked before a round is committed)."""
+        client = self._redis()
+        try:
+            newest = client.get(self._epoch_key)
+        finally:
+            client.close()
+        return newest is not None and int(newest) == self.token
+
+    def checkpoint_dir(self) -> Path:
+        """Where the ranks' committed rounds live (one folder for every world size)."""
+        return Path(self.settings.checkpoint_dir) / "cluster"
+
+    def restore(self, applier: EntryApplier, bus_newest: dict[int, str | None]) -> str | None:
+        """Load the newest usable committed round (this rank's shards of it); its name, or None."""
+        base = self.checkpoint_dir()
+        for round_id, manifest in reversed(committed_rounds(base)):
+            name = f"round-{round_id}"
+            try:
+                tree = applier.load_tree(merged_tree(base, manifest, self.shards, applier.shards), name)
+            except CheckpointError as err:
+                applier.checkpoint_failed("restore", name, err)
+                continue
+            applier.adopt_watermark(tree, bus_newest, name)
+            self.sync.rounds = round_id  # round numbers go on rising across restarts
+            self.sync.clock = int(manifest.get("tick_clock", 0))
+            log.info(
+                "event=round_restored round=%d rank=%d world_then=%s world_now=%d streams=%d",
+                round_id,
+                self.rank,
+                manifest.get("world_size"),
+                self.world_size,
+                len(applier.batcher.registry),
+            )
+            return name
+        return None
+
+    def align(self, batcher: Batcher) -> None:
+        """Every rank takes rank 0's weights (after each restored its own checkpoint, or none)."""
+        broadcast_parameters(batcher.learner.model.parameters(), source=0)
+        self._ticks_seen, self._resets_seen = batcher.ticks_run, batcher.model_resets
+
+    def after_round(self, applier: EntryApplier, stopping: bool) -> RoundOutcome:
+        """This rank's end of a round (every rank calls it once per round; see ``RoundSync``)."""
+        batcher = applier.batcher
+        ticks = batcher.ticks_run - self._ticks_seen
+        reset = batcher.model_resets > self._resets_seen
+        due = applier.dirty and applier.due.due()
+        sync_s = self.sync.sync_s
+        outcome = self.sync.after_round(batcher.learner.model.parameters(), ticks, stopping, reset, due)
+        if self._metrics:
+            self._metrics["clock"].set(outcome.ticks)
+            self._metrics["rounds"].inc()
+            self._metrics["averages"].inc(int(outcome.averaged))
+            self._metrics["sync"].inc(self.sync.sync_s - sync_s)
+        if outcome.model_reset:  # every rank alike: fresh seeded weights, every stream at rest
+            batcher.reset_model(self.settings.seed)
+            log.info("event=cluster_model_reset rank=%d clock=%d", self.rank, outcome.ticks)
+        if outcome.checkpoint:
+            self.cut(applier, outcome)
+        self._ticks_seen, self._resets_seen = batcher.ticks_run, batcher.model_resets
+        return outcome
+
+    def cut(self, applier: EntryApplier, outcome: RoundOutcome) -> None:
+        """Every rank saves this round; rank 0 commits it (``cluster_checkpoints.save_round``)."""
+        base = self.checkpoint_dir()
+        tree = applier.checkpoint_tree()
+        tree["tick_clock"] = outcome.ticks
+        try:
+            name = save_round(
+                base, self.sync.rounds, self.rank, self.world_size, applier.shards, tree, self.fence_holds
+            )
+        except CheckpointError as err:  # not committed on any rank: tried again when due
+            self.cut_error = str(err)
+            applier.due.failed()
+            applier.checkpoint_failed("save", f"round-{self.sync.rounds}", err)
+            return
+        self.cut_error, self.committed = None, name
+        applier.saved()
+        if self.rank == 0:
+            prune_rounds(base, self.settings.checkpoint_keep)
+        applier.checkpoints = round_infos(base)
+        log.info("event=round_committed name=%s rank=%d clock=%d", name, self.rank, outcome.ticks)
+
+    def status(self) -> dict[str, Any]:
+        sync = self.sync
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "attempt": self.config.restart_count,
+            "shards": self.shards,
+            "sync_mode": self.settings.sync_mode,
+            "sync_every_ticks": sync.every_ticks,
+            "tick_clock": sync.clock,
+            "rounds": sync.rounds,
+            "averages": sync.averages,
+            "sync_seconds": round(sync.sync_s, 6),
+            "digest": sync.digest,
+            "digest_clock": sync.digest_clock,
+        }
+
+    def leave(self) -> None:
+        leave()
+
+
+def from_environment(settings: Settings) -> ClusterMember | None:
+    """The rank torchrun started this process as, or ``None`` when it runs alone."""
+    config = ClusterConfig.from_env()
+    if config is None:
+        return None
+    torch.set_num_threads(max(settings.torch_threads, 1))
+    return ClusterMember(config, settings)
