@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,3 +56,20 @@ def buses(request: pytest.FixtureRequest) -> Iterator[BusFactory]:
     factory = BusFactory(request.param, url)
     yield factory
     factory.cleanup()
+
+
+@pytest.fixture
+def sharded_stream(redis_url: str) -> Iterator[str]:
+    """A fresh bus stream name on the real Redis; its keys and its shards' keys are deleted after."""
+    import redis
+
+    from service.bus.shards import shard_key_pattern
+
+    name = f"ndot-test-shards:{uuid.uuid4().hex[:12]}"
+    yield name
+    raw = redis.Redis.from_url(redis_url)
+    for pattern in (f"{name}*", shard_key_pattern(name)):
+        keys = list(raw.scan_iter(match=pattern))
+        if keys:
+            raw.delete(*keys)
+    raw.close()

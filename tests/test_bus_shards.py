@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 import zlib
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -15,7 +13,6 @@ from service.bus.redis_lua import bytes_key
 from service.bus.shards import (
     Watermark,
     qualify,
-    shard_key_pattern,
     shard_of,
     shard_stream_key,
     split_entry_id,
@@ -57,15 +54,8 @@ def test_watermark_is_per_shard() -> None:
 
 
 @pytest.fixture
-def stream(redis_url: str) -> Iterator[str]:
-    name = f"ndot-test-shards:{uuid.uuid4().hex[:12]}"
-    yield name
-    raw = redis.Redis.from_url(redis_url)
-    for pattern in (f"{name}*", shard_key_pattern(name)):
-        keys = list(raw.scan_iter(match=pattern))
-        if keys:
-            raw.delete(*keys)
-    raw.close()
+def stream(sharded_stream: str) -> str:
+    return sharded_stream
 
 
 def sharded(redis_url: str, stream: str, owned: list[int] | None = None) -> RedisStreamBus:

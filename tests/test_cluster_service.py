@@ -68,8 +68,9 @@ def two_free_ports() -> int:
                 return port
 
 
-def test_two_ranks_split_the_shards_and_keep_one_model(deployment) -> None:  # noqa: F811
-    env = {"NDOT_SHARDS": str(SHARDS), "NDOT_SYNC_EVERY_TICKS": "4"}
+@pytest.mark.parametrize("learn_at", ["step", "sequence"])
+def test_two_ranks_split_the_shards_and_keep_one_model(deployment, learn_at: str) -> None:  # noqa: F811
+    env = {"NDOT_SHARDS": str(SHARDS), "NDOT_SYNC_EVERY_TICKS": "4", "NDOT_LEARN_AT": learn_at}
     deployment["start"]("api", **env)
     metrics_port = two_free_ports()
     workers = deployment["start"](

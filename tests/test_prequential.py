@@ -6,7 +6,6 @@ still learns the whole sequence after a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
+from test_worker import run as run_worker
 
 from ndot_core import OnlineLearner
 from ndot_core.events.framing import StreamFramer
@@ -74,23 +74,8 @@ def run(
     scenario: Callable[[LocalBus, Callable[..., Awaitable[Worker]]], Awaitable[Any]],
     **overrides: Any,
 ) -> Any:
-    settings = settings_for(tmp_path, **overrides)
-
-    async def main() -> Any:
-        bus = LocalBus(max_lag=1000)
-        await bus.start()
-
-        async def new_worker(consumer: str = "w1") -> Worker:
-            worker = Worker(settings, bus, consumer=consumer)
-            await worker.start()
-            return worker
-
-        try:
-            return await scenario(bus, new_worker)
-        finally:
-            await bus.close()
-
-    return asyncio.run(main())
+    """``test_worker.run`` with ``learn_at=sequence`` (test-then-train) unless overridden."""
+    return run_worker(tmp_path, scenario, **{"learn_at": "sequence", **overrides})
 
 
 async def post(bus: LocalBus, stream_id: str, body: bytes, label: int | None = None, **flags: bool) -> str:

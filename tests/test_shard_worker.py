@@ -8,17 +8,14 @@ its packets make (nothing lost, nothing applied twice), and a tampered shard mar
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from test_checkpoint_integrity import tampered
 from test_worker import TWO_FRAMES, post, wire
 
 from service.bus import RedisStreamBus
-from service.bus.shards import shard_key_pattern, shard_of, split_entry_id
+from service.bus.shards import shard_of, split_entry_id
 from service.settings import Settings
 from service.worker.checkpoint_due import CheckpointDue
 from service.worker.checkpoint_tree import validate_tree
@@ -30,15 +27,8 @@ STREAMS = [f"cam-{i}" for i in range(6)]
 
 
 @pytest.fixture
-def stream(redis_url: str) -> Iterator[str]:
-    name = f"ndot-test-shardw:{uuid.uuid4().hex[:12]}"
-    yield name
-    raw = redis.Redis.from_url(redis_url)
-    for pattern in (f"{name}*", shard_key_pattern(name)):
-        keys = list(raw.scan_iter(match=pattern))
-        if keys:
-            raw.delete(*keys)
-    raw.close()
+def stream(sharded_stream: str) -> str:
+    return sharded_stream
 
 
 def settings_for(redis_url: str, stream: str, tmp_path: Path) -> Settings:
