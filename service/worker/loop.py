@@ -17,6 +17,11 @@ is written; when that fails (disk full, read-only folder) the worker logs one li
 (``event=shutdown_checkpoint_failed``) and sets ``shutdown_error``, and ``ndot worker`` / ``ndot
 serve`` exit 1 instead of 0.
 
+As one rank of ``ndot workers`` (``cluster``: ``service.worker.cluster_member``) the worker owns the
+shards ``s % W == r`` of the bus, restores the group's newest committed round, and ends every round in
+one collective with the other ranks (tick clock, parameter averaging, stopping together, model reset,
+the consistent cut): docs/scale-out.md.
+
 Bus failures (Redis unreachable, refusing writes: OOM, MISCONF, READONLY, ..., or an unexpected
 error answer) never end the worker: ``start`` and the loop wait them out with back-off
 (``service.worker.bus_retry``: one log line per kind of failure, ``ndot_bus_errors_total``). What a
