@@ -48,6 +48,20 @@ from service.worker.cluster_checkpoints import (
 
 log = logging.getLogger("ndot.cluster")
 
+#: This rank's metrics: (key, kind, name, help); each labelled with the rank (one value per process).
+CLUSTER_METRICS = (
+    ("clock", Gauge, "ndot_cluster_tick_clock", "The cluster's tick clock."),
+    ("rounds", Counter, "ndot_cluster_rounds", "Rounds ended together with the other ranks."),
+    ("averages", Counter, "ndot_cluster_averages", "Parameter averages taken part in."),
+    (
+        "sync",
+        Counter,
+        "ndot_cluster_sync_seconds",
+        "Seconds spent in the round's collectives (waiting for the other ranks included).",
+    ),
+    ("world", Gauge, "ndot_cluster_world_size", "Worker ranks in the group."),
+)
+
 
 class ClusterMember:
     """Rank ``config.rank`` of ``config.world_size`` (see the module docstring)."""
@@ -71,29 +85,9 @@ class ClusterMember:
 
     def attach_metrics(self, registry: CollectorRegistry) -> None:
         """This rank's cluster metrics in the worker's registry (label ``rank``: one value per process)."""
-        rank = str(self.rank)
         self._metrics = {
-            "clock": Gauge(
-                "ndot_cluster_tick_clock", "The cluster's tick clock.", ["rank"], registry=registry
-            ).labels(rank=rank),
-            "rounds": Counter(
-                "ndot_cluster_rounds",
-                "Rounds ended together with the other ranks.",
-                ["rank"],
-                registry=registry,
-            ).labels(rank=rank),
-            "averages": Counter(
-                "ndot_cluster_averages", "Parameter averages taken part in.", ["rank"], registry=registry
-            ).labels(rank=rank),
-            "sync": Counter(
-                "ndot_cluster_sync_seconds",
-                "Seconds spent in the round's collectives (waiting for the other ranks included).",
-                ["rank"],
-                registry=registry,
-            ).labels(rank=rank),
-            "world": Gauge(
-                "ndot_cluster_world_size", "Worker ranks in the group.", ["rank"], registry=registry
-            ).labels(rank=rank),
+            key: kind(name, text, ["rank"], registry=registry).labels(rank=str(self.rank))
+            for key, kind, name, text in CLUSTER_METRICS
         }
         self._metrics["world"].set(self.world_size)
 
@@ -118,7 +112,13 @@ class ClusterMember:
         (``RedisStreamBus.claim_shards``), so acks of an older group's zombie are refused.
         """
         join(self.config, self.backend(), self.settings.cluster_timeout_s)
-        token = [self._redis().incr(self._epoch_key) if self.rank == 0 else None]
+        token: list[int | None] = [None]
+        if self.rank == 0:
+            client = self._redis()
+            try:
+                token = [int(client.incr(self._epoch_key))]
+            finally:
+                client.close()
         torch.distributed.broadcast_object_list(token, src=0)
         self.token = int(token[0])
         self.shards = owned_shards(self.rank, self.world_size, shards)
