@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.realtime_load import REPO, camera_process, percentile, scrape  # noqa: E402
 from clients.local_service import free_port  # noqa: E402
-from service.bus.shards import shard_key_pattern
+from service.bus.shards import delete_bus_keys
 
 RESULTS = REPO / "benchmarks" / "results"
 REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -105,10 +105,7 @@ class Deployment:
         import redis
 
         client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{self.stream}*", count=1000))
-        keys += list(client.scan_iter(match=shard_key_pattern(self.stream), count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_bus_keys(client, self.stream)
         client.close()
 
     def worker_metrics(self) -> dict[str, float]:

@@ -48,7 +48,7 @@ from service_load import (  # noqa: E402
     wait_http,
 )
 
-from service.bus.shards import shard_key_pattern  # noqa: E402
+from service.bus.shards import delete_bus_keys  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_INGEST = 10e6
@@ -90,10 +90,7 @@ def bench_ingest(bus: str, duration_s: float) -> dict[str, Any]:
             import redis
 
             client = redis.Redis.from_url(REDIS_URL)
-            keys = list(client.scan_iter(match=f"{stream}*"))
-            keys += list(client.scan_iter(match=shard_key_pattern(stream)))
-            if keys:
-                client.delete(*keys)
+            delete_bus_keys(client, stream)
     result["events_per_s"] = result["ok_per_s"] * PACKET_EVENTS
     result["bus"] = bus
     return result

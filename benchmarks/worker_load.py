@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.realtime_load import camera_packets, load_sequences  # noqa: E402
-from service.bus.shards import shard_key_pattern
+from service.bus.shards import delete_bus_keys
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -79,10 +79,7 @@ class WorkerProcess:
         import redis
 
         client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{self.stream}*", count=1000))
-        keys += list(client.scan_iter(match=shard_key_pattern(self.stream), count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_bus_keys(client, self.stream)
         client.close()
 
 

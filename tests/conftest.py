@@ -63,13 +63,10 @@ def sharded_stream(redis_url: str) -> Iterator[str]:
     """A fresh bus stream name on the real Redis; its keys and its shards' keys are deleted after."""
     import redis
 
-    from service.bus.shards import shard_key_pattern
+    from service.bus.shards import delete_bus_keys
 
     name = f"ndot-test-shards:{uuid.uuid4().hex[:12]}"
     yield name
     raw = redis.Redis.from_url(redis_url)
-    for pattern in (f"{name}*", shard_key_pattern(name)):
-        keys = list(raw.scan_iter(match=pattern))
-        if keys:
-            raw.delete(*keys)
+    delete_bus_keys(raw, name)
     raw.close()

@@ -166,14 +166,11 @@ def clear_redis(url: str, prefix: str) -> None:
     """Delete every key of one test's bus (its stream name, and its shards' keys)."""
     import redis
 
-    from service.bus.shards import shard_key_pattern
+    from service.bus.shards import delete_bus_keys
 
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        keys += list(client.scan_iter(match=shard_key_pattern(prefix), count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_bus_keys(client, prefix)
     finally:
         client.close()
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from service.bus.base import BusInputError, entry_id_key
 
 __all__ = [
     "Watermark",
+    "delete_bus_keys",
     "per_shard_bounds",
     "qualify",
     "shard_key_pattern",
@@ -61,6 +63,17 @@ def per_shard_bounds(
 def shard_key_pattern(stream: str) -> str:
     """A Redis glob matching every key of every shard of ``stream`` (for tools that clean up)."""
     return shard_stream_key(stream, "*") + "*"  # type: ignore[arg-type]
+
+
+def delete_bus_keys(client: Any, stream: str) -> int:
+    """Delete every key of the bus ``stream`` (its own and its shards') with a synchronous redis-py
+    client; returns how many. For tools and tests that clean up after a deployment."""
+    keys = [
+        key
+        for pattern in (f"{stream}*", shard_key_pattern(stream))
+        for key in client.scan_iter(match=pattern, count=1000)
+    ]
+    return int(client.delete(*keys)) if keys else 0
 
 
 def qualify(shard: int, raw_id: str, shards: int) -> str:

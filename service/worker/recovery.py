@@ -37,10 +37,6 @@ def _order(entry_id: str) -> tuple[int, int]:
     return entry_id_key(split_entry_id(entry_id)[1])
 
 
-def _published_order(entry: BusEntry) -> tuple[int, int]:
-    return _order(entry.id)
-
-
 async def recover(
     bus: Bus,
     consumer: str,
@@ -74,7 +70,7 @@ async def recover(
                 cursors[shard] = history[-1].id
         if not batch:
             break
-        batch = [claimed.pop(entry.id, entry) for entry in sorted(batch, key=_published_order)]
+        batch = [claimed.pop(entry.id, entry) for entry in sorted(batch, key=lambda entry: _order(entry.id))]
         await handle(batch)  # claimed copies carry their deliveries
         replayed += len(batch)
         mark = watermark()  # a restore in the history moves the watermark: go on after it
@@ -83,7 +79,7 @@ async def recover(
             if newest is not None and (after is None or entry_id_key(newest) > _order(after)):
                 cursors[shard] = qualify(shard, newest, bus.shards)
     if claimed:  # pending entries outside the history (covered by the watermark, or trimmed)
-        await handle(sorted(claimed.values(), key=_published_order))
+        await handle(sorted(claimed.values(), key=lambda entry: _order(entry.id)))
     if replayed:
         log.info("event=replayed entries=%d watermark=%s", replayed, watermark().as_dict())
     return replayed
