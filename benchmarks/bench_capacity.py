@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_capacity.py [--backends autograd local] [--windows-ms 20 10]
         [--levels 4 8 12 16 24] [--worker-levels 4 8 16 24 32 48 64] [--duration 15]
-        [--skip-http] [--skip-service]
+        [--answer-first on off] [--learn-at sequence] [--skip-http] [--skip-service]
 
 Part 1, in this process, one torch thread, ``stream_cnn`` with the service's defaults, per batch
 size B (1 and 8), interleaved round by round:
@@ -25,7 +25,11 @@ Part 3, the worker alone (the capacity of one worker, one thread): ``ndot worker
 one light asyncio process that publishes each camera's packets straight onto the bus as the API
 would and waits for each reply (``benchmarks/worker_load.py``): no HTTP, no API process, no client
 processes competing for the 2 cores. Latency here is publish -> reply. Sustained as in part 2,
-plus every step the cameras' packets make answered.
+plus every step the cameras' packets make answered. Part 3 runs each ``--answer-first`` setting
+(``NDOT_ANSWER_BEFORE_LEARNING``: on = a round's answers go before its replay steps, off = each tick
+learns before the next and the round answers after) for each backend and window, under
+``--learn-at`` (the service default, sequence: cameras send start/end flags and labels, each
+sequence is scored, then learned by replay).
 
 Prints a table, the load average before and after, and a verdict against the targets of issue 9;
 writes ``results/bench_capacity.json``.
@@ -184,7 +188,13 @@ def service_levels(
 
 
 def worker_levels(
-    backend: str, window_ms: int, levels: list[int], duration_s: float, workdir: Path
+    backend: str,
+    window_ms: int,
+    levels: list[int],
+    duration_s: float,
+    workdir: Path,
+    answer_first: str = "on",
+    learn_at: str = "sequence",
 ) -> list[dict[str, Any]]:
     """Part 3: the worker alone, packets published straight onto the bus (``worker_load.py``)."""
     from worker_load import WorkerProcess, worker_level
@@ -195,6 +205,8 @@ def worker_levels(
         "NDOT_WINDOW_US": str(window_ms * 1000),
         "NDOT_MAX_STREAMS": str(max(levels) + 8),
         "NDOT_MAX_STREAM_BACKLOG_FRAMES": "100000",
+        "NDOT_ANSWER_BEFORE_LEARNING": "true" if answer_first == "on" else "false",
+        "NDOT_LEARN_AT": learn_at,
     }
     with WorkerProcess(workdir, env) as worker:
         for streams in levels:
@@ -208,7 +220,8 @@ def worker_levels(
                 and (level["latency_p99_ms"] or 0) <= P99_LIMIT_MS
             )
             print(
-                f"  {backend:8s} {window_ms:3d} ms {streams:4d} streams: p50 {level['latency_p50_ms']:7.1f} ms "
+                f"  {backend:8s} answer-first {answer_first:3s} {window_ms:3d} ms {streams:4d} streams: "
+                f"p50 {level['latency_p50_ms']:7.1f} ms "
                 f"p99 {level['latency_p99_ms']:7.1f} ms  steps/s {level['steps_per_s']:7.1f} "
                 f"(cameras made {level['camera_frames_per_s']:.0f} frames/s)  behind {level['max_schedule_lag_s']:.2f} s  "
                 f"lost {level['lost']}  {'sustained' if level['sustained'] else 'NOT sustained'}",
@@ -239,6 +252,19 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per level (15)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of part 1 (5)")
     parser.add_argument("--iters", type=int, default=30, help="calls per round and measure in part 1 (30)")
+    parser.add_argument(
+        "--answer-first",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on", "off"],
+        help="part 3: NDOT_ANSWER_BEFORE_LEARNING settings to compare (on off)",
+    )
+    parser.add_argument(
+        "--learn-at",
+        choices=["sequence", "step"],
+        default="sequence",
+        help="part 3: NDOT_LEARN_AT (sequence)",
+    )
     parser.add_argument("--skip-service", action="store_true", help="part 1 only (no Redis needed)")
     parser.add_argument(
         "--skip-http", action="store_true", help="skip part 2 (API, HTTP and client processes)"
@@ -274,18 +300,29 @@ def main() -> int:
                     workdir.mkdir()
                     levels = service_levels(backend, window_ms, args.levels, args.duration, workdir)
                     service.setdefault(backend, {})[str(window_ms)] = levels
-    alone: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    alone: dict[str, dict[str, list[dict[str, Any]]]] = {}  # by "backend" or "backend/answer-first off"
     if not args.skip_service:
         print(
-            f"\nPart 3: the worker alone, packets published straight onto Redis, {args.duration:g} s per level"
+            f"\nPart 3: the worker alone, packets published straight onto Redis, {args.duration:g} s per level, "
+            f"learn_at={args.learn_at}"
         )
         with tempfile.TemporaryDirectory(prefix="ndot-capacity-") as tmp:
             for backend in args.backends:
                 for window_ms in args.windows_ms:
-                    workdir = Path(tmp) / f"alone-{backend}-{window_ms}"
-                    workdir.mkdir()
-                    levels = worker_levels(backend, window_ms, args.worker_levels, args.duration, workdir)
-                    alone.setdefault(backend, {})[str(window_ms)] = levels
+                    for answer_first in args.answer_first:
+                        workdir = Path(tmp) / f"alone-{backend}-{window_ms}-{answer_first}"
+                        workdir.mkdir()
+                        levels = worker_levels(
+                            backend,
+                            window_ms,
+                            args.worker_levels,
+                            args.duration,
+                            workdir,
+                            answer_first,
+                            args.learn_at,
+                        )
+                        name = backend if answer_first == "on" else f"{backend}/answer-first off"
+                        alone.setdefault(name, {})[str(window_ms)] = levels
     load_after = os.getloadavg()
     print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
 
@@ -320,7 +357,7 @@ def main() -> int:
             "<=",
         ),
     ]
-    if service:
+    if alone:
         checks += [
             (
                 f"worker alone: sustained streams at 20 ms ({best}) >= {TARGETS['streams_20ms']}",
@@ -348,11 +385,13 @@ def main() -> int:
         shown = "n/a" if value is None else f"{value:.2f}"
         print(f"  [{'PASS' if ok else 'MISS'}] {text}: {shown}")
         verdicts.append({"check": text, "value": value, "target": target, "pass": ok})
-    for backend in args.backends:
-        for window_ms in args.windows_ms if service else []:
+    for name in alone:
+        for window_ms in args.windows_ms:
+            http = f", {sustained(name, window_ms, service)} through HTTP" if name in service else ""
+            p99 = p99_at(name, window_ms, 8)
             print(
-                f"  {backend}: at {window_ms} ms, {sustained(backend, window_ms)} real-time streams on the worker "
-                f"alone, {sustained(backend, window_ms, service)} through HTTP with the cameras on the same cores"
+                f"  {name}: at {window_ms} ms, {sustained(name, window_ms)} real-time streams on the worker alone"
+                f"{http}; p99 publish->reply at 8 streams {'n/a' if p99 is None else f'{p99:.1f} ms'}"
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -370,6 +409,7 @@ def main() -> int:
         "engine_seconds": engine,
         "service": service,
         "worker_alone": alone,
+        "learn_at": args.learn_at,
         "sustained_worker_alone": {b: {str(w): sustained(b, w) for w in args.windows_ms} for b in alone},
         "sustained_through_http": {
             b: {str(w): sustained(b, w, service) for w in args.windows_ms} for b in service

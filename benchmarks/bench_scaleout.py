@@ -1,9 +1,11 @@
 """Scale-out: live cameras on 1 worker, on N worker ranks (``ndot workers``), and a rank killed.
 
     .venv/bin/python benchmarks/bench_scaleout.py [--ranks 1 2] [--levels 8 32] [--duration 12]
-        [--window-ms 20] [--shards 64] [--skip-recovery]
+        [--window-ms 20] [--shards 64] [--sync-modes average grad] [--skip-recovery]
 
-Per configuration (``ndot worker``, then ``ndot workers --nproc R`` for each R > 1), per level of N
+Per configuration (``ndot worker``, then ``ndot workers --nproc R`` for each R > 1 and each
+``--sync-modes`` (``NDOT_SYNC_MODE``: average = periodic parameter averaging, grad = ranks in
+lockstep, gradients all-reduced every tick)), per level of N
 live N-MNIST cameras (``worker_load.worker_level``: packets published straight onto Redis at the
 cameras' pace, each camera waits for its reply): steps/s against what the cameras made, p50 / p99
 publish -> reply, how far behind the cameras' clocks the driver fell, and for ranks the seconds per
@@ -73,7 +75,9 @@ def rank_pids(stream: str) -> dict[int, int]:
     return found
 
 
-def run_config(ranks: int, levels: list[int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_config(
+    ranks: int, levels: list[int], args: argparse.Namespace, workdir: Path, sync_mode: str = "average"
+) -> dict[str, Any]:
     port = free_port_pair()
     env = {
         "NDOT_WINDOW_US": str(args.window_ms * 1000),
@@ -82,11 +86,20 @@ def run_config(ranks: int, levels: list[int], args: argparse.Namespace, workdir:
         "NDOT_SHARDS": str(args.shards),
         "NDOT_WORKER_METRICS_PORT": str(port),
         "NDOT_WORKER_RANKS": str(ranks),
+        "NDOT_SYNC_MODE": sync_mode,
     }
     command = "worker" if ranks == 1 else "workers"
-    out: dict[str, Any] = {"ranks": ranks, "command": f"ndot {command}", "levels": []}
-    (workdir / f"r{ranks}").mkdir(parents=True, exist_ok=True)
-    with WorkerProcess(workdir / f"r{ranks}", env, command=command) as worker:
+    name = f"{ranks} rank(s)" if ranks == 1 else f"{ranks} ranks {sync_mode}"
+    out: dict[str, Any] = {
+        "ranks": ranks,
+        "sync_mode": sync_mode if ranks > 1 else None,
+        "name": name,
+        "command": f"ndot {command}",
+        "levels": [],
+    }
+    folder = workdir / f"r{ranks}-{sync_mode}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with WorkerProcess(folder, env, command=command) as worker:
         for streams in levels:
             before = [scrape(port + r) for r in range(ranks)] if ranks > 1 else []
             level = worker_level(worker.stream, streams, args.duration, args.window_ms * 1000)
@@ -105,7 +118,7 @@ def run_config(ranks: int, levels: list[int], args: argparse.Namespace, workdir:
                 level["sync_ms_per_round"] = [1e3 * s / max(r, 1) for s, r in zip(sync, rounds, strict=True)]
                 level["rounds_per_s"] = rounds[0] / args.duration
             print(
-                f"  {ranks} rank(s) {streams:4d} cameras: steps/s {level['steps_per_s']:7.1f} "
+                f"  {name:16s} {streams:4d} cameras: steps/s {level['steps_per_s']:7.1f} "
                 f"(cameras made {level['camera_frames_per_s']:.0f}/s)  p50 {level['latency_p50_ms'] or 0:6.1f} ms "
                 f"p99 {level['latency_p99_ms'] or 0:7.1f} ms  behind {level['max_schedule_lag_s']:.2f} s  lost {level['lost']}"
                 + (
@@ -158,6 +171,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=12.0)
     parser.add_argument("--window-ms", type=int, default=20)
     parser.add_argument("--shards", type=int, default=64)
+    parser.add_argument(
+        "--sync-modes",
+        nargs="+",
+        choices=["average", "grad"],
+        default=["average", "grad"],
+        help="for ranks > 1",
+    )
     parser.add_argument("--skip-recovery", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -170,7 +190,8 @@ def main() -> int:
     configs = []
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in args.ranks:
-            configs.append(run_config(ranks, args.levels, args, Path(tmp)))
+            for sync_mode in args.sync_modes if ranks > 1 else ["average"]:
+                configs.append(run_config(ranks, args.levels, args, Path(tmp), sync_mode))
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     base = {lv["streams"]: lv["steps_per_s"] for lv in configs[0]["levels"]}
@@ -180,7 +201,7 @@ def main() -> int:
             ratio = (
                 level["steps_per_s"] / base[level["streams"]] if base.get(level["streams"]) else float("nan")
             )
-            print(f"  {config['ranks']} ranks, {level['streams']:4d} cameras: {ratio:.2f}x")
+            print(f"  {config['name']}, {level['streams']:4d} cameras: {ratio:.2f}x")
             level["scaling_vs_first"] = ratio
     report = {
         "command": " ".join(sys.argv),

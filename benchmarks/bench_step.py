@@ -1,4 +1,4 @@
-"""The online learning step against its hardware floor: autograd backend vs local backend.
+"""The online learning step against its hardware floor: autograd, local and compiled local step.
 
     .venv/bin/python benchmarks/bench_step.py [--rounds 7] [--iters 30] [--batches 1 8 32]
 
@@ -9,10 +9,15 @@ at each batch size, interleaved round by round in one process:
     shapes -- per conv layer its forward and one ``convolution_backward`` (input gradient except for
     the first layer, weight and bias gradients), per linear layer its forward and the two gradient
     matmuls. Timed as one sequence in NCHW and in channels-last; the floor is the faster of the two;
-  * ``OnlineLearner.step`` with every row labelled, ``backend="autograd"`` and ``backend="local"``.
+  * ``OnlineLearner.step`` with every row labelled, ``backend="autograd"`` and ``backend="local"``;
+  * "compiled": ``backend="local", compile="on"`` (``ndot_core.engine.compiled_step``), the bucket
+    compiled before timing (its compile time is printed: cold, or warm when torch's on-disk cache
+    under ``TORCHINDUCTOR_CACHE_DIR`` already holds it); ``--pad`` times a batch one row short of
+    each bucket instead (the padded rows' cost included).
 Figures are medians over rounds of the mean time per step in a round (each round after a few
-untimed calls, so that each measure runs warm, as one learner does in a service). Targets (local step / floor):
-<= 2.5x at batch 8 and <= 4x at batch 1 (batch 32 is reported, no target). The machine's load
+untimed calls, so that each measure runs warm, as one learner does in a service). Targets (the
+service's step / floor, the service's step being the compiled one where ``--compile`` is on, the
+default, else the local one): <= 2.5x at batch 8 and <= 4x at batch 1 (batch 32 reported, no target). The machine's load
 average is printed before and after: other processes on the cores inflate every figure.
 Writes results/bench_step.json.
 """
@@ -39,7 +44,7 @@ from ndot_core.engine.layers import TraceConv2d  # noqa: E402
 from ndot_core.engine.network import SpikingNetwork  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = {1: 4.0, 8: 2.5}  # local step / floor, by batch size
+TARGETS = {1: 4.0, 8: 2.5}  # the service's step / floor, by batch size
 # the service defaults (service/settings.py)
 MODEL = {"name": "stream_cnn", "in_channels": 2, "num_classes": 10, "input_size": (34, 34)}
 LEARNER = {"rule": "ndot", "mode": "online", "optimizer": "adam", "lr": 2e-4, "alpha": 0.1}
@@ -48,10 +53,15 @@ SEQUENCE = 20  # distinct frames cycled through
 WARM_CALLS = 3  # untimed calls before each timed round of a measure: steady state, as in a service
 
 
-def make_learner(backend: str) -> OnlineLearner:
+def make_learner(backend: str, compile: str = "off") -> OnlineLearner:
     torch.manual_seed(0)
     model = build_model(MODEL["name"], MODEL["in_channels"], MODEL["num_classes"], MODEL["input_size"])
-    return OnlineLearner(model, steps_per_sample=STEPS_PER_SAMPLE, backend=backend, **LEARNER)
+    learner = OnlineLearner(
+        model, steps_per_sample=STEPS_PER_SAMPLE, backend=backend, compile=compile, **LEARNER
+    )
+    if learner.compiled is not None:
+        learner.compiled.background = False  # compile the bucket at the first step, before timing
+    return learner
 
 
 def make_frames(batch: int) -> torch.Tensor:
@@ -111,9 +121,11 @@ def time_per_call(fn: Callable[[], None], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def measure(batch: int, rounds: int, iters: int) -> dict[str, float]:
-    """Median over rounds of seconds per call: floors (NCHW, channels-last) and both backends' steps."""
+def measure(batch: int, rounds: int, iters: int, compiled: bool) -> dict[str, float]:
+    """Median over rounds of seconds per call: floors (NCHW, channels-last) and the backends' steps."""
     learners = {backend: make_learner(backend) for backend in ("autograd", "local")}
+    if compiled:
+        learners["compiled"] = make_learner("local", compile="on")
     frames = make_frames(batch)
     labels = torch.arange(batch) % MODEL["num_classes"]
     states = {name: learner.new_state(batch) for name, learner in learners.items()}
@@ -135,6 +147,15 @@ def measure(batch: int, rounds: int, iters: int) -> dict[str, float]:
         "autograd": stepper("autograd"),
         "local": stepper("local"),
     }
+    compile_s = None
+    if compiled:
+        fns["compiled"] = stepper("compiled")
+        start = time.perf_counter()
+        fns["compiled"]()  # compiles the bucket
+        compile_s = time.perf_counter() - start
+        step = learners["compiled"]
+        if step.last_backend != "compiled":
+            raise SystemExit(f"the compiled step did not run: {step.compiled.failure}")
     for fn in fns.values():  # warm-up: kernels, caches, optimizer state
         time_per_call(fn, max(3, iters // 3))
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -144,6 +165,10 @@ def measure(batch: int, rounds: int, iters: int) -> dict[str, float]:
             samples[name].append(time_per_call(fn, iters))
     out = {name: statistics.median(times) for name, times in samples.items()}
     out["floor"] = min(out["floor_nchw"], out["floor_channels_last"])
+    if compiled:
+        if learners["compiled"].last_backend != "compiled":
+            raise SystemExit(f"the compiled step stopped: {learners['compiled'].compiled.failure}")
+        out["compile_s"] = compile_s
     return out
 
 
@@ -155,36 +180,53 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=30, help="calls per round and measure (default 30)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (1 8 32)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--compile", choices=["on", "off"], default="on", help="time the compiled step too (default on)"
+    )
+    parser.add_argument("--pad", action="store_true", help="batch one row short of each bucket (padding)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     print(f"stream_cnn 2x34x34, 10 classes, {LEARNER}, T={STEPS_PER_SAMPLE}; 1 torch thread")
+    compiled = args.compile == "on"
     print(
-        f"{'batch':>5s} {'floor':>9s} {'autograd':>9s} {'local':>9s}  autograd/floor  local/floor  speed-up"
+        f"{'batch':>5s} {'floor':>9s} {'autograd':>9s} {'local':>9s} {'compiled':>9s}"
+        "  autograd/floor  local/floor  compiled/floor  compiled vs local  compile"
     )
     results: dict[str, dict[str, float]] = {}
     for batch in args.batches:
-        r = measure(batch, args.rounds, args.iters)
+        rows = batch - 1 if args.pad and batch > 1 else batch
+        r = measure(rows, args.rounds, args.iters, compiled)
         r["autograd_over_floor"] = r["autograd"] / r["floor"]
         r["local_over_floor"] = r["local"] / r["floor"]
         r["speedup"] = r["autograd"] / r["local"]
-        results[str(batch)] = r
+        line = f"{rows:5d} {r['floor'] * 1e3:7.3f}ms {r['autograd'] * 1e3:7.3f}ms {r['local'] * 1e3:7.3f}ms"
+        if compiled:
+            r["compiled_over_floor"] = r["compiled"] / r["floor"]
+            r["compiled_speedup"] = r["local"] / r["compiled"]
+            line += (
+                f" {r['compiled'] * 1e3:7.3f}ms  {r['autograd_over_floor']:14.2f}  {r['local_over_floor']:11.2f}"
+                f"  {r['compiled_over_floor']:14.2f}  {r['compiled_speedup']:16.2f}x  {r['compile_s']:5.1f}s"
+            )
+        else:
+            line += f" {'-':>9s}  {r['autograd_over_floor']:14.2f}  {r['local_over_floor']:11.2f}"
+        results[str(rows)] = r
         print(
-            f"{batch:5d} {r['floor'] * 1e3:7.3f}ms {r['autograd'] * 1e3:7.3f}ms {r['local'] * 1e3:7.3f}ms"
-            f"  {r['autograd_over_floor']:14.2f}  {r['local_over_floor']:11.2f}  {r['speedup']:7.2f}x"
-            f"   (floor NCHW {r['floor_nchw'] * 1e3:.3f} ms, channels-last {r['floor_channels_last'] * 1e3:.3f} ms)"
+            line + f"   (floor NCHW {r['floor_nchw'] * 1e3:.3f} ms,"
+            f" channels-last {r['floor_channels_last'] * 1e3:.3f} ms)"
         )
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
 
     verdicts = []
+    step = "compiled" if compiled else "local"
     for batch, target in TARGETS.items():
         if str(batch) in results:
-            ratio = results[str(batch)]["local_over_floor"]
+            ratio = results[str(batch)][f"{step}_over_floor"]
             verdicts.append(
-                (f"batch {batch}: local step / floor = {ratio:.2f} (<= {target})", ratio <= target)
+                (f"batch {batch}: {step} step / floor = {ratio:.2f} (<= {target})", ratio <= target)
             )
     print("\nVerdict")
     for text, ok in verdicts:
@@ -205,7 +247,9 @@ def main() -> int:
         "rounds": args.rounds,
         "iters": args.iters,
         "seconds_per_step": results,
-        "targets_local_over_floor": {str(b): t for b, t in TARGETS.items()},
+        "compiled": compiled,
+        "padded": args.pad,
+        "targets_step_over_floor": {str(b): t for b, t in TARGETS.items()},
         "verdicts": [{"check": text, "pass": ok} for text, ok in verdicts],
         "wall_s": time.perf_counter() - started,
     }

@@ -68,9 +68,16 @@ def two_free_ports() -> int:
                 return port
 
 
-@pytest.mark.parametrize("learn_at", ["step", "sequence"])
-def test_two_ranks_split_the_shards_and_keep_one_model(deployment, learn_at: str) -> None:  # noqa: F811
-    env = {"NDOT_SHARDS": str(SHARDS), "NDOT_SYNC_EVERY_TICKS": "4", "NDOT_LEARN_AT": learn_at}
+@pytest.mark.parametrize(
+    ("learn_at", "sync_mode"), [("step", "average"), ("sequence", "average"), ("sequence", "grad")]
+)
+def test_two_ranks_split_the_shards_and_keep_one_model(deployment, learn_at: str, sync_mode: str) -> None:  # noqa: F811
+    env = {
+        "NDOT_SHARDS": str(SHARDS),
+        "NDOT_SYNC_EVERY_TICKS": "4",
+        "NDOT_LEARN_AT": learn_at,
+        "NDOT_SYNC_MODE": sync_mode,
+    }
     deployment["start"]("api", **env)
     metrics_port = two_free_ports()
     workers = deployment["start"](
@@ -90,7 +97,10 @@ def test_two_ranks_split_the_shards_and_keep_one_model(deployment, learn_at: str
         deadline = time.monotonic() + 30
         while True:  # the rank statuses are written at most once a second
             cluster = client.get("/v1/cluster", headers=auth()).json()
-            if cluster["digests_agree"] and all(r.get("averages", 0) > 0 for r in cluster["ranks"]):
+            synced = "averages" if sync_mode == "average" else "gradient_syncs"
+            versions = {r["model_version"] for r in cluster["ranks"]}  # grad: one update per tick on all
+            equal = sync_mode == "average" or (len(versions) == 1 and versions.pop() > 0)
+            if cluster["digests_agree"] and all(r.get(synced, 0) > 0 for r in cluster["ranks"]) and equal:
                 break
             assert time.monotonic() < deadline, cluster
             time.sleep(0.5)
@@ -99,6 +109,8 @@ def test_two_ranks_split_the_shards_and_keep_one_model(deployment, learn_at: str
         assert all(s % 2 == r["rank"] for r in cluster["ranks"] for s in r["shards"])
         digests = {r["digest"] for r in cluster["ranks"]}
         assert len(digests) == 1 and cluster["ranks"][0]["tick_clock"] > 0
+        if sync_mode == "grad":
+            assert all(r["averages"] == 0 for r in cluster["ranks"])  # equal without any average
         for rank in (0, 1):  # each rank's own /metrics, labelled with its rank
             text = httpx.get(f"http://127.0.0.1:{metrics_port + rank}/metrics", timeout=5).text
             assert f'ndot_cluster_world_size{{rank="{rank}"}} 2.0' in text
@@ -145,8 +157,17 @@ def wait_for(what, timeout_s: float = 120, every_s: float = 0.3):  # noqa: ANN00
     return value
 
 
-def test_a_rank_killed_mid_round_restarts_the_group_from_the_committed_cut(deployment) -> None:  # noqa: F811
-    env = {"NDOT_SHARDS": str(SHARDS), "NDOT_SYNC_EVERY_TICKS": "4", "NDOT_CHECKPOINT_MAX_ENTRIES": "30"}
+@pytest.mark.parametrize("sync_mode", ["average", "grad"])
+def test_a_rank_killed_mid_round_restarts_the_group_from_the_committed_cut(
+    deployment,  # noqa: F811
+    sync_mode: str,
+) -> None:
+    env = {
+        "NDOT_SHARDS": str(SHARDS),
+        "NDOT_SYNC_EVERY_TICKS": "4",
+        "NDOT_CHECKPOINT_MAX_ENTRIES": "30",
+        "NDOT_SYNC_MODE": sync_mode,
+    }
     deployment["start"]("api", **env)
     workers = deployment["start"]("workers", NDOT_WORKER_RANKS="2", **env)
     url, stream, base = deployment["url"], deployment["stream"], deployment["tmp"] / "ckpt" / "cluster"

@@ -30,6 +30,7 @@ from ndot_core.experiments.run_files import (
     write_records,
 )
 from ndot_core.experiments.runs import evaluate, evaluate_checkpoint, load_run_data, train
+from ndot_core.experiments.splits import stratified_parts
 
 
 def tiny_learner(optimizer: str = "sgd", seed: int = 0, rule: str = "ndot") -> OnlineLearner:
@@ -214,6 +215,24 @@ def test_evaluate_counts_correct_predictions_and_leaves_weights() -> None:
     assert learner.model.training
 
 
+def test_stratified_parts_are_disjoint_sized_proportional_and_seeded() -> None:
+    labels = np.repeat(np.arange(10), [87, 117, 95, 100, 103, 91, 99, 110, 98, 100])
+    np.random.default_rng(5).shuffle(labels)
+    sizes = [700, 150, 150]
+    parts = stratified_parts(labels, sizes, seed=0)
+    assert [part.size for part in parts] == sizes
+    assert np.unique(np.concatenate(parts)).size == sum(sizes)  # disjoint
+    counts = np.bincount(labels, minlength=10)
+    for part, size in zip(parts, sizes, strict=True):
+        share = np.bincount(labels[part], minlength=10)
+        assert np.abs(share - size * counts / labels.size).max() <= 1.5
+    again = stratified_parts(labels, sizes, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    assert not np.array_equal(parts[1], stratified_parts(labels, sizes, seed=1)[1])
+    with pytest.raises(ValueError, match="1001 samples"):
+        stratified_parts(labels, [1001], seed=0)
+
+
 def test_run_names_and_run_parsing() -> None:
     assert [s.name for s in parse_runs("ndot:online,ndot:accumulate,ottt:accumulate,bptt")] == [
         "NDOT_O",
@@ -274,6 +293,28 @@ def small_config(nmnist_small: Path, out: Path, **changes) -> RunConfig:
 def small_data(nmnist_small: Path) -> tuple[FrameSet, FrameSet]:
     """The 120-recording stratified subset at T=3, loaded once for this module."""
     return load_run_data(small_config(nmnist_small, Path("unused")))
+
+
+def test_shift_sets_the_training_shift_of_a_dataset_without_augmentation(
+    nmnist_small: Path, small_data: tuple[FrameSet, FrameSet]
+) -> None:
+    plain, _ = small_data  # N-MNIST's default: no augmentation
+    assert plain.augment is None
+    shifted, held_out = load_run_data(small_config(nmnist_small, Path("unused"), shift=2))
+    assert held_out.augment is None
+    batch = shifted.x[:8]
+    moved = shifted.augment(batch, np.random.default_rng(0))
+    assert moved.shape == batch.shape and not np.array_equal(moved, batch)
+    for before, after in zip(batch, moved, strict=True):  # a shift of <= 2 px, never a mirror image
+        matches = [
+            np.array_equal(
+                np.pad(before, [(0, 0)] * 2 + [(2, 2)] * 2)[..., 2 - dy : 36 - dy, 2 - dx : 36 - dx], after
+            )
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        ]
+        assert any(matches)
+    assert RunConfig.from_json(small_config(nmnist_small, Path("unused"), shift=2).to_json()).shift == 2
 
 
 def test_subset_is_stratified_and_split(small_data: tuple[FrameSet, FrameSet]) -> None:

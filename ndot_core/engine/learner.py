@@ -16,16 +16,23 @@ Backends of ``step`` (``backend=``): "autograd" (the reference: ``model.step`` a
 backward of step t, channels-last tensors, a fused optimizer; same logits, states and gradients up
 to float rounding) and "auto" (local where ``local_plan.unsupported_reason`` finds nothing against
 it, else autograd). ``learn_sequence`` always uses autograd (``bptt`` and module hooks need it).
+
+``compile=`` ("off", "on", "auto"; ``ndot_core.engine.compiled_step``) runs the local backend's
+learning steps through ``torch.compile``, one graph per batch-size bucket, compiled in the background:
+until a bucket is ready, and for good after a compile error (one warning), the eager local step runs.
+"on" needs the local backend and a compiler (``ValueError`` otherwise); "auto" compiles where both are.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ndot_core.engine.compiled_step import COMPILE_MODES, CompiledStep, compile_unavailable
 from ndot_core.engine.local_plan import LocalBackendUnsupported, unsupported_reason
 from ndot_core.engine.local_step import LocalStep, accumulate_grads
 from ndot_core.engine.loss import FTRLRegulariser, ndot_loss, ndot_loss_grad
@@ -33,6 +40,7 @@ from ndot_core.engine.models import SpikingNetwork
 from ndot_core.engine.rules import check_rule
 from ndot_core.engine.state import NetworkState
 
+log = logging.getLogger(__name__)
 MODES = ("online", "accumulate")
 OPTIMIZERS = ("sgd", "adam")
 BACKENDS = ("autograd", "local", "auto")
@@ -114,7 +122,8 @@ class OnlineLearner:
     ``backend`` ("autograd", "local" or "auto", see the module docstring) computes ``step``; "local"
     raises ``LocalBackendUnsupported`` (a ``ValueError``) for a rule or model it does not cover, and
     at a step where a model module has forward hooks; "auto" uses autograd there instead.
-    ``last_backend`` says which one the latest ``step`` used.
+    ``compile`` ("off", "on", "auto", see the module docstring) compiles the local backend's learning
+    steps. ``last_backend`` says which one the latest ``step`` used ("autograd", "local", "compiled").
     """
 
     def __init__(
@@ -131,6 +140,7 @@ class OnlineLearner:
         weight_decay: float = 0.0,
         regulariser: FTRLRegulariser | None = None,
         backend: str = "autograd",
+        compile: str = "off",
     ) -> None:
         self.rule = check_rule(rule)
         if backend not in BACKENDS:
@@ -156,6 +166,7 @@ class OnlineLearner:
         self.backend = backend
         use_local = backend == "local" or (backend == "auto" and unsupported_reason(model, rule) is None)
         self.local: LocalStep | None = LocalStep(self.model, rule) if use_local else None
+        self.compiled = self._make_compiled(compile)
         self.last_backend: str | None = None
         self.optimizer = self._make_optimizer()
         self.version = 0  # optimizer steps taken
@@ -179,6 +190,20 @@ class OnlineLearner:
     @last_loss.setter
     def last_loss(self, value: Tensor | None) -> None:
         self._last_loss = value
+
+    def _make_compiled(self, compile: str) -> CompiledStep | None:
+        """The compiled step for ``compile`` ("off", "on", "auto"), or None where it does not run."""
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile {compile!r}; expected one of {COMPILE_MODES}")
+        if compile == "off":
+            return None
+        reason = "it needs the local backend" if self.local is None else compile_unavailable(self.device)
+        if reason is not None:
+            if compile == "on":
+                raise ValueError(f"compile='on' cannot run: {reason}")
+            log.info("compile='auto': the step stays eager (%s)", reason)
+            return None
+        return CompiledStep(self.local, self.rule, self.alpha, self.steps_per_sample)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -275,16 +300,26 @@ class OnlineLearner:
     ) -> Tensor:
         """``step`` on the local backend: forward, the hand-written backward, the same optimizer rules."""
         assert self.local is not None
-        self.last_backend = "local"
-        logits, tape = self.local.forward(frames, state, self.rule, learn_rows, all_labelled)
-        if tape is None:
-            return logits
-        if tape.rows is None:
+        compiled = None
+        if self.compiled is not None and learn_rows is not None:
+            compiled = self.compiled.run(frames, labels, state)  # None: not ready (or off), run eagerly
+        if compiled is not None:
+            self.last_backend = "compiled"
+            logits, grads = compiled
+            rows = None if all_labelled else learn_rows.nonzero().flatten()
+        else:
+            self.last_backend = "local"
+            logits, tape = self.local.forward(frames, state, self.rule, learn_rows, all_labelled)
+            if tape is None:
+                return logits
+            rows = tape.rows
+        if rows is None:
             rows_logits, rows_labels = logits.clone(), labels
         else:
-            rows_logits, rows_labels = logits.index_select(0, tape.rows), labels.index_select(0, tape.rows)
-        grad_logits = ndot_loss_grad(rows_logits, rows_labels, self.alpha, self.steps_per_sample)
-        grads = self.local.backward(tape, grad_logits)
+            rows_logits, rows_labels = logits.index_select(0, rows), labels.index_select(0, rows)
+        if compiled is None:
+            grad_logits = ndot_loss_grad(rows_logits, rows_labels, self.alpha, self.steps_per_sample)
+            grads = self.local.backward(tape, grad_logits)
         penalty = None
         if self.regulariser is not None:
             params = dict(self.model.named_parameters())

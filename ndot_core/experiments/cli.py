@@ -180,6 +180,7 @@ def _run_config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
         "schedule": args.schedule,
         "seed": args.seed,
         "heldout_fraction": args.heldout_fraction,
+        "shift": args.shift,
         "limit": args.limit,
         "device": args.device,
         "threads": args.threads,

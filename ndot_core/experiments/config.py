@@ -59,6 +59,7 @@ class RunConfig:
     schedule: str = "constant"
     seed: int = 0
     heldout_fraction: float | None = None
+    shift: int | None = None  # random shifts of up to this many pixels in training (None: the dataset's)
     limit: int | None = None
     device: str = "cpu"
     threads: int | None = 1

@@ -35,6 +35,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = non_negative_float(text)
     if not 0 < value < 1:
@@ -120,6 +130,14 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="held-out share of each class where the dataset has no test split "
         "(default: the dataset's; 0.2 for nmnist-small)",
+    )
+    group.add_argument(
+        "--shift",
+        type=non_negative_int,
+        default=None,
+        metavar="PX",
+        help="training augmentation: shift each sample by up to PX pixels (zero fill), 0 = none "
+        "(default: the dataset's; none for N-MNIST, 4 for DVS Gesture, CIFAR10-DVS and CIFAR)",
     )
     group.add_argument(
         "--limit",

@@ -79,10 +79,12 @@ def load_frame_sets(
     limit: int | None = None,
     download: bool = False,
     progress: bool = False,
+    shift: int | None = None,
 ) -> tuple[FrameSet, FrameSet]:
     """``(train, held-out)`` through :func:`ndot_core.datasets.load_frames` (options as there).
 
     ``limit=N`` keeps a stratified ~N items, split in the dataset's train/held-out proportion.
+    ``shift=PX`` makes the training augmentation shift samples by up to PX pixels (``--shift``).
     """
     splits = load_frames(
         dataset,
@@ -100,7 +102,9 @@ def load_frame_sets(
         share = limit / max(1, len(train_y) + len(test_y))
         train_x, train_y = _stratified_subset(train_x, train_y, round(share * len(train_y)), seed)
         test_x, test_y = _stratified_subset(test_x, test_y, round(share * len(test_y)), seed + 1)
-    augment = splits.augment if splits.augmentation else None
+    if shift is not None:  # replaces the dataset's crop padding (keeps its flip and cutout)
+        splits.augmentation = {"flip": False, **splits.augmentation, "padding": shift}
+    augment = splits.augment if any(splits.augmentation.values()) else None
     return (
         FrameSet(train_x, train_y, splits.num_classes, steps, augment),
         FrameSet(test_x, test_y, splits.num_classes, steps),

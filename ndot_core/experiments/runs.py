@@ -64,6 +64,7 @@ def load_run_data(config: RunConfig) -> tuple[FrameSet, FrameSet]:
         limit=config.limit,
         download=config.download,
         progress=config.progress,
+        shift=config.shift,
     )
 
 

@@ -46,6 +46,9 @@ from service.worker.streams import StreamError
 
 log = logging.getLogger("ndot.worker")
 
+#: Lockstep (sync_mode grad): ticks of replays alone a round runs at most (``ticks_wanted``).
+LOCKSTEP_REPLAY_TICKS = 2
+
 
 def _named(entry: BusEntry) -> str:
     """The checkpoint a control entry names (restore), or its kind (checkpoint)."""
@@ -85,6 +88,12 @@ class EntryApplier(CheckpointSide):
         self.watermark = Watermark()
         self.shards = shards  # the bus's shard count (1: unsharded), recorded in checkpoints
         self.in_cluster = False  # one rank of several (service.worker.cluster_member)
+        #: sync_mode=grad: no tick runs here; the ranks tick together at the end of each round
+        #: (``ClusterMember.lockstep_ticks``), and a control entry waits in ``held`` while steps are queued.
+        self.lockstep = False
+        #: Entries read but not applied yet (lockstep: a control entry and every entry after it).
+        self.held: list[BusEntry] = []
+        self.stopping = False  # lockstep: the last rounds after the cut take no held entry on
         self.checkpoints: list[dict[str, Any]] = []
         #: Packets taken off the bus whose steps still wait for ticks, in bus order (not yet acked).
         self.in_flight: dict[str, BusEntry] = {}
@@ -104,7 +113,30 @@ class EntryApplier(CheckpointSide):
     def has_work(self) -> bool:
         """Packets taken whose steps still wait for ticks, or replays of scored sequences (the loop should
         not block on the bus)."""
-        return bool(self.in_flight) or self.batcher.replaying
+        return bool(self.in_flight) or self.batcher.replaying or bool(self.held)
+
+    def ticks_wanted(self, draining: bool) -> int:
+        """Lockstep: the ticks this rank wants this round. All its queued work (live frames and replays)
+        while a control entry is held or ``draining``; else its live frames, at most
+        ``max_ticks_per_round``, and with none (an idle rank: replays run alone) at most
+        ``LOCKSTEP_REPLAY_TICKS`` ticks of replays, so a round of replays alone, whose every tick is an
+        all-reduce on every rank, holds back the next packets by a few ticks only.
+        """
+        batcher = self.batcher
+        if draining or self.held:
+            return batcher.ticks_to_drain()
+        live = batcher.ticks_to_drain(replays=False)
+        if live:
+            return min(live, self.settings.max_ticks_per_round)
+        return min(batcher.ticks_to_drain(), LOCKSTEP_REPLAY_TICKS)
+
+    def learn_deferred(self) -> int:
+        """Run the learning the round's last tick left for after its answers; returns the rows learned."""
+        try:
+            return self.batcher.learn_deferred()
+        except Exception:  # (the replay steps confine their own failures; this is a bug: log, go on)
+            log.exception("event=deferred_learning_failed")
+            return 0
 
     def wait_s(self) -> float:
         """Seconds until queued work may run (0: now); the loop blocks on the bus that long at most."""
@@ -114,7 +146,10 @@ class EntryApplier(CheckpointSide):
         """Apply ``entries`` in bus order, then at most ``max_ticks_per_round`` ticks (all with ``drain``).
 
         Packets whose steps all ran are answered and acked; the others stay in flight for later rounds.
+        With ``answer_before_learning`` the last tick's learning may wait for ``learn_deferred``, which the
+        worker calls once the answers are on their way (whatever runs first here runs it before).
         """
+        self.learn_deferred()
         try:
             out = self._apply_in_order(
                 entries, housekeeping, None if drain else self.settings.max_ticks_per_round
@@ -186,9 +221,16 @@ class EntryApplier(CheckpointSide):
         batcher, out = self.batcher, Applied()
         idle = not entries and not self.in_flight  # nobody waits: replays may run alone (learn_at=sequence)
         skipped: list[str] = []
-        for entry in entries:
+        if self.held and not self.stopping:  # (lockstep) held entries come first, in bus order
+            held_ids = {entry.id for entry in self.held}
+            entries = [*self.held, *(entry for entry in entries if entry.id not in held_ids)]
+            self.held = []
+        for position, entry in enumerate(entries):
             if entry.id in self.in_flight:  # claimed again while its steps still wait: it is ours already
                 continue
+            if self.lockstep and entry.kind in messages.CONTROL_KINDS and batcher.has_work():
+                self.held = entries[position:]  # its steps before it run in the ranks' ticks first
+                break
             if self.already_applied(entry):
                 out.replies.append((entry.id, messages.ok_reply(steps=[], skipped=True)))
                 out.acks.append(entry.id)
@@ -255,7 +297,8 @@ class EntryApplier(CheckpointSide):
                 self.watermark.as_dict(),
                 "at or below the watermark: applied before, by this worker or the checkpoint it restored",
             )
-        batcher.drain(max_ticks, idle=idle)
+        if not self.lockstep:
+            batcher.drain(max_ticks, idle=idle, answer_early=self.settings.answer_before_learning)
         self._settle(out)
         self._refresh_learned(out)
         self._flag_busy(out)

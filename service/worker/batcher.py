@@ -23,6 +23,9 @@ the next ticks, on rows apart from the live ones: a tick is then two learner ste
     learner.step(live frames, None (no row learns), the live rows)             predict
     learner.step(replay frames, their labels, NetworkState.cat(replay rows))   learn (one row per replay)
 
+With ``drain(answer_early=True)`` (the worker's rounds) the replay steps of a round's ticks wait until
+the round's answers are sent (answers before learning: ``service.worker.batcher_steps``).
+
 Failures are confined to the packet that causes them: a tick whose learner step raises leaves the
 state untouched and is re-run row by row (``service.worker.step_failures``; ``poisoned`` packets
 after ``max_failures`` attempts). Framing a packet is undone on failure (the framer is rebuilt from
@@ -40,7 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 import service.worker.batcher_state as batcher_state
 import service.worker.step_failures as step_failures
@@ -50,11 +52,12 @@ from ndot_core.events.layout import EventError, events_from_bytes
 from service.bus.messages import EventsPacket
 from service.metrics import ServiceMetrics
 from service.worker.batcher_sequences import RESET, STEP, SequenceHooks
+from service.worker.batcher_steps import StepRunner
 from service.worker.live import LiveFrames
 from service.worker.pace import Pace
-from service.worker.sequence_learning import Replay, SequenceLearning
+from service.worker.sequence_learning import SequenceLearning
 from service.worker.sequences import SequenceLimits
-from service.worker.state_table import StateTable, shallow
+from service.worker.state_table import StateTable
 from service.worker.streams import StreamRegistry, StreamSlot
 
 LEARN_AT = ("sequence", "step")
@@ -82,7 +85,7 @@ class PendingStep:
         return -1 if self.label is None or not self.learn else self.label
 
 
-class Batcher(SequenceHooks):
+class Batcher(SequenceHooks, StepRunner):
     """Streams' frame queues over one learner and one batched ``NetworkState``."""
 
     def __init__(
@@ -111,6 +114,7 @@ class Batcher(SequenceHooks):
         self.step_s_average = 0.01  # moving average of a learner step's seconds (for Retry-After)
         self.ticks_run = 0  # ticks that stepped at least one row
         self.model_resets = 0
+        self.last_tick_labelled = 0  # labelled rows the latest tick learned from (live and replay rows)
         self.metrics = metrics
         self.max_events = max_events
         self.max_failures = max_failures
@@ -243,6 +247,7 @@ class Batcher(SequenceHooks):
 
     def reset_stream(self, slot: StreamSlot) -> None:
         """Fresh neuron and framer state for one stream (queue must be drained)."""
+        self.learn_deferred()
         self.state.reset_rows([slot.row])  # (the property fits the table first)
         slot.framer = self.new_framer(slot.width, slot.height)
         slot.sequence_step = 0
@@ -268,6 +273,7 @@ class Batcher(SequenceHooks):
 
     def reset_model(self, seed: int) -> None:
         """Fresh weights and optimizer; every stream's neuron state back to rest (framers kept)."""
+        self.learn_deferred()  # (a replay learned now is then forgotten with the weights, as before)
         self.learner.reset_weights(seed)
         self.model_resets += 1
         self.state.reset_rows(list(range(self.state.batch_size)))
@@ -282,7 +288,7 @@ class Batcher(SequenceHooks):
     def has_work(self) -> bool:
         return any(slot.pending for slot in self.registry) or self.replaying
 
-    def drain(self, max_ticks: int | None = None, idle: bool = False) -> int:
+    def drain(self, max_ticks: int | None = None, idle: bool = False, answer_early: bool = False) -> int:
         """Run ticks until no stream has a frame ready, or ``max_ticks`` ran; returns the number of ticks.
 
         Every tick steps every stream that has a frame ready once, so with a budget a stream with a long
@@ -291,10 +297,18 @@ class Batcher(SequenceHooks):
         live frames (one row per stream per tick), and ticks of replays alone run only in an ``idle``
         round (no packet read or waiting), so they never hold back a round's answers; without a budget
         everything runs.
+
+        ``answer_early`` (with a budget): the replay steps of the round's ticks are owed
+        (``learning_deferred``) until the caller has sent the answers and calls ``learn_deferred``
+        (``service.worker.batcher_steps``).
         """
+        self.learn_deferred()
+        defer = answer_early and max_ticks is not None
         ticks = 0
         while max_ticks is None or ticks < max_ticks:
-            if not self.tick(paced=max_ticks is not None, replays_alone=max_ticks is None or idle):
+            if not self.tick(
+                paced=max_ticks is not None, replays_alone=max_ticks is None or idle, defer=defer
+            ):
                 break
             ticks += 1
         return ticks
@@ -317,6 +331,7 @@ class Batcher(SequenceHooks):
 
     def forget(self) -> None:
         """Drop every queued step and result (after a failure outside any one packet)."""
+        self.replay_ticks_owed = 0  # (the replays stay queued: they run from where they were)
         for slot in self.registry:
             slot.pending.clear()
             if self.sequences is not None:  # its sequences lost queued frames: dropped
@@ -326,15 +341,19 @@ class Batcher(SequenceHooks):
         if self.sequences is not None:
             self.sequences.results.clear()
 
-    def tick(self, paced: bool = False, replays_alone: bool = True) -> int:
+    def tick(self, paced: bool = False, replays_alone: bool = True, defer: bool = False) -> int:
         """One batched step over every stream with a frame ready; returns the batch size.
 
         ``paced``: a stream ahead of its pace (``service.worker.pace``) sits this tick out.
         ``replays_alone``: run the replays' rows (learn_at=sequence) even when no live frame is ready.
+        ``defer``: a tick with live rows owes its replay step to ``learn_deferred`` (after the answers).
 
         When the batched step raises, each row is run alone (``service.worker.step_failures``), so one
         bad packet never holds back the other streams.
         """
+        if not defer:  # learning owed by earlier ticks comes first: the updates keep the ticks' order
+            self.learn_deferred()
+        self.last_tick_labelled = 0
         self.table.fit(self.registry)
         batch: list[tuple[StreamSlot, PendingStep]] = []
         fresh_rows: list[int] = []
@@ -354,120 +373,44 @@ class Batcher(SequenceHooks):
         if not batch and not (replays and replays_alone):
             return 0
         self.ticks_run += 1  # (the tick clock of a cluster counts these: service.worker.cluster)
+        self.last_tick_labelled = sum(step.learn_label >= 0 for _, step in batch)
         if batch:
             try:
                 self._step(batch)
             except Exception as err:
                 step_failures.run_each_alone(self, batch, [], err)
-        if replays:  # after the live rows: a replay's update reaches the live rows at the next tick
-            try:
-                self._replay_step(replays)
-            except Exception as err:
-                step_failures.run_each_alone(self, [], replays, err)
+        if replays and defer and batch:  # learned after the round's answers (learn_deferred)
+            self.replay_ticks_owed += 1
+        elif replays:  # after the live rows: a replay's update reaches the live rows at the next tick
+            if self.learning_deferred:  # (a tick of replays alone: the owed ones first, in order)
+                self.learn_deferred()
+                replays = self.sequences.rows()
+            if replays:
+                self._run_replays(replays)
+                self.last_tick_labelled += len(replays)
         for slot, _ in batch:  # a sequence's END right after its last frame: its reply goes this round
             self._markers(slot, None, None)
         return len(batch) + len(replays)
 
-    def give_up(self, slot: StreamSlot, step: PendingStep, error: str) -> None:
-        """A packet whose step failed on every attempt: its remaining steps dropped, ``error`` its answer."""
-        if self.sequences is not None:  # the row missed a frame of its sequence: not scored, not learned
-            self._finished(self.sequences.abandon(slot))
-        self.poisoned[step.entry_id] = error
-        slot.pending = type(slot.pending)(
-            work for work in slot.pending if not (work[0] == STEP and work[1].entry_id == step.entry_id)
-        )
-        self.results[step.entry_id] = []
-        self.remaining[step.entry_id] = 0
-
-    def _step(self, batch: list[tuple[StreamSlot, PendingStep]]) -> None:
-        """Rows -> ``learner.step`` -> rows back -> record; the state changes only if the step succeeds.
-
-        Every live stream in the batch (the usual case at real time): the table is stepped as it is,
-        no copies (``StateTable.batch_of``); its tensors before the step are kept to put back on failure.
-        """
-        batch.sort(key=lambda item: item[0].row)
-        rows = [slot.row for slot, _ in batch]
-        frames = torch.from_numpy(np.stack([step.frame for _, step in batch]))
-        label_list = [step.learn_label for _, step in batch]
-        labels = torch.tensor(label_list, dtype=torch.long) if max(label_list) >= 0 else None
-        sub, how = self.table.batch_of(rows)
-        before = shallow(sub) if how == "whole" else None
-        try:
-            self._timed_step(frames, labels, sub)
-        except Exception:
-            if before is not None:
-                self.table.state = before
-            raise
-        self.table.put(rows, sub, how)
-        self._record(batch, sub)
-
-    def _replay_step(self, replays: list[Replay]) -> None:
-        """The tick's replay rows (one per stream that has one), in one learning step of their own.
-
-        Apart from the live rows: a step mixing unlabelled and labelled rows costs more than the two
-        apart (measured: 16 live + 1 replay row 11.1 ms together, 6.6 ms apart). A failed step changes
-        nothing (``cat`` copies the replays' rows).
-        """
-        frames = torch.from_numpy(np.stack([replay.frame() for replay in replays]))
-        labels = torch.tensor([replay.label for replay in replays], dtype=torch.long)
-        states = [self.sequences.state_of(replay) for replay in replays]
-        stepped = states[0] if len(states) == 1 else NetworkState.cat(states)
-        before = shallow(stepped)
-        try:
-            self._timed_step(frames, labels, stepped)
-        except Exception:
-            if len(states) == 1:  # the step rebinds the tensors of the state it is given
-                replays[0].state = before
-            raise
-        self.sequences.stepped(replays, [stepped.narrow(i, 1) for i in range(len(replays))])
-
-    def _timed_step(self, frames: torch.Tensor, labels: torch.Tensor | None, state: NetworkState) -> None:
-        started = time.perf_counter()
-        self.learner.step(frames, labels, state)
-        elapsed = time.perf_counter() - started
-        self.metrics.step_duration.observe(elapsed)
-        self.step_s_average += 0.05 * (elapsed - self.step_s_average)
-
-    def _record(self, batch: list[tuple[StreamSlot, PendingStep]], sub: NetworkState) -> None:
-        predicted = OnlineLearner.predict(sub).tolist()
-        steps = sub.steps.clamp(min=1).to(sub.readout_sum.dtype).unsqueeze(1)
-        probabilities = torch.softmax(sub.readout_sum / steps, dim=1).tolist()
-        version = self.learner.version
-        learned = 0
-        for (slot, step), guess, probs in zip(batch, predicted, probabilities, strict=True):
-            correct = None if step.label is None else guess == step.label
-            self.results[step.entry_id].append(
-                {
-                    "step": slot.sequence_step,
-                    "predicted": guess,
-                    "probabilities": probs,
-                    "label": step.label,
-                    "learned": step.learn_label >= 0,
-                    "model_version": version,
-                }
-            )
-            slot.sequence_step += 1
-            slot.steps += 1
-            slot.last_prediction = guess
-            if correct is not None:
-                learned += step.learn_label >= 0
-                slot.labelled_steps += 1
-                slot.correct_steps += correct
-            self.metrics.record_prediction(correct)
-        self.metrics.steps.labels(kind="learn").inc(learned)
-        self.metrics.steps.labels(kind="infer").inc(len(batch) - learned)
-        self.metrics.model_version.set(version)
-        self.live.record(batch, predicted, probabilities, version)
+    def ticks_to_drain(self, replays: bool = True) -> int:
+        """Ticks until no stream has a frame queued and (``replays``) no replay is left, as things stand (a
+        sequence that ends meanwhile adds its replay): a tick steps one frame and one replay row per stream."""
+        needed = max((sum(kind == STEP for kind, _ in slot.pending) for slot in self.registry), default=0)
+        if replays and self.sequences is not None:
+            for queue in self.sequences.replays.values():
+                needed = max(needed, sum(len(replay.frames) - replay.position for replay in queue))
+        return needed
 
     # --- checkpoints ------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
         """Learner, network state, streams (framers included) and RNG state; drains first."""
-        self.drain()
+        self.drain()  # (the learning a tick deferred included)
         return batcher_state.snapshot(self)
 
     def load(self, tree: dict[str, Any]) -> None:
         """Swap in a snapshot after checking it against the running model; on error nothing changes."""
+        self.learn_deferred()
         self.state, self.registry = batcher_state.loaded(self, tree)
         self.metrics.active_streams.set(len(self.registry))
         self.metrics.model_version.set(self.learner.version)

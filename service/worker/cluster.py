@@ -31,7 +31,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -211,15 +211,19 @@ class RoundSync:
                          or when the ranks checkpoint (so every rank saves the same weights)
 
     A round's ticks count once (the most any rank ran), so the clock is the same on every rank and the
-    ranks average together. ``stop``: a rank asked to stop (SIGTERM) makes every rank stop after the
+    ranks average together. Under ``mode="grad"`` nothing is averaged (every tick's update was one
+    all-reduced gradient, ``GradientSync``): the digest is still taken every ``every_ticks`` ticks. ``stop``: a rank asked to stop (SIGTERM) makes every rank stop after the
     same round, so none waits in a collective for a rank that left. ``reset``: a model reset reached
     one rank (its shard holds the control entry); the others reset too, so all start again equal.
     """
 
-    def __init__(self, every_ticks: int) -> None:
+    def __init__(self, every_ticks: int, mode: str = "average") -> None:
         if every_ticks < 1:
             raise ValueError(f"every_ticks must be >= 1, got {every_ticks}")
+        if mode not in SYNC_MODES:
+            raise ValueError(f"unknown sync mode {mode!r}; expected one of {SYNC_MODES}")
         self.every_ticks = every_ticks
+        self.mode = mode
         self.clock = 0
         self.rounds = 0
         self.averages = 0
@@ -234,20 +238,31 @@ class RoundSync:
         stop: bool,
         model_reset: bool,
         checkpoint: bool = False,
+        run_ticks: Callable[[int, bool], None] | None = None,
     ) -> RoundOutcome:
-        """The round's collective (see the class docstring); call on every rank once per round."""
+        """The round's collective (see the class docstring); call on every rank once per round.
+
+        ``run_ticks(ticks, model_reset)`` (sync_mode grad): ``ticks`` is what the ranks *want* to run; the
+        agreed count is handed to ``run_ticks`` right after the collective, and the clock counts it.
+        """
         started = time.perf_counter()
         agreed = torch.tensor([ticks, int(stop), int(model_reset), int(checkpoint)], dtype=torch.long)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         ticks, stop, model_reset, checkpoint = (int(v) for v in agreed.tolist())
         checkpoint = checkpoint or stop
+        if run_ticks is not None:  # (the ticks' own work is not sync time)
+            ticking = time.perf_counter()
+            run_ticks(ticks, bool(model_reset))
+            started += time.perf_counter() - ticking
         before, self.clock = self.clock, self.clock + ticks
         self.rounds += 1
-        averaged = self.clock // self.every_ticks > before // self.every_ticks or bool(checkpoint)
-        if averaged:
+        due = self.clock // self.every_ticks > before // self.every_ticks or bool(checkpoint)
+        averaged = due and self.mode == "average"  # (grad: the ranks' weights are equal at every tick)
+        if due:
             params = list(params)
-            average_in_place(params)
-            self.averages += 1
+            if averaged:
+                average_in_place(params)
+                self.averages += 1
             self.digest, self.digest_clock = model_digest(params), self.clock
         self.sync_s += time.perf_counter() - started
         return RoundOutcome(self.clock, averaged, bool(stop), bool(model_reset), bool(checkpoint))
@@ -266,6 +281,9 @@ class GradientSync:
         if learner.regulariser is not None:
             raise ValueError("grad sync does not support a regulariser (its term would be summed per rank)")
         self.learner = learner
+        self.ticks = 0  # ticks whose gradients were all-reduced
+        self.updates = 0  # of which some rank learned something (an optimizer step on every rank)
+        self.sync_s = 0.0  # seconds in the gradients' all-reduce (waiting for the other ranks included)
         learner.hold_updates = True
 
     def after_tick(self, labelled_rows: int) -> int:
@@ -278,8 +296,12 @@ class GradientSync:
         if labelled_rows:
             flat.mul_(labelled_rows)
         flat[-1] = labelled_rows
+        started = time.perf_counter()
         dist.all_reduce(flat)
+        self.sync_s += time.perf_counter() - started
         total = int(round(flat[-1].item()))
+        self.ticks += 1
+        self.updates += total > 0
         if total == 0:
             learner.drop_held()
             return 0

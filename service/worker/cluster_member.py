@@ -11,8 +11,13 @@ cluster's part of its life::
             checkpoint); a checkpoint round is a consistent cut: every rank saves, rank 0 commits
     status  rank, world, shards, clock, averages, the digest at the latest average, sync seconds
 
-Not done yet (docs/scale-out.md): fencing tokens, and ``grad`` sync inside the service (the
-primitive exists: ``cluster.GradientSync``, tested).
+``NDOT_SYNC_MODE=grad`` runs the ranks in lockstep: the applier runs no tick of its own
+(``EntryApplier.lockstep``); every round ends with ``lockstep_ticks``: the ranks agree on a tick
+count (all-reduce MAX of what each wants), every rank runs exactly that many ticks, empty ones
+included, and after each tick the gradients are all-reduced and applied on every rank
+(``cluster.GradientSync``): each update is the one a single worker holding every stream would make
+from the tick's rows. A control entry waits (``EntryApplier.held``) until the rank's queued steps
+ran in such ticks; a cut first drains every rank's queues the same way.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from service.worker.batcher import Batcher
 from service.worker.checkpoints import CheckpointError
 from service.worker.cluster import (
     ClusterConfig,
+    GradientSync,
     RoundOutcome,
     RoundSync,
+    TickClock,
     broadcast_parameters,
     join,
     leave,
@@ -59,6 +66,12 @@ CLUSTER_METRICS = (
         "ndot_cluster_sync_seconds",
         "Seconds spent in the round's collectives (waiting for the other ranks included).",
     ),
+    (
+        "gradient_syncs",
+        Counter,
+        "ndot_cluster_gradient_syncs",
+        "Ticks whose gradients were all-reduced over the ranks (sync_mode grad).",
+    ),
     ("world", Gauge, "ndot_cluster_world_size", "Worker ranks in the group."),
 )
 
@@ -67,13 +80,14 @@ class ClusterMember:
     """Rank ``config.rank`` of ``config.world_size`` (see the module docstring)."""
 
     def __init__(self, config: ClusterConfig, settings: Settings) -> None:
-        if settings.sync_mode != "average":
+        if settings.sync_mode == "grad" and settings.mode != "online":
             raise ValueError(
-                "NDOT_SYNC_MODE=grad is not served by worker ranks yet: use 'average' (docs/scale-out.md)"
+                "NDOT_SYNC_MODE=grad needs NDOT_MODE=online (one all-reduced update per labelled tick)"
             )
         self.config = config
         self.settings = settings
-        self.sync = RoundSync(settings.sync_every_ticks)
+        self.sync = RoundSync(settings.sync_every_ticks, settings.sync_mode)
+        self.gradients: GradientSync | None = None  # sync_mode grad: built by ``align`` (the learner's)
         self.shards: list[int] = []
         self._ticks_seen = 0
         self._resets_seen = 0
@@ -172,34 +186,79 @@ class ClusterMember:
         return None
 
     def align(self, batcher: Batcher) -> None:
-        """Every rank takes rank 0's weights (after each restored its own checkpoint, or none)."""
+        """Every rank takes rank 0's weights (after each restored its own checkpoint, or none).
+
+        Under sync_mode grad the learner holds its updates for the ranks' all-reduce from now on (the
+        optimizer states are equal already: a restored round gives every rank rank 0's learner).
+        """
         broadcast_parameters(batcher.learner.model.parameters(), source=0)
+        if self.settings.sync_mode == "grad":
+            self.gradients = GradientSync(batcher.learner)
         self._ticks_seen, self._resets_seen = batcher.ticks_run, batcher.model_resets
+
+    def lockstep_ticks(self, applier: EntryApplier, ticks: int | None = None, draining: bool = False) -> int:
+        """sync_mode grad: run ``ticks`` ticks together with the other ranks, one all-reduced update per tick
+        (see the module docstring); ``None``: agree on the count first (all-reduce MAX of what each rank
+        wants: every rank's queued work when ``draining``). Returns the ticks run."""
+        assert self.gradients is not None
+        if ticks is None:
+            ticks = TickClock().agree(applier.ticks_wanted(draining))
+        batcher = applier.batcher
+        for _ in range(ticks):
+            drains = draining or bool(applier.held)
+            batcher.tick(paced=not drains, replays_alone=drains or not applier.in_flight)
+            self.gradients.after_tick(batcher.last_tick_labelled)
+        return ticks
 
     def after_round(self, applier: EntryApplier, stopping: bool) -> RoundOutcome:
         """This rank's end of a round (every rank calls it once per round; see ``RoundSync``)."""
         batcher = applier.batcher
-        ticks = batcher.ticks_run - self._ticks_seen
+        sync_s = self.sync_seconds()
         reset = batcher.model_resets > self._resets_seen
         due = applier.dirty and applier.due.due()
-        sync_s = self.sync.sync_s
-        outcome = self.sync.after_round(batcher.learner.model.parameters(), ticks, stopping, reset, due)
+        run_ticks = None
+        if self.gradients is None:
+            ticks = batcher.ticks_run - self._ticks_seen  # run in this round's apply
+        else:  # lockstep: the ranks agree on the ticks in the round's collective, then run them together
+            ticks = applier.ticks_wanted(draining=False)
+            gradient_ticks = self.gradients.ticks
+
+            def run_ticks(agreed: int, model_reset: bool) -> None:
+                if model_reset:  # before the ticks: every rank's gradients come from the same weights
+                    self._reset_model(batcher)
+                self.lockstep_ticks(applier, agreed)
+
+        outcome = self.sync.after_round(
+            batcher.learner.model.parameters(), ticks, stopping, reset, due, run_ticks
+        )
         if self._metrics:
             self._metrics["clock"].set(outcome.ticks)
             self._metrics["rounds"].inc()
             self._metrics["averages"].inc(int(outcome.averaged))
-            self._metrics["sync"].inc(self.sync.sync_s - sync_s)
-        if outcome.model_reset:  # every rank alike: fresh seeded weights, every stream at rest
-            batcher.reset_model(self.settings.seed)
-            log.info("event=cluster_model_reset rank=%d clock=%d", self.rank, outcome.ticks)
+            if self.gradients is not None:
+                self._metrics["gradient_syncs"].inc(self.gradients.ticks - gradient_ticks)
+            self._metrics["sync"].inc(self.sync_seconds() - sync_s)
+        if outcome.model_reset and self.gradients is None:  # every rank alike: fresh seeded weights
+            self._reset_model(batcher)
         if outcome.checkpoint:
             self.cut(applier, outcome)
         self._ticks_seen, self._resets_seen = batcher.ticks_run, batcher.model_resets
         return outcome
 
+    def _reset_model(self, batcher: Batcher) -> None:
+        """A model reset reached some rank this round: every rank resets (fresh seeded weights, streams at rest)."""
+        batcher.reset_model(self.settings.seed)
+        log.info("event=cluster_model_reset rank=%d clock=%d", self.rank, self.sync.clock)
+
+    def sync_seconds(self) -> float:
+        """Seconds this rank spent in the collectives: the rounds' and, under grad, the gradients'."""
+        return self.sync.sync_s + (0.0 if self.gradients is None else self.gradients.sync_s)
+
     def cut(self, applier: EntryApplier, outcome: RoundOutcome) -> None:
         """Every rank saves this round; rank 0 commits it (``cluster_checkpoints.save_round``)."""
         base = self.checkpoint_dir()
+        while self.gradients is not None and self.lockstep_ticks(applier, draining=True):
+            pass  # every rank's queued steps run, together, before any rank saves (its snapshot drains)
         tree = applier.checkpoint_tree()
         tree["tick_clock"] = outcome.ticks
         try:
@@ -230,7 +289,8 @@ class ClusterMember:
             "tick_clock": sync.clock,
             "rounds": sync.rounds,
             "averages": sync.averages,
-            "sync_seconds": round(sync.sync_s, 6),
+            "gradient_syncs": 0 if self.gradients is None else self.gradients.ticks,
+            "sync_seconds": round(self.sync_seconds(), 6),
             "digest": sync.digest,
             "digest_clock": sync.digest_clock,
         }

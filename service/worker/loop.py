@@ -5,6 +5,7 @@ One iteration::
     entries = claimed stale (periodically) + bus.read(consumer, COUNT, BLOCK)
     applied = await to_thread(applier.apply, entries)   # frame, batch, learn/predict (service.worker.applier)
     values (sensor sizes, status snapshot, heartbeat) -> dead letters -> replies -> ack
+        meanwhile, in the thread: the learning the round's last tick deferred (answers before learning)
 
 A packet is acked only after all its steps ran and its reply is out. One worker owns the model:
 at start it restores the newest checkpoint (logged with its name; ``ndot worker --fresh`` starts
@@ -156,6 +157,7 @@ class Worker:
         self.applier = await asyncio.to_thread(build)
         if self.cluster is not None:
             await asyncio.to_thread(self.cluster.align, self.batcher)  # rank 0's weights on every rank
+            self.applier.lockstep = self.cluster.gradients is not None  # sync_mode grad: ticks in lockstep
         self.metrics.model_version.set(self.batcher.learner.version)
         announce = Applied(values=self.applier.sensor_values())
         values = self._round_values(announce, changed=True)
@@ -225,6 +227,7 @@ class Worker:
                     break
         # packets taken off the bus are finished, answered and acked (with what the bus had refused)
         if self.applier.has_work or self._unsent is not None:
+            self.applier.stopping = True  # (lockstep: what is held waits for the next group, after the cut)
             with contextlib.suppress(*RETRIED):  # unacked, they are replayed by the next worker
                 await self._handle([], drain=True)
         if self.cluster is not None:  # the stop round was a cut: every rank saved, rank 0 committed
@@ -306,12 +309,20 @@ class Worker:
                 self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(self.batcher.learner.device))
         if self._resync_values:
             applied.values = {**self.applier.sensor_values(), **applied.values}
-        while applied.dead:  # (rare) before the round's answers: a dead letter is on file when its 500 is
-            await self.bus.dead_letter(*applied.dead[0])
-            applied.dead.pop(0)
-        await self.bus.send_round(
-            self._round_values(applied, changed), applied.replies, self.settings.reply_ttl_s, applied.acks
-        )
+        values = self._round_values(applied, changed)
+        # answers before learning: the learning the round's last tick deferred runs in the thread while
+        # the answers travel, and is over before anything else touches the model (the next round)
+        learning = None
+        if self.batcher.learning_deferred:
+            learning = asyncio.ensure_future(asyncio.to_thread(self.applier.learn_deferred))
+        try:
+            while applied.dead:  # (rare) before the round's answers: a dead letter is on file when its 500 is
+                await self.bus.dead_letter(*applied.dead[0])
+                applied.dead.pop(0)
+            await self.bus.send_round(values, applied.replies, self.settings.reply_ttl_s, applied.acks)
+        finally:
+            if learning is not None:
+                await learning
         self._resync_values = False
         self._unsent = None
         self.metrics.worker_heartbeat.set(time.time())

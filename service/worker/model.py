@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ def build_batcher(settings: Settings, metrics: ServiceMetrics) -> Batcher:
     s = settings
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
+    if s.compile_cache_dir:  # torch's compile caches (read when a bucket compiles)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = s.compile_cache_dir
     torch.manual_seed(s.seed)
     model = build_model(
         s.model, in_channels=s.in_channels, num_classes=s.num_classes, input_size=s.input_size
@@ -43,6 +46,7 @@ def build_batcher(settings: Settings, metrics: ServiceMetrics) -> Batcher:
         steps_per_sample=s.steps_per_sample,
         device=s.torch_device(),
         backend=s.step_backend,
+        compile=s.compile,
     )
     return Batcher(
         learner,
@@ -56,6 +60,12 @@ def build_batcher(settings: Settings, metrics: ServiceMetrics) -> Batcher:
         max_packet_frames=s.max_packet_frames,
         max_stream_speed=s.max_stream_speed,
         learn_at=s.learn_at,
-        sequence_limits=SequenceLimits(s.sequence_max_frames, s.sequence_max_bytes, s.sequences_held),
+        sequence_limits=SequenceLimits(
+            s.sequence_max_frames,
+            s.sequence_max_bytes,
+            s.sequences_held,
+            replay_recent=s.replay_recent,
+            replay_memory_bytes=s.replay_memory_bytes,
+        ),
         prequential_window=s.prequential_window,
     )

@@ -27,6 +27,10 @@ so a replay of T frames costs T rows over T ticks, counted in the round's tick b
 tick, batched with the other streams' replays (one step mixing unlabelled and labelled rows costs
 more than the two apart). A scored sequence's label first reaches the weights at the tick after
 its end; the next prediction of any stream may use what it taught.
+
+With ``SequenceLimits.replay_recent = k``, each scored sequence also queues up to k *re-learns* of
+sequences learned earlier, drawn from a bounded memory (``service.worker.recent_replay``); they run
+as replays of their own lanes (``recent:0 .. recent:k-1``), at most one row per lane per tick.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch
 from ndot_core import NetworkState, OnlineLearner
 from service.bus.messages import LabelRequest
 from service.metrics import ServiceMetrics
+from service.worker.recent_replay import RecentSequences, lane
 from service.worker.sequences import (
     INCOMPLETE,
     LabelRefused,
@@ -75,6 +80,7 @@ class Replay:
     start_state: NetworkState | None
     state: NetworkState | None = None  # built at its first row
     position: int = 0
+    again: bool = False  # a re-learn of a kept sequence (its first replay finished earlier)
 
     def frame(self) -> np.ndarray:
         return self.frames[self.position]
@@ -91,6 +97,8 @@ class SequenceLearning:
         self.results: dict[str, dict[str, Any]] = {}
         #: Streams whose replay finished since the worker last looked (their info changed).
         self.learned_streams: set[str] = set()
+        #: Learned sequences kept for re-learning (``limits.replay_recent`` > 0), else None.
+        self.recent = RecentSequences(limits.replay_memory_bytes) if limits.replay_recent > 0 else None
 
     # --- push time ----------------------------------------------------------------------------------
 
@@ -210,8 +218,25 @@ class SequenceLearning:
         if record.learnable and record.frames:
             replay = Replay(stream_id, book, record, record.frames, record.label, record.start_state)
             self.replays.setdefault(stream_id, deque()).append(replay)
+            self._queue_relearns(book, record)
         elif record.unlearnable is not None:
             self.metrics.sequences.labels(outcome=record.unlearnable).inc()
+
+    def _queue_relearns(self, book: SequenceBook, record: SequenceRecord) -> None:
+        """Up to ``replay_recent`` kept sequences learned again, one per free lane (a busy lane skips)."""
+        if self.recent is None:
+            return
+        for index in range(self.limits.replay_recent):
+            key = lane(index)
+            if key in self.replays:
+                self.recent.skipped += 1
+                continue
+            kept = self.recent.draw()
+            if kept is None:
+                return
+            again = Replay(key, book, record, kept.frames, kept.label, kept.start_state, again=True)
+            self.replays[key] = deque([again])
+            self.recent.relearned += 1
 
     # --- replays ------------------------------------------------------------------------------------
 
@@ -237,6 +262,11 @@ class SequenceLearning:
             replay.state = state
             replay.position += 1
             if replay.position == len(replay.frames):
+                if replay.again:
+                    self._finish(replay, None)
+                    continue
+                if self.recent is not None:
+                    self.recent.keep(replay.frames, replay.label, replay.start_state)
                 self._finish(replay, "learned")
                 replay.book.learned += 1
                 self.learned_streams.add(replay.stream_id)
@@ -252,10 +282,15 @@ class SequenceLearning:
         )
         self._finish(replay, "failed")
 
-    def _finish(self, replay: Replay, outcome: str) -> None:
+    def _finish(self, replay: Replay, outcome: str | None) -> None:
+        """Take a finished (or failed) replay off its queue; ``outcome`` counted (None: a re-learn)."""
         queue = self.replays[replay.stream_id]
         queue.remove(replay)
         if not queue:
             del self.replays[replay.stream_id]
-        replay.record.frames, replay.state = None, None
-        self.metrics.sequences.labels(outcome=outcome).inc()
+        replay.state = None
+        if replay.again:
+            return
+        replay.record.frames = None
+        if outcome is not None:
+            self.metrics.sequences.labels(outcome=outcome).inc()

@@ -54,11 +54,15 @@ LEARN_AT_STEP_REFUSAL = (
 
 @dataclass(frozen=True)
 class SequenceLimits:
-    """Per stream: frames and bytes one sequence may hold, ended sequences that may wait for a label."""
+    """Per stream: frames and bytes one sequence may hold, ended sequences that may wait for a label;
+    per worker: re-learns of recent sequences after each new one and their memory
+    (``service.worker.recent_replay``; ``replay_recent = 0``: none)."""
 
     max_frames: int = 250
     max_bytes: int = 4 * 1024 * 1024
     held: int = 2
+    replay_recent: int = 0
+    replay_memory_bytes: int = 16 * 1024 * 1024
 
 
 class LabelRefused(Exception):
