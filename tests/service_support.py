@@ -162,6 +162,27 @@ def post_sample(
     return steps
 
 
+def stream_in_background(
+    url: str, stream_id: str, samples: list, key: str
+) -> tuple[threading.Event, threading.Thread]:
+    """Post ``samples`` (``(events, label)``) one labelled recording after the other on a daemon thread
+    (the first opens the 34x34 stream); set the returned event to stop it between recordings."""
+    stop = threading.Event()
+
+    def stream() -> None:
+        with http(url, key=key) as client:
+            for i, (events, label) in enumerate(samples):
+                if stop.is_set():
+                    return
+                post_sample(
+                    client, stream_id, events, label, **({"width": 34, "height": 34} if i == 0 else {})
+                )
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    return stop, streamer
+
+
 def clear_redis(url: str, prefix: str) -> None:
     """Delete every key of one test's bus (its stream name, and its shards' keys)."""
     import redis

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +20,8 @@ from service_support import (
     INGEST_KEY,
     ServiceProcess,
     free_port,
-    http,
     nmnist_samples,
-    post_sample,
+    stream_in_background,
     wait_ready,
 )
 
@@ -113,20 +111,8 @@ def query(client: httpx.Client, promql: str) -> list[float]:
 def test_prometheus_scrapes_accuracy_steps_and_memory(
     prometheus: httpx.Client, served: str, nmnist_small: Path
 ) -> None:
-    samples = nmnist_samples(nmnist_small, 40)
-    stop = threading.Event()
-
-    def stream() -> None:
-        with http(f"http://{served}", key=INGEST_KEY) as client:
-            for i, (events, label) in enumerate(samples):
-                if stop.is_set():
-                    return
-                post_sample(
-                    client, "digits", events, label, **({"width": 34, "height": 34} if i == 0 else {})
-                )
-
-    streamer = threading.Thread(target=stream, daemon=True)
-    streamer.start()
+    samples = nmnist_samples(nmnist_small, 200)  # streams on (until stopped) while the scrapes look
+    stop, streamer = stream_in_background(f"http://{served}", "digits", samples, INGEST_KEY)
     try:
         deadline = time.monotonic() + 60
         while True:  # until a few scrapes saw the learning

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +22,8 @@ from service_support import (
     INGEST_KEY,
     ServiceProcess,
     free_port,
-    http,
     nmnist_samples,
-    post_sample,
+    stream_in_background,
     wait_ready,
 )
 
@@ -103,7 +101,7 @@ def test_live_view_in_headless_chromium(browser: Any, nmnist_small: Path, tmp_pa
     }
     samples = nmnist_samples(nmnist_small, 24)
     serve = ServiceProcess("serve", env, tmp_path / "serve.log").start()
-    stop_streaming = threading.Event()
+    stop_streaming = None
     try:
         wait_ready(url, serve)
         browser.get(f"{url}/v1/streams/digits/view")
@@ -119,17 +117,7 @@ def test_live_view_in_headless_chromium(browser: Any, nmnist_small: Path, tmp_pa
         wait_for(lambda: text("version") == "0", 5, "the model version of the info event (fresh model)")
         assert text("prediction") == "–" and "not live" in text("message")  # no stream of that id yet
 
-        def stream() -> None:  # real recordings, one labelled digit after the other
-            with http(url, key=INGEST_KEY) as client:
-                for i, (events, label) in enumerate(samples):
-                    if stop_streaming.is_set():
-                        return
-                    post_sample(
-                        client, "digits", events, label, **({"width": 34, "height": 34} if i == 0 else {})
-                    )
-
-        streamer = threading.Thread(target=stream, daemon=True)
-        streamer.start()
+        stop_streaming, streamer = stream_in_background(url, "digits", samples, INGEST_KEY)  # labelled digits
         wait_for(lambda: browser.execute_script("return window.ndotView.updates") >= 3, 30, "live updates")
         first_version = int(text("version"))
         assert re.fullmatch(r"\d", text("prediction")), text("prediction")
@@ -176,5 +164,6 @@ def test_live_view_in_headless_chromium(browser: Any, nmnist_small: Path, tmp_pa
         assert time.monotonic() - started < 15
         wait_for(lambda: state() == "closed", 10, "the page to see the stream end")
     finally:
-        stop_streaming.set()
+        if stop_streaming is not None:
+            stop_streaming.set()
         serve.stop()
