@@ -9,7 +9,8 @@ the order of its seed, through the service's own ``Batcher`` with learn_at=seque
 ``online_nmnist.replay``, 4 streams, ready 0.35, the learner's weights seeded by the same seed), then
 the final weights predict the *choose* and *report* recordings unlabelled (inference only). Settings
 are chosen on *choose*; *report* is what the docs quote. A point is the service's defaults with some
-keys changed (``key=value,key=value``; ``base`` = none):
+keys changed (``key=value,key=value``; ``base`` = none), except replay: off unless a point sets it
+(``replay=0`` / ``16`` MiB, the study's base of 2026-11-30; the service's default is now 2 / 64 MiB):
 
     lr, alpha, optimizer, momentum, mode (online | accumulate), T (steps_per_sample), window_ms,
     input (counts | binary | log1p: what the model sees of a frame's event counts),
@@ -117,13 +118,15 @@ def run_point(
         ready=ready,
         seed=seed,
         learn_at="sequence",
+        replay_recent=int(keys.get("replay", 0)),  # the study's base: no replay (the defaults of 2026-11-30)
+        replay_memory_mb=float(keys.get("replay_mb", 16)),
     )
     limits = SequenceLimits(
         settings.sequence_max_frames,
         settings.sequence_max_bytes,
         settings.sequences_held,
-        replay_recent=int(keys.get("replay", 0)),
-        replay_memory_bytes=int(float(keys.get("replay_mb", 16)) * 2**20),
+        replay_recent=config.replay_recent,
+        replay_memory_bytes=int(config.replay_memory_mb * 2**20),
     )
     transform = INPUTS[keys.get("input", "counts")]
     decay = float(keys.get("decay", 0))

@@ -98,8 +98,8 @@ class Config:
     ready: float  # probability a busy stream posts its next packet in a round (1 = lockstep)
     seed: int
     learn_at: str = "sequence"  # the service's NDOT_LEARN_AT
-    replay_recent: int = 0  # re-learns of recent sequences per new one (learn_at=sequence)
-    replay_memory_mb: float = 16.0  # their memory (MiB)
+    replay_recent: int = 2  # re-learns of recent sequences per new one (learn_at=sequence; service default)
+    replay_memory_mb: float = 64.0  # their memory (MiB; the service's default)
 
     def label(self) -> str:
         lr = "default" if self.lr is None else f"{self.lr:g}"
@@ -419,14 +419,14 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         "--replay-recent",
         type=int,
         nargs="+",
-        default=[getattr(defaults, "replay_recent", 0)],
+        default=[defaults.replay_recent],
         help="learn_at=sequence: re-learns of recent sequences after each new one (NDOT_REPLAY_RECENT)",
     )
     parser.add_argument(
         "--replay-memory-mb",
         type=float,
         nargs="+",
-        default=[getattr(defaults, "replay_memory_bytes", 16 * 2**20) / 2**20],
+        default=[defaults.replay_memory_bytes / 2**20],
         help="their memory in MiB (NDOT_REPLAY_MEMORY_BYTES / 2**20)",
     )
     parser.add_argument(

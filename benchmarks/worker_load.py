@@ -97,7 +97,7 @@ async def _drive(stream: str, streams: int, duration_s: float, window_us: int, s
     bus = RedisStreamBus(REDIS_URL, stream=stream, max_lag=5000, max_connections=streams + 8, shards=None)
     tally = {"packets": 0, "lost": 0, "expected_steps": 0, "returned_steps": 0, "max_schedule_lag_s": 0.0}
     latencies: list[float] = []
-    replied: dict[str, list[float]] = {}  # per camera: perf_counter() of each reply (recovery times)
+    replied: dict[str, list[float]] = {}  # per camera: time.time() of each reply (recovery times)
     started = time.perf_counter() + 0.5
     deadline = started + duration_s
 
@@ -117,7 +117,7 @@ async def _drive(stream: str, streams: int, duration_s: float, window_us: int, s
                 tally["lost"] += 1
                 continue
             latencies.append(time.perf_counter() - sent)
-            replied.setdefault(name, []).append(time.perf_counter())
+            replied.setdefault(name, []).append(time.time())
             tally["returned_steps"] += len(json.loads(reply).get("steps", []))
             tally["expected_steps"] += len(framer.push(events)) + (len(framer.flush()) if packet.end else 0)
 

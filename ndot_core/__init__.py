@@ -16,15 +16,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ndot_core.engine.learner import OnlineLearner, accumulated_gradients
+    from ndot_core.engine.learner import OnlineLearner
     from ndot_core.engine.loss import FTRLRegulariser, ndot_loss
     from ndot_core.engine.models import build_model
     from ndot_core.engine.rules import RULES
+    from ndot_core.engine.sequence_losses import accumulated_gradients
     from ndot_core.engine.state import NetworkState
 
 _PUBLIC = {
     "OnlineLearner": "ndot_core.engine.learner",
-    "accumulated_gradients": "ndot_core.engine.learner",
+    "accumulated_gradients": "ndot_core.engine.sequence_losses",
     "FTRLRegulariser": "ndot_core.engine.loss",
     "ndot_loss": "ndot_core.engine.loss",
     "build_model": "ndot_core.engine.models",

@@ -149,6 +149,12 @@ class ServiceMetrics:
             "Bus entries skipped as applied before (at or below the worker's watermark).",
             registry=r,
         )
+        self.learning_failures = Counter(
+            "ndot_learning_failures",
+            "Learner steps whose learning, run after their answers (answer_before_learning), failed and was "
+            "dropped (the answers stand, the weights are as before that step).",
+            registry=r,
+        )
         self.checkpoint_errors = Counter(
             "ndot_checkpoint_errors",
             "Checkpoint files skipped as unreadable and checkpoint writes that failed, by stage.",

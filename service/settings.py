@@ -215,7 +215,7 @@ class Settings(BaseSettings):
         "(POST /v1/streams/{id}/label); past it the oldest unlabelled one is dropped, never learned.",
     )
     replay_recent: int = Field(
-        0,
+        2,
         ge=0,
         description="learn_at=sequence: re-learns of recent sequences queued after each newly scored one, drawn "
         "from a memory of learned sequences (service.worker.recent_replay), in this many lanes of one row per "

@@ -1,12 +1,15 @@
-"""Answers before learning (learn_at=sequence, ``answer_before_learning``): a round's replies are made
-before any of its learning runs, the learning follows (in the worker: while the replies travel), and
-it is the same learning, in the same order, as when each tick learns before the next."""
+"""Answers before learning (``answer_before_learning``): a round's replies are made before its learning
+runs, the learning follows (in the worker: while the replies travel), and it is the same learning, in
+the same order, as when each tick learns before the next. learn_at=sequence: the round's replay steps;
+learn_at=step: the backward and optimizer step of the round's last tick (``OnlineLearner.step``
+with ``defer_learning``)."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
 from test_prequential import (
@@ -21,6 +24,7 @@ from test_prequential import (
     twin,
 )
 
+from ndot_core import OnlineLearner, build_model
 from service.bus import LocalBus, messages
 from service.metrics import ServiceMetrics
 from service.worker.model import build_batcher
@@ -112,3 +116,83 @@ def test_the_worker_answers_then_learns_and_learns_what_a_tick_by_tick_worker_le
     first, tick_by_tick = final_weights(True), final_weights(False)
     for name, value in first.items():
         torch.testing.assert_close(value, tick_by_tick[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["autograd", "local"])
+def test_a_deferred_step_learns_exactly_what_a_step_learns_at_once(backend: str) -> None:
+    """``step(defer_learning=True)``: the same logits now, no update until ``learn_pending`` (or the next
+    step, or a read of the weights), then bit-identical weights, optimizer state and states."""
+
+    def learner() -> OnlineLearner:
+        torch.manual_seed(0)
+        model = build_model("stream_cnn", in_channels=2, num_classes=10, input_size=(34, 34))
+        return OnlineLearner(model, optimizer="adam", lr=1e-3, backend=backend)
+
+    at_once, deferred = learner(), learner()
+    states = at_once.new_state(3), deferred.new_state(3)
+    generator = torch.Generator().manual_seed(1)
+    for t in range(6):
+        frames = (torch.rand(3, 2, 34, 34, generator=generator) < 0.2).float()
+        labels = torch.tensor([t % 10, -1, 4])
+        expected = at_once.step(frames, labels, states[0])
+        got = deferred.step(frames, labels, states[1], defer_learning=True)
+        assert deferred.last_backend == backend
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert deferred.learning_pending and deferred.version == at_once.version - 1
+        if t % 2:  # else the next step runs it first
+            assert deferred.learn_pending() and not deferred.learning_pending
+    deferred.state_dict()  # reading the weights runs the pending learning
+    assert deferred.version == at_once.version == 6
+    for (name, mine), theirs in zip(
+        deferred.model.state_dict().items(), at_once.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
+    for mine, theirs in zip(states[1].neurons, states[0].neurons, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(states[1].readout_sum, states[0].readout_sum, rtol=0, atol=0)
+
+
+def test_learn_at_step_answers_a_round_before_its_last_learning_and_learns_the_same(tmp_path: Path) -> None:
+    bodies = packets_of(0, 3, seed=5)
+
+    def run_round(answer_early: bool):
+        batcher = build_batcher(settings_for(tmp_path, learn_at="step", max_stream_speed=0), ServiceMetrics())
+        ids = push_sequence(batcher, "a", bodies, label=7, first_id=0)
+        ticks = batcher.drain(64, answer_early=answer_early)
+        results = [batcher.take(entry_id) for entry_id in ids]
+        assert all(result is not None for result in results)  # every packet answered
+        steps = [step for result, _ in results for step in result]
+        assert len(steps) == ticks and all(step["learned"] for step in steps)
+        version_at_answer = batcher.learner.version
+        if answer_early:  # the last tick's backward and optimizer step wait for learn_deferred
+            assert batcher.learning_deferred and version_at_answer == ticks - 1
+            assert steps[-1]["model_version"] == ticks - 1  # the version that made the prediction
+            batcher.learn_deferred()
+        assert not batcher.learning_deferred and batcher.learner.version == ticks
+        return steps, batcher.learner.model.state_dict()
+
+    (early_steps, early), (late_steps, late) = run_round(True), run_round(False)
+    assert [s["predicted"] for s in early_steps] == [s["predicted"] for s in late_steps]
+    for name, value in early.items():
+        torch.testing.assert_close(value, late[name], rtol=0, atol=0, msg=name)
+
+
+def test_learning_that_fails_after_the_answers_is_dropped_and_counted(tmp_path: Path) -> None:
+    batcher = build_batcher(settings_for(tmp_path, learn_at="step", max_stream_speed=0), ServiceMetrics())
+    ids = push_sequence(batcher, "a", packets_of(0, 2, seed=6), label=2, first_id=0)
+    ticks = batcher.drain(64, answer_early=True)
+    assert all(batcher.take(entry_id) is not None for entry_id in ids) and batcher.learning_deferred
+    weights = copy.deepcopy(batcher.learner.model.state_dict())
+    pending = batcher.learner._deferred
+
+    def failing() -> None:  # the pending learning meets an error (e.g. out of memory on a device)
+        raise RuntimeError("out of memory")
+
+    batcher.learner._deferred = failing
+    batcher.learn_deferred()  # logged and counted, never raised into the worker's round
+    assert not batcher.learning_deferred and pending is not None
+    assert batcher.metrics.registry.get_sample_value("ndot_learning_failures_total") == 1
+    assert batcher.learner.version == ticks - 1
+    for name, value in batcher.learner.model.state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0, msg=name)

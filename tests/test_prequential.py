@@ -60,6 +60,7 @@ def frames_of(bodies: list[bytes]) -> list[np.ndarray]:
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     knobs = {
         "learn_at": "sequence",
+        "replay_recent": 0,  # the oracles: each sequence learned once (re-learns: test_replay_recent.py)
         "max_streams": 4,
         "checkpoint_interval_s": 0,
         "read_block_ms": 1,
@@ -74,8 +75,9 @@ def run(
     scenario: Callable[[LocalBus, Callable[..., Awaitable[Worker]]], Awaitable[Any]],
     **overrides: Any,
 ) -> Any:
-    """``test_worker.run`` with ``learn_at=sequence`` (test-then-train) unless overridden."""
-    return run_worker(tmp_path, scenario, **{"learn_at": "sequence", **overrides})
+    """``test_worker.run`` with ``learn_at=sequence`` (test-then-train) and no replay of recent sequences
+    (the oracles here: each sequence learned once) unless overridden."""
+    return run_worker(tmp_path, scenario, **{"learn_at": "sequence", "replay_recent": 0, **overrides})
 
 
 async def post(bus: LocalBus, stream_id: str, body: bytes, label: int | None = None, **flags: bool) -> str:

@@ -1,8 +1,8 @@
 """Replay of recent sequences (``SequenceLimits.replay_recent``, service.worker.recent_replay) on a real
 Batcher and learner: a learned sequence is kept, a later one queues a re-learn of it that learns its
 frames again exactly as the learner would (batched with the new sequence's replay), the memory keeps
-the newest sequences within its bytes, a busy lane skips its re-learn, and with the setting off
-nothing is kept or learned twice."""
+the newest sequences within its bytes, a busy lane skips its re-learn, the service's defaults turn it
+on (2 lanes, 64 MiB), and with the setting off nothing is kept or learned twice."""
 
 from __future__ import annotations
 
@@ -11,11 +11,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
-from test_prequential import WINDOW_US, assert_same_weights, frames_of, learn, packets_of, settings_for
+from test_prequential import (
+    WINDOW_US,
+    assert_same_weights,
+    frames_of,
+    learn,
+    packets_of,
+    post_sequence,
+    settings_for,
+    settle,
+    twin,
+)
+from test_worker import run as run_worker
 
 from ndot_core import OnlineLearner
 from service.bus import messages
 from service.metrics import ServiceMetrics
+from service.settings import Settings
 from service.worker.batcher import Batcher
 from service.worker.model import build_batcher
 from service.worker.recent_replay import RecentSequences, lane
@@ -30,7 +42,7 @@ def batcher_with(tmp_path: Path, **limits: int) -> Batcher:
     )
 
 
-def twin(tmp_path: Path) -> OnlineLearner:
+def fresh_twin(tmp_path: Path) -> OnlineLearner:
     """A second learner with the same initial weights: the oracle."""
     return build_batcher(settings_for(tmp_path, max_stream_speed=0), ServiceMetrics()).learner
 
@@ -65,7 +77,7 @@ def test_a_later_sequence_relearns_a_kept_one_exactly_as_the_learner_learns_its_
     assert recent.relearned == 1 and len(recent) == 2 and not batcher.sequences.replaying
     assert learned_rows(batcher) == len(frames_first) * 3
 
-    oracle = twin(tmp_path)
+    oracle = fresh_twin(tmp_path)
     learn(oracle, frames_first, 3)
     state = oracle.new_state(2)  # the new sequence's replay and the re-learn: one step, two rows
     for new, kept in zip(frames_second, frames_first, strict=True):
@@ -74,8 +86,50 @@ def test_a_later_sequence_relearns_a_kept_one_exactly_as_the_learner_learns_its_
     assert batcher.learner.version == oracle.version
 
 
+def test_the_service_replays_two_recent_sequences_from_64_mib_by_default(tmp_path: Path) -> None:
+    settings, limits = Settings(redis_url=None, checkpoint_dir=tmp_path / "ckpt"), SequenceLimits()
+    assert (settings.replay_recent, settings.replay_memory_bytes) == (2, 64 * 2**20)  # docs/accuracy.md
+    assert (limits.replay_recent, limits.replay_memory_bytes) == (2, 64 * 2**20)
+    recent = build_batcher(settings, ServiceMetrics()).sequences.recent
+    assert recent is not None and recent.max_bytes == 64 * 2**20
+
+
+def test_a_worker_with_the_defaults_counts_first_replays_and_relearns_apart_and_restarts_empty(
+    tmp_path: Path,
+) -> None:
+    """``ndot_steps_total{kind="learn"}`` counts first replays and re-learns together; the stream's
+    ``learned_sequences`` counts first replays only. The memory is not checkpointed: a worker restored
+    from a checkpoint has the weights and an empty memory, so its first scored sequence re-learns none."""
+    bodies = [packets_of(100 * k, 2, seed=40 + k) for k in range(4)]
+    frames = len(frames_of(bodies[0]))
+    assert all(len(frames_of(b)) == frames for b in bodies)
+
+    async def scenario(bus, new_worker) -> None:
+        first = await new_worker("w1")
+        assert first.settings.replay_recent == 2  # the service's default
+        for k in range(3):
+            await post_sequence(bus, "a", bodies[k], label=k)
+            await settle(first)
+        recent = first.batcher.sequences.recent
+        assert len(recent) == 3 and recent.relearned == 4  # sequence 1 had none to draw; 2 and 3: one a lane
+        firsts, again = 3 * frames, recent.relearned * frames
+        assert learned_rows(first.batcher) == firsts + again  # rows of first replays + rows of re-learns
+        assert first.batcher.registry.get("a").info()["learned_sequences"] == 3  # re-learns not counted
+        first.applier.save()
+
+        second = await new_worker("w2")  # restores the checkpoint
+        assert second.restored_from is not None and len(second.batcher.sequences.recent) == 0
+        assert_same_weights(second.batcher.learner, twin(first))
+        await post_sequence(bus, "a", bodies[3], label=3)
+        await settle(second)
+        assert second.batcher.sequences.recent.relearned == 0 and len(second.batcher.sequences.recent) == 1
+        assert learned_rows(second.batcher) == frames  # its first replay only
+
+    run_worker(tmp_path, scenario, learn_at="sequence")  # the service's other defaults: replay on
+
+
 def test_without_replay_recent_nothing_is_kept_and_each_sequence_is_learned_once(tmp_path: Path) -> None:
-    batcher = batcher_with(tmp_path)
+    batcher = batcher_with(tmp_path, replay_recent=0)  # the setting off (the default is 2)
     assert batcher.sequences.recent is None
     frames = 0
     for k in range(3):
@@ -117,3 +171,21 @@ def test_a_busy_lane_skips_its_relearn_so_the_extra_work_stays_bounded(tmp_path:
     assert len(batcher.sequences.rows()) == 3  # the two new replays and one re-learn, one row each
     batcher.drain()
     assert len(recent) == 3
+
+
+def test_a_model_reset_forgets_the_kept_sequences_and_their_queued_relearns(tmp_path: Path) -> None:
+    batcher = batcher_with(tmp_path, replay_recent=2)
+    push_sequence(batcher, "a", packets_of(0, 2, seed=1), label=3, tag="a")
+    batcher.drain()
+    push_sequence(batcher, "a", packets_of(0, 2, seed=7), label=5, tag="b")
+    while not batcher.sequences.replaying:  # the second sequence ended: its replay and re-learns queued
+        assert batcher.tick() > 0
+    assert len(batcher.sequences.recent) == 1 and any(r.again for r in batcher.sequences.rows())
+    batcher.reset_model(seed=0)
+    assert len(batcher.sequences.recent) == 0 and batcher.sequences.recent.held_bytes == 0
+    assert not any(r.again for r in batcher.sequences.rows())  # no re-learn of a pre-reset digit waits
+    push_sequence(batcher, "a", packets_of(0, 2, seed=9), label=1, tag="c")
+    batcher.drain()
+    # b, scored before the reset, is still learned (by the fresh weights) and kept; a, learned by the
+    # weights the reset dropped, is never drawn again
+    assert [kept.label for kept in batcher.sequences.recent.kept] == [5, 1]

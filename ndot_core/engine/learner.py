@@ -26,7 +26,7 @@ until a bucket is ready, and for good after a compile error (one warning), the e
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,78 +38,14 @@ from ndot_core.engine.local_step import LocalStep, accumulate_grads
 from ndot_core.engine.loss import FTRLRegulariser, ndot_loss, ndot_loss_grad
 from ndot_core.engine.models import SpikingNetwork
 from ndot_core.engine.rules import check_rule
+from ndot_core.engine.sequence_losses import accumulated_gradients, check_labels, unrolled_losses
 from ndot_core.engine.state import NetworkState
 
 log = logging.getLogger(__name__)
+__all__ = ["BACKENDS", "MODES", "OPTIMIZERS", "OnlineLearner", "accumulated_gradients"]
 MODES = ("online", "accumulate")
 OPTIMIZERS = ("sgd", "adam")
 BACKENDS = ("autograd", "local", "auto")
-
-
-def _check_labels(
-    labels: Tensor, batch_size: int, num_classes: int, allow_unlabelled: bool = True
-) -> tuple[int, int]:
-    """Raise ``ValueError`` naming the first bad label; return the (smallest, largest) label."""
-    if labels.shape != (batch_size,):
-        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({batch_size},)")
-    if batch_size == 0:
-        return 0, -1
-    smallest, largest = (int(v) for v in torch.aminmax(labels))  # one reduction for the checks and rows
-    low = -1 if allow_unlabelled else 0
-    if smallest < low or largest >= num_classes:
-        bad = (labels < low) | (labels >= num_classes)
-        at = int(bad.nonzero()[0])
-        raise ValueError(f"label {int(labels[at])} at row {at} is outside [{low}, {num_classes})")
-    return smallest, largest
-
-
-def unrolled_losses(
-    model: SpikingNetwork,
-    frames: Tensor,
-    labels: Tensor,
-    rule: str,
-    alpha: float,
-    regulariser: FTRLRegulariser | None = None,
-) -> Iterator[Tensor]:
-    """Run ``frames`` [T, B, ...] from a fresh state; yield each step's loss ``L[t]`` (Eq. 13, /T).
-
-    Under the online rules each loss's graph covers its own step only; under ``bptt`` the graphs
-    chain through the membranes.
-    """
-    check_rule(rule)
-    if frames.dim() < 2:
-        raise ValueError(f"frames must be [T, B, ...], got shape {tuple(frames.shape)}")
-    steps, batch = frames.shape[:2]
-    _check_labels(labels, batch, model.num_classes)
-    rows = labels >= 0
-    if not bool(rows.any()):
-        raise ValueError("no labelled row: every label is -1")
-    state = model.new_state(batch)
-    for t in range(steps):
-        logits = model.step(frames[t], state, rule, dropout_rows=rows)
-        loss = ndot_loss(logits[rows], labels[rows], alpha, steps)
-        yield loss if regulariser is None else loss + regulariser(model)
-
-
-def accumulated_gradients(
-    model: SpikingNetwork, frames: Tensor, labels: Tensor, rule: str, alpha: float = 0.1
-) -> dict[str, Tensor]:
-    """``{name: dL/dparam}`` of ``L = sum_t L[t]`` over ``frames`` [T, B, ...] under ``rule``.
-
-    The model's weights and ``.grad`` are left untouched (gradients come from ``torch.autograd.grad``).
-    Online rules: the sum of each step's instantaneous gradient; ``bptt``: one backward through the
-    unrolled sequence. Parameters that get no gradient map to zeros.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    total = [torch.zeros_like(p) for p in params]
-    losses = unrolled_losses(model, frames, labels, rule, alpha)
-    if rule == "bptt":
-        losses = iter([torch.stack(list(losses)).sum()])
-    for loss in losses:
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        total = [acc if g is None else acc + g for acc, g in zip(total, grads, strict=True)]
-    return {name: g for (name, _), g in zip(named, total, strict=True)}
 
 
 class OnlineLearner:
@@ -175,6 +111,7 @@ class OnlineLearner:
         #: the caller applies them with ``apply_update`` (e.g. after reducing them over processes).
         self.hold_updates = False
         self._last_loss: Tensor | Callable[[], Tensor] | None = None
+        self._deferred: Callable[[], None] | None = None  # the learning of a step(defer_learning=True)
 
     @property
     def last_loss(self) -> Tensor | None:
@@ -183,6 +120,7 @@ class OnlineLearner:
         The local backend does not need the loss value for its gradient; it computes it here, on first
         read, from the logits and labels it kept (the same ``ndot_loss`` call as the autograd path).
         """
+        self.learn_pending()
         if callable(self._last_loss):
             self._last_loss = self._last_loss()
         return self._last_loss
@@ -247,36 +185,82 @@ class OnlineLearner:
         self.pending_steps = 0
         self.version += 1
 
-    def step(self, frames: Tensor, labels: Tensor | None, state: NetworkState) -> Tensor:
+    def step(
+        self, frames: Tensor, labels: Tensor | None, state: NetworkState, defer_learning: bool = False
+    ) -> Tensor:
         """Advance ``state`` (in place) by one frame per row; learn from labelled rows; return logits [B, K].
 
         ``frames`` [B, C, H, W]; ``labels`` [B] long with -1 for unlabelled rows, or None (no row
         labelled: pure inference under ``no_grad``). The returned logits (detached) come from this
         step's forward, before any weight update.
+
+        ``defer_learning``: the step's backward and optimizer step wait for ``learn_pending`` (the caller
+        answers from the logits and the state first). Anything that reads or changes the weights or the
+        gradients runs the pending learning first (the next ``step`` included), so the updates are the
+        same as without deferring. The compiled step computes its gradients with its forward and
+        does not defer.
         """
+        self.learn_pending()
         if self.rule == "bptt":
             raise ValueError("rule 'bptt' needs whole sequences: use learn_sequence, or an online rule")
         frames = frames.to(self.device, self.dtype)
         learn_rows, all_labelled = None, False
         if labels is not None:
             labels = torch.as_tensor(labels, device=self.device).to(torch.long)
-            smallest, largest = _check_labels(labels, state.batch_size, self.model.num_classes)
+            smallest, largest = check_labels(labels, state.batch_size, self.model.num_classes)
             learn_rows = labels >= 0 if largest >= 0 else None
             all_labelled = smallest >= 0
         if self._use_local():
-            return self._local_step(frames, labels, learn_rows, all_labelled, state)
+            logits, learn = self._local_step(frames, labels, learn_rows, all_labelled, state)
+        else:
+            logits, learn = self._autograd_step(frames, labels, learn_rows, state)
+        if learn is not None:
+            if defer_learning:
+                self._deferred = learn
+            else:
+                learn()
+        return logits
+
+    @property
+    def learning_pending(self) -> bool:
+        """A ``step(defer_learning=True)`` whose backward and optimizer step have not run yet."""
+        return self._deferred is not None
+
+    def learn_pending(self) -> bool:
+        """Run the deferred backward and optimizer step, if any; returns whether one ran.
+
+        If it raises, the step's learning is dropped (its gradients were not added) and the error goes
+        to the caller: the state advanced by the forward stays, the weights are unchanged.
+        """
+        learn, self._deferred = self._deferred, None
+        if learn is None:
+            return False
+        learn()
+        return True
+
+    def _autograd_step(
+        self, frames: Tensor, labels: Tensor | None, learn_rows: Tensor | None, state: NetworkState
+    ) -> tuple[Tensor, Callable[[], None] | None]:
+        """The reference step: ``model.step`` and ``loss.backward()``; returns (logits, its learning)."""
         self.last_backend = "autograd"
         if learn_rows is None:
             with torch.no_grad():
-                return self.model.step(frames, state, self.rule)
+                return self.model.step(frames, state, self.rule), None
         logits = self.model.step(frames, state, self.rule, dropout_rows=learn_rows)
-        loss = self._loss(logits[learn_rows], labels[learn_rows], self.steps_per_sample)
-        loss.backward()
-        self.last_loss = loss.detach()
+
+        def learn() -> None:
+            loss = self._loss(logits[learn_rows], labels[learn_rows], self.steps_per_sample)
+            loss.backward()
+            self.last_loss = loss.detach()
+            self._learned()
+
+        return logits.detach(), learn
+
+    def _learned(self) -> None:
+        """A labelled step's gradients are in ``.grad``: count it, and step the optimizer when due."""
         self.pending_steps += 1
         if self._update_due():
             self._optimizer_step()
-        return logits.detach()
 
     def _use_local(self) -> bool:
         """Whether this step runs on the local backend ("auto" falls back to autograd where it cannot)."""
@@ -297,8 +281,9 @@ class OnlineLearner:
         learn_rows: Tensor | None,
         all_labelled: bool,
         state: NetworkState,
-    ) -> Tensor:
-        """``step`` on the local backend: forward, the hand-written backward, the same optimizer rules."""
+    ) -> tuple[Tensor, Callable[[], None] | None]:
+        """``step`` on the local backend: the forward now; returns (logits, its learning: the hand-written
+        backward and the same optimizer rules), the learning done already on the compiled step."""
         assert self.local is not None
         compiled = None
         if self.compiled is not None and learn_rows is not None:
@@ -307,17 +292,25 @@ class OnlineLearner:
             self.last_backend = "compiled"
             logits, grads = compiled
             rows = None if all_labelled else learn_rows.nonzero().flatten()
-        else:
-            self.last_backend = "local"
-            logits, tape = self.local.forward(frames, state, self.rule, learn_rows, all_labelled)
-            if tape is None:
-                return logits
-            rows = tape.rows
+            self._local_learn(logits, labels, rows, grads)
+            return logits, None
+        self.last_backend = "local"
+        logits, tape = self.local.forward(frames, state, self.rule, learn_rows, all_labelled)
+        if tape is None:
+            return logits, None
+        return logits, lambda: self._local_learn(logits, labels, tape.rows, None, tape)
+
+    def _local_learn(
+        self, logits: Tensor, labels: Tensor, rows: Tensor | None, grads: Any, tape: Any = None
+    ) -> None:
+        """The local step's learning: ``grads`` (the compiled step's) or the backward of ``tape``, the
+        regulariser's gradients, then ``_learned``. ``tape`` is valid until the next forward."""
+        assert self.local is not None
         if rows is None:
             rows_logits, rows_labels = logits.clone(), labels
         else:
             rows_logits, rows_labels = logits.index_select(0, rows), labels.index_select(0, rows)
-        if compiled is None:
+        if grads is None:
             grad_logits = ndot_loss_grad(rows_logits, rows_labels, self.alpha, self.steps_per_sample)
             grads = self.local.backward(tape, grad_logits)
         penalty = None
@@ -334,10 +327,7 @@ class OnlineLearner:
             return value if penalty is None else value + penalty
 
         self._last_loss = loss
-        self.pending_steps += 1
-        if self._update_due():
-            self._optimizer_step()
-        return logits
+        self._learned()
 
     def _update_due(self) -> bool:
         """Whether a labelled ``step`` applies its gradients now (never while ``hold_updates``)."""
@@ -347,6 +337,7 @@ class OnlineLearner:
 
     def held_gradients(self) -> list[Tensor]:
         """Every trainable parameter's ``.grad`` (zeros where none yet), in ``optimizer`` order."""
+        self.learn_pending()
         grads = []
         for group in self.optimizer.param_groups:
             for param in group["params"]:
@@ -357,10 +348,12 @@ class OnlineLearner:
 
     def apply_update(self) -> None:
         """One optimizer step with the gradients in ``.grad`` (as set by the caller); ``version`` + 1."""
+        self.learn_pending()
         self._optimizer_step()
 
     def drop_held(self) -> None:
         """Forget the gradients held so far (zeroed in place; ``pending_steps`` = 0)."""
+        self._deferred = None
         torch._foreach_zero_(self.held_gradients())
         self.pending_steps = 0
 
@@ -376,6 +369,7 @@ class OnlineLearner:
         end; ``bptt`` unrolls the sequence and steps once. T = ``frames.shape[0]`` scales the loss.
         Gradients left pending by ``step`` are discarded first. Always on the autograd backend.
         """
+        self.learn_pending()
         frames = frames.to(self.device, self.dtype)
         labels = torch.as_tensor(labels, device=self.device).to(torch.long)
         self.optimizer.zero_grad(set_to_none=False)
@@ -401,6 +395,7 @@ class OnlineLearner:
 
     def reset_weights(self, seed: int | None = None) -> None:
         """Re-initialise every parameter (seeded when ``seed`` is given) and the optimizer; version = 0."""
+        self._deferred = None
         with torch.random.fork_rng(
             devices=[] if self.device.type != "cuda" else [self.device], enabled=seed is not None
         ):
@@ -421,6 +416,7 @@ class OnlineLearner:
         In mode "accumulate" between optimizer steps the gradients gathered so far are included, so a
         restore continues exactly where the save left off.
         """
+        self.learn_pending()
         pending = {
             name: p.grad.detach().clone()
             for name, p in self.model.named_parameters()
@@ -438,6 +434,7 @@ class OnlineLearner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` output (weights, optimizer, counters, pending gradients)."""
+        self._deferred = None
         missing = {"model", "optimizer", "version"} - state.keys()
         if missing:
             raise KeyError(f"learner state lacks {sorted(missing)}")

@@ -130,6 +130,12 @@ class EntryApplier(CheckpointSide):
             return min(live, self.settings.max_ticks_per_round)
         return min(batcher.ticks_to_drain(), LOCKSTEP_REPLAY_TICKS)
 
+    def settle_ticked(self, out: Applied) -> None:
+        """Lockstep: after the ranks' ticks, answer the packets they finished (replays' streams, busy flags)."""
+        self._settle(out)
+        self._refresh_learned(out)
+        self._flag_busy(out)
+
     def learn_deferred(self) -> int:
         """Run the learning the round's last tick left for after its answers; returns the rows learned."""
         try:

@@ -281,6 +281,8 @@ class Batcher(SequenceHooks, StepRunner):
             slot.sequence_step = 0
             if self.sequences is not None:  # running sequences are cut (their rows rest now)
                 self._finished(self.sequences.abandon(slot))
+        if self.sequences is not None:  # the fresh weights re-learn nothing streamed before the reset
+            self.sequences.forget_recent()
         self.metrics.model_version.set(self.learner.version)
 
     # --- ticks ------------------------------------------------------------------------------------
@@ -346,7 +348,8 @@ class Batcher(SequenceHooks, StepRunner):
 
         ``paced``: a stream ahead of its pace (``service.worker.pace``) sits this tick out.
         ``replays_alone``: run the replays' rows (learn_at=sequence) even when no live frame is ready.
-        ``defer``: a tick with live rows owes its replay step to ``learn_deferred`` (after the answers).
+        ``defer``: a tick with live rows owes its replay step (learn_at=sequence), or its live rows' learning
+        (learn_at=step), to ``learn_deferred`` (after the answers; ``service.worker.batcher_steps``).
 
         When the batched step raises, each row is run alone (``service.worker.step_failures``), so one
         bad packet never holds back the other streams.
@@ -365,8 +368,8 @@ class Batcher(SequenceHooks, StepRunner):
                 step = slot.pending.popleft()[1]
                 self.remaining[step.entry_id] -= 1
                 batch.append((slot, step))
-        if fresh_rows:
-            self.table.reset_rows(fresh_rows)
+        if fresh_rows:  # (a live step's pending learning may hold the table's tensors: reset a copy)
+            self.table.reset_rows(fresh_rows, copy=self.learner.learning_pending)
         for slot, record in starting:  # the row a sequence starts from (at rest after its reset)
             self.sequences.started(record, self._row_unless_resting(slot.row))
         replays = self.sequences.rows() if self.sequences is not None else []
@@ -374,9 +377,10 @@ class Batcher(SequenceHooks, StepRunner):
             return 0
         self.ticks_run += 1  # (the tick clock of a cluster counts these: service.worker.cluster)
         self.last_tick_labelled = sum(step.learn_label >= 0 for _, step in batch)
+        self.learn_live_pending()  # a live step's learning (learn_at=step, defer) before the next step
         if batch:
             try:
-                self._step(batch)
+                self._step(batch, defer)
             except Exception as err:
                 step_failures.run_each_alone(self, batch, [], err)
         if replays and defer and batch:  # learned after the round's answers (learn_deferred)
@@ -412,5 +416,7 @@ class Batcher(SequenceHooks, StepRunner):
         """Swap in a snapshot after checking it against the running model; on error nothing changes."""
         self.learn_deferred()
         self.state, self.registry = batcher_state.loaded(self, tree)
+        if self.sequences is not None:  # as a restarted worker: the memory of learned sequences is empty
+            self.sequences.forget_recent()
         self.metrics.active_streams.set(len(self.registry))
         self.metrics.model_version.set(self.learner.version)

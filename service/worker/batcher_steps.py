@@ -16,7 +16,13 @@ checkpoint, a reset, the next round) runs the owed learning first. What changes 
 each replay step in its own tick: within one round of several ticks the live forwards of its later
 ticks do not see the replay updates of its earlier ones (they see them from the next round on); what
 is learned, from which frames and start states, is the same (docs/service.md § Answers before
-learning). Under learn_at=step a labelled live step learns in the same call: its answer waits for it.
+learning).
+
+Under learn_at=step a labelled live step learns in the call that predicts. A tick run with
+``defer=True`` keeps that step's backward and optimizer step pending in the learner
+(``OnlineLearner.step(defer_learning=True)``); the next tick runs it before its forward, so only the
+round's last tick's learning waits past the answers, and the updates are exactly those of learning
+at once. (The compiled step computes its gradients with its forward: it does not defer.)
 """
 
 from __future__ import annotations
@@ -60,14 +66,18 @@ class StepRunner:
     step_s_average: float
     #: Replay ticks run with ``defer=True`` whose replay step has not run yet (``learn_deferred`` runs them).
     replay_ticks_owed: int = 0
+    #: Seconds of the forward of a live step whose learning is pending (observed with the learning's).
+    deferred_forward_s: float = 0.0
 
     @property
     def learning_deferred(self) -> bool:
-        """Replay steps wait for ``learn_deferred`` (the round's answers go first)."""
-        return self.replay_ticks_owed > 0
+        """Learning waits for ``learn_deferred`` (the round's answers go first)."""
+        return self.replay_ticks_owed > 0 or self.learner.learning_pending
 
     def learn_deferred(self) -> int:
-        """Run the replay ticks that ``tick(defer=True)`` owes, in order; returns the replay rows learned."""
+        """Run the learning ``tick(defer=True)`` left: the live step's (learn_at=step), then the replay
+        ticks owed, in order; returns the replay rows learned."""
+        self.learn_live_pending()
         owed, self.replay_ticks_owed = self.replay_ticks_owed, 0
         learned = 0
         for _ in range(owed):
@@ -77,6 +87,22 @@ class StepRunner:
             self._run_replays(replays)
             learned += len(replays)
         return learned
+
+    def learn_live_pending(self) -> None:
+        """The pending learning of a live step (learn_at=step, ``defer``), timed with its forward.
+
+        If it fails, that step's learning is dropped, logged and counted: its answers went out and its
+        state advanced; the weights are as before the step.
+        """
+        if not self.learner.learning_pending:
+            return
+        started = time.perf_counter()
+        try:
+            self.learner.learn_pending()
+        except Exception as err:
+            self.metrics.learning_failures.inc()
+            log.error("event=deferred_learning_failed error=%r; that step's learning is dropped", err)
+        self._observe_step(self.deferred_forward_s + time.perf_counter() - started)
 
     def _run_replays(self, replays: list[Replay]) -> None:
         try:
@@ -95,8 +121,10 @@ class StepRunner:
         self.results[step.entry_id] = []
         self.remaining[step.entry_id] = 0
 
-    def _step(self, batch: list[tuple[StreamSlot, PendingStep]]) -> None:
+    def _step(self, batch: list[tuple[StreamSlot, PendingStep]], defer: bool = False) -> None:
         """Rows -> ``learner.step`` -> rows back -> record; the state changes only if the step succeeds.
+
+        ``defer``: a labelled row's learning waits (``learn_live_pending``; see the module docstring).
 
         Every live stream in the batch (the usual case at real time): the table is stepped as it is,
         no copies (``StateTable.batch_of``); its tensors before the step are kept to put back on failure.
@@ -109,7 +137,7 @@ class StepRunner:
         sub, how = self.table.batch_of(rows)
         before = shallow(sub) if how == "whole" else None
         try:
-            self._timed_step(frames, labels, sub)
+            self._timed_step(frames, labels, sub, defer)
         except Exception:
             if before is not None:
                 self.table.state = before
@@ -146,10 +174,18 @@ class StepRunner:
             return stacked
         return stacked.pin_memory().to(device, non_blocking=True)
 
-    def _timed_step(self, frames: torch.Tensor, labels: torch.Tensor | None, state: NetworkState) -> None:
+    def _timed_step(
+        self, frames: torch.Tensor, labels: torch.Tensor | None, state: NetworkState, defer: bool = False
+    ) -> None:
         started = time.perf_counter()
-        self.learner.step(frames, labels, state)
+        self.learner.step(frames, labels, state, defer_learning=defer)
         elapsed = time.perf_counter() - started
+        if self.learner.learning_pending:  # observed once its learning ran too
+            self.deferred_forward_s = elapsed
+        else:
+            self._observe_step(elapsed)
+
+    def _observe_step(self, elapsed: float) -> None:
         self.metrics.step_duration.observe(elapsed)
         self.step_s_average += 0.05 * (elapsed - self.step_s_average)
 

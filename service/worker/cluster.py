@@ -238,12 +238,12 @@ class RoundSync:
         stop: bool,
         model_reset: bool,
         checkpoint: bool = False,
-        run_ticks: Callable[[int, bool], None] | None = None,
+        run_ticks: Callable[[int, bool, bool], None] | None = None,
     ) -> RoundOutcome:
         """The round's collective (see the class docstring); call on every rank once per round.
 
-        ``run_ticks(ticks, model_reset)`` (sync_mode grad): ``ticks`` is what the ranks *want* to run; the
-        agreed count is handed to ``run_ticks`` right after the collective, and the clock counts it.
+        ``run_ticks(ticks, model_reset, checkpoint)`` (sync_mode grad): ``ticks`` is what the ranks *want* to
+        run; the agreed count is handed to ``run_ticks`` right after the collective, and the clock counts it.
         """
         started = time.perf_counter()
         agreed = torch.tensor([ticks, int(stop), int(model_reset), int(checkpoint)], dtype=torch.long)
@@ -252,7 +252,7 @@ class RoundSync:
         checkpoint = checkpoint or stop
         if run_ticks is not None:  # (the ticks' own work is not sync time)
             ticking = time.perf_counter()
-            run_ticks(ticks, bool(model_reset))
+            run_ticks(ticks, bool(model_reset), bool(checkpoint))
             started += time.perf_counter() - ticking
         before, self.clock = self.clock, self.clock + ticks
         self.rounds += 1

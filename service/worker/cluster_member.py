@@ -17,11 +17,16 @@ count (all-reduce MAX of what each wants), every rank runs exactly that many tic
 included, and after each tick the gradients are all-reduced and applied on every rank
 (``cluster.GradientSync``): each update is the one a single worker holding every stream would make
 from the tick's rows. A control entry waits (``EntryApplier.held``) until the rank's queued steps
-ran in such ticks; a cut first drains every rank's queues the same way.
+ran in such ticks; a cut first drains every rank's queues the same way. The worker runs the round's
+end between its apply and its send (``end_round``), so the packets those ticks finish are answered in
+the same round; the last tick's learning (its replay step, the all-reduce, the update) waits until the
+answers are on their way (``finish_tick``, answers before learning): the updates are the same, each
+comes before the next tick's forward.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,8 +35,9 @@ import redis
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from service.bus import BusEntry
 from service.settings import Settings
-from service.worker.applier import EntryApplier
+from service.worker.applier import Applied, EntryApplier
 from service.worker.batcher import Batcher
 from service.worker.checkpoints import CheckpointError
 from service.worker.cluster import (
@@ -89,13 +95,19 @@ class ClusterMember:
         self.sync = RoundSync(settings.sync_every_ticks, settings.sync_mode)
         self.gradients: GradientSync | None = None  # sync_mode grad: built by ``align`` (the learner's)
         self.shards: list[int] = []
+        self.shard_count = 0  # the bus's shards (join)
         self._ticks_seen = 0
         self._resets_seen = 0
         self._metrics: dict[str, Any] = {}
+        self._counted = {"gradient_syncs": 0, "sync": 0.0}  # what the counters in _metrics hold
         self.committed: str | None = None  # the newest round this group committed
         self.token = 0  # this group's fencing token (join)
         self._epoch_key = f"{settings.bus_stream}:epoch"  # (RedisStreamBus.epoch_key)
         self.cut_error: str | None = None  # why the latest cut was not committed, if it was not
+        #: Lockstep: the round's last tick ran with its learning deferred (``finish_tick`` runs it, on every
+        #: rank alike) and this rank's labelled rows of it so far.
+        self.tick_deferred = False
+        self._deferred_rows = 0
 
     def attach_metrics(self, registry: CollectorRegistry) -> None:
         """This rank's cluster metrics in the worker's registry (label ``rank``: one value per process)."""
@@ -136,6 +148,7 @@ class ClusterMember:
         torch.distributed.broadcast_object_list(token, src=0)
         self.token = int(token[0])
         self.shards = owned_shards(self.rank, self.world_size, shards)
+        self.shard_count = shards
         log.info(
             "event=rank_owns rank=%d world_size=%d shards=%d first=%s",
             self.rank,
@@ -196,24 +209,56 @@ class ClusterMember:
             self.gradients = GradientSync(batcher.learner)
         self._ticks_seen, self._resets_seen = batcher.ticks_run, batcher.model_resets
 
-    def lockstep_ticks(self, applier: EntryApplier, ticks: int | None = None, draining: bool = False) -> int:
+    def lockstep_ticks(
+        self,
+        applier: EntryApplier,
+        ticks: int | None = None,
+        draining: bool = False,
+        defer_last: bool = False,
+    ) -> int:
         """sync_mode grad: run ``ticks`` ticks together with the other ranks, one all-reduced update per tick
         (see the module docstring); ``None``: agree on the count first (all-reduce MAX of what each rank
-        wants: every rank's queued work when ``draining``). Returns the ticks run."""
+        wants: every rank's queued work when ``draining``). ``defer_last``: the last tick's learning (its
+        replay step, the gradients' all-reduce and the update) waits for ``finish_tick``, which the worker
+        runs while the round's answers travel (answers before learning). Returns the ticks run."""
         assert self.gradients is not None
+        self.finish_tick(applier)  # (every rank's gradients of a tick come from the same weights)
         if ticks is None:
             ticks = TickClock().agree(applier.ticks_wanted(draining))
         batcher = applier.batcher
-        for _ in range(ticks):
+        for tick in range(ticks):
             drains = draining or bool(applier.held)
-            batcher.tick(paced=not drains, replays_alone=drains or not applier.in_flight)
-            self.gradients.after_tick(batcher.last_tick_labelled)
+            defer = defer_last and tick == ticks - 1
+            batcher.tick(paced=not drains, replays_alone=drains or not applier.in_flight, defer=defer)
+            if defer:
+                self.tick_deferred, self._deferred_rows = True, batcher.last_tick_labelled
+            else:
+                self.gradients.after_tick(batcher.last_tick_labelled)
         return ticks
+
+    def finish_tick(self, applier: EntryApplier) -> None:
+        """The learning of a tick run with ``defer_last``, if one waits: its owed replay step (or a live step's
+        pending learning), then the gradients' all-reduce and the update. Every rank deferred the same tick,
+        so every rank calls this at the same point of its rounds (the all-reduce)."""
+        if not self.tick_deferred:
+            return
+        self.tick_deferred = False
+        learned = applier.learn_deferred()  # the replay rows the tick owed (0 when they ran in it)
+        self.gradients.after_tick(self._deferred_rows + learned)
+
+    def end_round(
+        self, applier: EntryApplier, entries: list[BusEntry], housekeeping: bool, stopping: bool
+    ) -> tuple[Applied, RoundOutcome]:
+        """Lockstep: frame ``entries``, end the round with the other ranks (their ticks run in it), then
+        settle what the ticks finished, so those packets are answered this round (run in a thread)."""
+        applied = applier.apply(entries, housekeeping)
+        outcome = self.after_round(applier, stopping)
+        applier.settle_ticked(applied)
+        return applied, outcome
 
     def after_round(self, applier: EntryApplier, stopping: bool) -> RoundOutcome:
         """This rank's end of a round (every rank calls it once per round; see ``RoundSync``)."""
         batcher = applier.batcher
-        sync_s = self.sync_seconds()
         reset = batcher.model_resets > self._resets_seen
         due = applier.dirty and applier.due.due()
         run_ticks = None
@@ -221,12 +266,14 @@ class ClusterMember:
             ticks = batcher.ticks_run - self._ticks_seen  # run in this round's apply
         else:  # lockstep: the ranks agree on the ticks in the round's collective, then run them together
             ticks = applier.ticks_wanted(draining=False)
-            gradient_ticks = self.gradients.ticks
 
-            def run_ticks(agreed: int, model_reset: bool) -> None:
+            def run_ticks(agreed: int, model_reset: bool, checkpoint: bool) -> None:
+                self.finish_tick(applier)
                 if model_reset:  # before the ticks: every rank's gradients come from the same weights
                     self._reset_model(batcher)
-                self.lockstep_ticks(applier, agreed)
+                # the last tick's learning after the round's answers, unless the ranks save this round
+                defer_last = self.settings.answer_before_learning and not checkpoint
+                self.lockstep_ticks(applier, agreed, defer_last=defer_last)
 
         outcome = self.sync.after_round(
             batcher.learner.model.parameters(), ticks, stopping, reset, due, run_ticks
@@ -236,8 +283,11 @@ class ClusterMember:
             self._metrics["rounds"].inc()
             self._metrics["averages"].inc(int(outcome.averaged))
             if self.gradients is not None:
-                self._metrics["gradient_syncs"].inc(self.gradients.ticks - gradient_ticks)
-            self._metrics["sync"].inc(self.sync_seconds() - sync_s)
+                self._metrics["gradient_syncs"].inc(self.gradients.ticks - self._counted["gradient_syncs"])
+                self._counted["gradient_syncs"] = self.gradients.ticks
+            # (cumulative: a deferred tick's all-reduce runs between two rounds)
+            self._metrics["sync"].inc(self.sync_seconds() - self._counted["sync"])
+            self._counted["sync"] = self.sync_seconds()
         if outcome.model_reset and self.gradients is None:  # every rank alike: fresh seeded weights
             self._reset_model(batcher)
         if outcome.checkpoint:
@@ -294,6 +344,19 @@ class ClusterMember:
             "digest": sync.digest,
             "digest_clock": sync.digest_clock,
         }
+
+    def cluster_json(self) -> bytes:
+        """What the cluster is (rank 0 writes it to the bus for ``GET /v1/cluster``)."""
+        settings = self.settings
+        return json.dumps(
+            {
+                "world_size": self.world_size,
+                "attempt": self.config.restart_count,
+                "shards": self.shard_count,
+                "sync_mode": settings.sync_mode,
+                "sync_every_ticks": settings.sync_every_ticks,
+            }
+        ).encode()
 
     def leave(self) -> None:
         leave()

@@ -21,7 +21,9 @@ serve`` exit 1 instead of 0.
 As one rank of ``ndot workers`` (``cluster``: ``service.worker.cluster_member``) the worker owns the
 shards ``s % W == r`` of the bus, restores the group's newest committed round, and ends every round in
 one collective with the other ranks (tick clock, parameter averaging, stopping together, model reset,
-the consistent cut): docs/scale-out.md.
+the consistent cut): docs/scale-out.md. Under sync_mode grad (lockstep) that collective and the ranks'
+ticks run between the apply and the send (``ClusterMember.end_round``): the packets they finish are
+answered in the same round, and the last tick's update (an all-reduce) runs while the answers travel.
 
 Bus failures (Redis unreachable, refusing writes: OOM, MISCONF, READONLY, ..., or an unexpected
 error answer) never end the worker: ``start`` and the loop wait them out with back-off
@@ -52,9 +54,11 @@ from service.settings import Settings
 from service.worker.applier import Applied, EntryApplier, reason
 from service.worker.batcher import Batcher
 from service.worker.bus_retry import RETRIED, BusRetry
+from service.worker.cluster import RoundOutcome
 from service.worker.cluster_checkpoints import round_infos
 from service.worker.cluster_member import ClusterMember
 from service.worker.recovery import recover
+from service.worker.timely_read import read_on_time
 
 log = logging.getLogger("ndot.worker")
 
@@ -92,6 +96,8 @@ class Worker:
         self._last_claim_s = 0.0
         self._last_housekeeping_s = 0.0
         self._status_s = 0.0  # when this rank last wrote its status (cluster)
+        #: Lockstep (sync_mode grad): the round's end, when ``run_once`` already took it (before its answers).
+        self._round_outcome: RoundOutcome | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -221,7 +227,11 @@ class Worker:
             else:
                 self._bus_retry.recovered("run")
             if self.cluster is not None:  # every rank ends every round together (and stops together)
-                outcome = await asyncio.to_thread(self.cluster.after_round, self.applier, self._stop.is_set())
+                outcome, self._round_outcome = self._round_outcome, None  # (lockstep: taken in run_once)
+                if outcome is None:
+                    outcome = await asyncio.to_thread(
+                        self.cluster.after_round, self.applier, self._stop.is_set()
+                    )
                 if outcome.stop:
                     self._stop.set()
                     break
@@ -264,8 +274,9 @@ class Worker:
             block = min(block, math.ceil(self.applier.wait_s() * 1000))
         if self.cluster is not None:  # the other ranks wait for this round's end: never for long
             block = min(block, CLUSTER_READ_BLOCK_MS)
-        entries = await self.bus.read(self.consumer, self.settings.read_count, block)
-        await self._handle(entries)
+        wake_key = messages.heartbeat_key(self.prefix)  # (a quiet Redis ends a short block late: timely_read)
+        entries = await read_on_time(self.bus, self.consumer, self.settings.read_count, block, wake_key)
+        await self._handle(entries, end_round=self.cluster is not None and self.applier.lockstep)
         return len(entries)
 
     async def recover(self) -> int:
@@ -287,10 +298,17 @@ class Worker:
             log.info("event=claimed_stale entries=%d", len(claimed))
             await self._handle(claimed)
 
-    async def _handle(self, entries: list[BusEntry], drain: bool = False) -> None:
+    async def _handle(self, entries: list[BusEntry], drain: bool = False, end_round: bool = False) -> None:
+        """Apply ``entries`` and send what that produced; ``end_round`` (lockstep): the round's collective and
+        the ranks' ticks run between the two, so the packets those ticks finish are answered this round."""
         now = time.monotonic()
         housekeeping = now - self._last_housekeeping_s >= HOUSEKEEPING_INTERVAL_S
-        if entries or housekeeping or self.applier.has_work or drain:
+        if end_round:
+            stopping = self._stop.is_set()
+            applied, self._round_outcome = await asyncio.to_thread(
+                self.cluster.end_round, self.applier, entries, housekeeping, stopping
+            )
+        elif entries or housekeeping or self.applier.has_work or drain:
             applied = await asyncio.to_thread(self.applier.apply, entries, housekeeping, drain)
         else:
             applied = Applied()
@@ -300,32 +318,47 @@ class Worker:
         if self._unsent is not None:
             applied, changed = _merged(self._unsent, applied), True
         self._unsent = applied
-        if housekeeping:
-            self._last_housekeeping_s = now
-            self.metrics.bus_lag.set(await self.bus.lag())
-            streams = [slot.stream_id for slot in self.batcher.registry]
-            await self.batcher.live.refresh_watched(self.bus, self.prefix, streams)  # viewing flags
-            if self.batcher.learner.device.type == "cuda":
-                self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(self.batcher.learner.device))
-        if self._resync_values:
-            applied.values = {**self.applier.sensor_values(), **applied.values}
-        values = self._round_values(applied, changed)
-        # answers before learning: the learning the round's last tick deferred runs in the thread while
-        # the answers travel, and is over before anything else touches the model (the next round)
         learning = None
-        if self.batcher.learning_deferred:
-            learning = asyncio.ensure_future(asyncio.to_thread(self.applier.learn_deferred))
         try:
+            if housekeeping:
+                self._last_housekeeping_s = now
+                self.metrics.bus_lag.set(await self.bus.lag())
+                streams = [slot.stream_id for slot in self.batcher.registry]
+                await self.batcher.live.refresh_watched(self.bus, self.prefix, streams)  # viewing flags
+                device = self.batcher.learner.device
+                if device.type == "cuda":
+                    self.metrics.device_memory_bytes.set(torch.cuda.memory_allocated(device))
+            if self._resync_values:
+                applied.values = {**self.applier.sensor_values(), **applied.values}
+            values = self._round_values(applied, changed)
+            # answers before learning: the learning the round's last tick deferred runs in the thread while
+            # the answers travel, and is over before anything else touches the model (the next round)
+            learning = self._learn_beside_answers(end_round)
             while applied.dead:  # (rare) before the round's answers: a dead letter is on file when its 500 is
                 await self.bus.dead_letter(*applied.dead[0])
                 applied.dead.pop(0)
             await self.bus.send_round(values, applied.replies, self.settings.reply_ttl_s, applied.acks)
         finally:
+            # (a bus failure before the answers: the ranks' update runs now, before anything else)
+            if learning is None and end_round:
+                learning = self._learn_beside_answers(end_round)
             if learning is not None:
                 await learning
         self._resync_values = False
         self._unsent = None
         self.metrics.worker_heartbeat.set(time.time())
+
+    def _learn_beside_answers(self, end_round: bool) -> asyncio.Future[Any] | None:
+        """The learning deferred past the round's answers, started in a thread: under lockstep (``end_round``)
+        the last tick's update with the other ranks (``ClusterMember.finish_tick``: every rank, every round
+        that deferred one), else what the batcher's ticks owe (``learn_deferred``); ``None`` when nothing waits."""
+        if end_round:
+            if not self.cluster.tick_deferred:
+                return None
+            return asyncio.ensure_future(asyncio.to_thread(self.cluster.finish_tick, self.applier))
+        if self.batcher.learning_deferred:
+            return asyncio.ensure_future(asyncio.to_thread(self.applier.learn_deferred))
+        return None
 
     def _round_values(self, applied: Applied, changed: bool) -> list[Value]:
         """The round's value writes, before its replies (a client that got its reply sees them): sensor
@@ -347,7 +380,7 @@ class Worker:
                 (messages.rank_status_key(self.prefix, self.cluster.rank), self.status_json(), None)
             )
             if self.cluster.rank == 0:
-                values.append((messages.cluster_key(self.prefix), self._cluster_json(), None))
+                values.append((messages.cluster_key(self.prefix), self.cluster.cluster_json(), None))
         heartbeat_ttl_s = max(60.0, 10 * self.settings.heartbeat_timeout_s)
         values.append((messages.heartbeat_key(self.prefix), repr(time.time()).encode(), heartbeat_ttl_s))
         values += self.batcher.live.due_values(self.prefix)  # live views, <= 10/s per watched stream
@@ -368,18 +401,6 @@ class Worker:
         if self.cluster is not None:
             status["cluster"] = self.cluster.status()
         return json.dumps(status).encode()
-
-    def _cluster_json(self) -> bytes:
-        assert self.cluster is not None
-        return json.dumps(
-            {
-                "world_size": self.cluster.world_size,
-                "attempt": self.cluster.config.restart_count,
-                "shards": self.bus.shards,
-                "sync_mode": self.settings.sync_mode,
-                "sync_every_ticks": self.settings.sync_every_ticks,
-            }
-        ).encode()
 
 
 def _merged(older: Applied, newer: Applied) -> Applied:

@@ -47,7 +47,7 @@ import torch
 from ndot_core import NetworkState, OnlineLearner
 from service.bus.messages import LabelRequest
 from service.metrics import ServiceMetrics
-from service.worker.recent_replay import RecentSequences, lane
+from service.worker.recent_replay import RecentSequences, is_lane, lane
 from service.worker.sequences import (
     INCOMPLETE,
     LabelRefused,
@@ -237,6 +237,15 @@ class SequenceLearning:
             again = Replay(key, book, record, kept.frames, kept.label, kept.start_state, again=True)
             self.replays[key] = deque([again])
             self.recent.relearned += 1
+
+    def forget_recent(self) -> None:
+        """Empty the memory of learned sequences and drop the re-learns queued from it (a model reset:
+        the fresh weights must not re-learn what was streamed before)."""
+        if self.recent is None:
+            return
+        self.recent.clear()
+        for key in [key for key in self.replays if is_lane(key)]:
+            del self.replays[key]
 
     # --- replays ------------------------------------------------------------------------------------
 

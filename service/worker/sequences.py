@@ -61,8 +61,8 @@ class SequenceLimits:
     max_frames: int = 250
     max_bytes: int = 4 * 1024 * 1024
     held: int = 2
-    replay_recent: int = 0
-    replay_memory_bytes: int = 16 * 1024 * 1024
+    replay_recent: int = 2
+    replay_memory_bytes: int = 64 * 1024 * 1024
 
 
 class LabelRefused(Exception):

@@ -63,5 +63,9 @@ class StateTable:
         elif how == "scattered":
             self.state.assign(list(rows), sub)
 
-    def reset_rows(self, rows: Sequence[int]) -> None:
+    def reset_rows(self, rows: Sequence[int], copy: bool = False) -> None:
+        """Put ``rows`` at rest, in place; ``copy``: in a copy of the table (the tensors before stay as
+        they were, e.g. for a step's pending learning that holds them)."""
+        if copy:
+            self.state = self.state.select(list(range(self.state.batch_size)))
         self.state.reset_rows(list(rows))
