@@ -229,8 +229,8 @@ class OnlineLearner:
     def learn_pending(self) -> bool:
         """Run the deferred backward and optimizer step, if any; returns whether one ran.
 
-        If it raises, the step's learning is dropped (its gradients were not added) and the error goes
-        to the caller: the state advanced by the forward stays, the weights are unchanged.
+        If it raises, the error goes to the caller and that learning is not retried (the state the
+        forward advanced stays); the caller decides what it means (the worker drops it and counts it).
         """
         learn, self._deferred = self._deferred, None
         if learn is None:
