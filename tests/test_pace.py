@@ -32,6 +32,7 @@ def test_a_flooded_stream_waits_for_its_pace_and_the_others_do_not() -> None:
         max_packet_frames=5,
         max_stream_speed=1.0,  # 50 frames/s after a burst of 5
     )
+    batcher.clock = lambda: 1000.0  # the pace's clock stands still: no token comes back within the round
     flood, camera = batcher.open("flood", 34, 34)[0], batcher.open("camera", 34, 34)[0]
     frame = np.zeros((2, 34, 34), dtype=np.float32)
     for k in range(40):

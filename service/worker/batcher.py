@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,7 @@ class Batcher(SequenceHooks, StepRunner):
         self.max_gap_windows = max_gap_windows
         self.max_packet_frames = max_packet_frames
         self.pace = Pace(max_stream_speed, window_us, burst=max_packet_frames or 1)  # service.worker.pace
+        self.clock: Callable[[], float] = time.monotonic  # the pace's clock (seconds)
         self.step_s_average = 0.01  # moving average of a learner step's seconds (for Retry-After)
         self.ticks_run = 0  # ticks that stepped at least one row
         self.model_resets = 0
@@ -322,7 +324,7 @@ class Batcher(SequenceHooks, StepRunner):
         live = [slot.stream_id for slot in self.registry if slot.pending]
         if not live and self.replaying:
             return REPLAY_IDLE_S
-        return self.pace.wait_s(live, time.monotonic())
+        return self.pace.wait_s(live, self.clock())
 
     def take(self, entry_id: str) -> tuple[list[dict[str, Any]], str | None] | None:
         """A finished packet's step results and its error (``None`` = applied); ``None`` while steps wait."""
@@ -361,7 +363,7 @@ class Batcher(SequenceHooks, StepRunner):
         batch: list[tuple[StreamSlot, PendingStep]] = []
         fresh_rows: list[int] = []
         starting: list[tuple[StreamSlot, Any]] = []
-        now = time.monotonic()
+        now = self.clock()
         for slot in self.registry:
             self._markers(slot, fresh_rows, starting)
             if slot.pending and (not paced or self.pace.take(slot.stream_id, now)):

@@ -58,7 +58,6 @@ from service.worker.cluster import RoundOutcome
 from service.worker.cluster_checkpoints import round_infos
 from service.worker.cluster_member import ClusterMember
 from service.worker.recovery import recover
-from service.worker.timely_read import read_on_time
 
 log = logging.getLogger("ndot.worker")
 
@@ -274,8 +273,7 @@ class Worker:
             block = min(block, math.ceil(self.applier.wait_s() * 1000))
         if self.cluster is not None:  # the other ranks wait for this round's end: never for long
             block = min(block, CLUSTER_READ_BLOCK_MS)
-        wake_key = messages.heartbeat_key(self.prefix)  # (a quiet Redis ends a short block late: timely_read)
-        entries = await read_on_time(self.bus, self.consumer, self.settings.read_count, block, wake_key)
+        entries = await self.bus.read(self.consumer, self.settings.read_count, block)
         await self._handle(entries, end_round=self.cluster is not None and self.applier.lockstep)
         return len(entries)
 

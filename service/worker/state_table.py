@@ -67,5 +67,5 @@ class StateTable:
         """Put ``rows`` at rest, in place; ``copy``: in a copy of the table (the tensors before stay as
         they were, e.g. for a step's pending learning that holds them)."""
         if copy:
-            self.state = self.state.select(list(range(self.state.batch_size)))
+            self.state = self.state.clone()
         self.state.reset_rows(list(rows))
