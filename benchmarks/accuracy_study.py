@@ -196,13 +196,17 @@ def load_parts(data_dir: Path, split_seed: int) -> dict[str, list[Sequence]]:
     }
 
 
-def summarise(runs: list[dict[str, Any]], points: list[str]) -> list[dict[str, Any]]:
-    """Mean and sample standard deviation per point over its seeds, in ``points`` order."""
+def summarise(
+    runs: list[dict[str, Any]],
+    points: list[str],
+    keys: tuple[str, ...] = ("choose", "report", "preq_last", "preq", "seconds"),
+) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of ``keys`` per point over its seeds, in ``points`` order."""
     table = []
     for point in points:
         group = [r for r in runs if r["point"] == point]
         row: dict[str, Any] = {"point": point, "seeds": [r["seed"] for r in group]}
-        for key in ("choose", "report", "preq_last", "preq", "seconds"):
+        for key in keys:
             values = np.array([r[key] for r in group], dtype=float)
             row[key] = float(values.mean())
             row[f"{key}_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
@@ -210,7 +214,13 @@ def summarise(runs: list[dict[str, Any]], points: list[str]) -> list[dict[str, A
     return table
 
 
-def plot(table: list[dict[str, Any]], path: Path, target: float) -> None:
+def plot(
+    table: list[dict[str, Any]],
+    path: Path,
+    target: float,
+    xlabel: str = "accuracy after one labelled pass over 700 (%), mean ± sd",
+) -> None:
+    """Choose and report accuracy per point, as bars with their spread, against the target."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +241,7 @@ def plot(table: list[dict[str, Any]], path: Path, target: float) -> None:
     axes.set_yticks(y, [r["point"] for r in table], fontsize=8)
     axes.invert_yaxis()
     low = min(100 * min(r["choose"], r["report"]) for r in table)
-    axes.set(xlim=(max(0, low - 8), 100), xlabel="accuracy after one labelled pass over 700 (%), mean ± sd")
+    axes.set(xlim=(max(0, low - 8), 100), xlabel=xlabel)
     axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.9 / len(table) - 0.06), ncol=3)
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()

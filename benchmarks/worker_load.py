@@ -35,8 +35,11 @@ REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 class WorkerProcess:
     """``ndot worker`` (or ``ndot workers``: ``command``) on a Redis stream of its own; a context manager."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], command: str = "worker") -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], command: str = "worker", source: Path = REPO
+    ) -> None:
         self.command = command
+        self.source = source  # the source tree the worker runs from (``worker_ab.py``: another revision)
         self.stream = f"bench-worker-{uuid.uuid4().hex[:8]}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("NDOT_")},
@@ -46,7 +49,7 @@ class WorkerProcess:
             "NDOT_LOG_LEVEL": "WARNING",
             "NDOT_WORKER_METRICS_PORT": "0",
             "NDOT_BUS_MAX_LAG": "5000",
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": str(source),
             **env,
         }
         self.log = workdir / "worker.log"
@@ -56,7 +59,7 @@ class WorkerProcess:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "service.cli", self.command],
-                cwd=REPO,
+                cwd=self.source,
                 env=self.env,
                 stdout=log,
                 stderr=log,

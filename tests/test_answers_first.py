@@ -1,6 +1,7 @@
 """Answers before learning (``answer_before_learning``): a round's replies are made before its learning
 runs, the learning follows (in the worker: while the replies travel), and it is the same learning, in
-the same order, as when each tick learns before the next. learn_at=sequence: the round's replay steps;
+the same order, as when each tick learns before the next. learn_at=sequence: the round's replay step
+(more while a stream's replays back up);
 learn_at=step: the backward and optimizer step of the round's last tick (``OnlineLearner.step``
 with ``defer_learning``)."""
 
@@ -57,13 +58,30 @@ def test_a_round_owes_its_replay_steps_until_its_answers_are_made(tmp_path: Path
     (replay,) = [r for r in batcher.sequences.rows() if r.stream_id == "a"]
     assert replay.position == 0
 
-    learned = batcher.learn_deferred()
-    assert learned == ticks and batcher.learner.version == ticks and not batcher.learning_deferred
-    assert replay.position == ticks
-    state = oracle.new_state(1)  # the replay's rows, from the rest state a's sequence started from
-    for frame in frames_of(first)[:ticks]:
-        oracle.step(torch.from_numpy(frame)[None], torch.tensor([3]), state)
+    learned = batcher.learn_deferred()  # one replay step for the round: a's replay is not backed up
+    assert learned == 1 and batcher.learner.version == 1 and not batcher.learning_deferred
+    assert replay.position == 1
+    state = oracle.new_state(1)  # the replay's first row, from the rest state a's sequence started from
+    oracle.step(torch.from_numpy(frames_of(first)[0])[None], torch.tensor([3]), state)
     assert_same_weights(batcher.learner, oracle)
+
+
+def test_a_round_runs_its_owed_replay_steps_while_a_stream_s_replays_back_up(tmp_path: Path) -> None:
+    batcher = build_batcher(settings_for(tmp_path, max_stream_speed=0), ServiceMetrics())
+    for k in range(2):  # two sequences of a scored: the second replay waits behind the first
+        push_sequence(batcher, "a", packets_of(10 * k, 2, seed=4 + k), label=3, first_id=10 * k)
+        batcher.drain(8, answer_early=True)
+        batcher.replay_ticks_owed = 0  # (those rounds owe nothing here: a's replays stay queued)
+    assert batcher.sequences.backed_up() and batcher.learner.version == 0
+    first, second = batcher.sequences.replays["a"]
+    for i, body in enumerate(packets_of(100, 3, seed=9)):  # b's sequence goes on: several ticks owed
+        batcher.push_packet(f"{100 + i}-0", "b", messages.EventsPacket(body, 34, 34, start=i == 0))
+    ticks = batcher.drain(8, answer_early=True)
+    assert ticks > 1 and batcher.replay_ticks_owed == ticks
+    learned = batcher.learn_deferred()  # a's first replay steps once per owed tick while a's second waits
+    steps = min(ticks, len(first.frames))  # (once the first is learned, a's replays no longer back up)
+    assert learned == steps and batcher.learner.version == steps and second.position == 0
+    assert first.position == steps
 
 
 def test_anything_that_touches_the_model_runs_the_owed_learning_first(tmp_path: Path) -> None:
@@ -73,8 +91,8 @@ def test_anything_that_touches_the_model_runs_the_owed_learning_first(tmp_path: 
     push_sequence(batcher, "b", packets_of(100, 1, seed=9), label=5, first_id=10)
     owed = batcher.drain(8, answer_early=True)
     assert owed and batcher.learner.version == 0
-    batcher.tick()  # a tick of its own (not deferred): the owed replay ticks run before its rows
-    assert not batcher.learning_deferred and batcher.learner.version >= owed
+    batcher.tick()  # a tick of its own (not deferred): the round's owed replay step runs before its rows
+    assert not batcher.learning_deferred and batcher.learner.version == 2  # (the owed step, then its own)
 
     push_sequence(batcher, "b", packets_of(200, 1, seed=10), label=5, first_id=20)
     assert batcher.drain(8, answer_early=True) and batcher.learning_deferred

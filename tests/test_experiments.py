@@ -422,3 +422,40 @@ def test_learner_graph_memory_is_constant_in_t_for_ndot_only(rule: str, grows: b
         assert peaks[1] > peaks[0] + 2 * input_growth
     else:
         assert peaks[1] <= peaks[0] + input_growth
+
+
+# -- the offline study (benchmarks/offline_study.py) ---------------------------------------------------
+
+
+def test_the_offline_study_trains_with_the_documented_command_and_the_points_flags(tmp_path: Path) -> None:
+    import re
+    import shlex
+
+    from benchmarks.offline_study import BASE, parse_point, point_config
+    from ndot_core.experiments.cli import train_config
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "experiments.md").read_text()
+    command = re.search(r"^ndot train (.*?--out \S+)", text.replace("\\\n", " "), re.M).group(1)
+    flags = shlex.split(command)
+    for flag in ("--data-dir", "--out"):  # the study's parts and scratch folders replace these two
+        at = flags.index(flag)
+        del flags[at : at + 2]
+    assert flags == shlex.split(BASE)  # the study's base is the command the docs give
+
+    documented = train_config([*flags, "--seed", "3", "--out", str(tmp_path)])
+    studied = point_config("base", 3, tmp_path)
+    assert (studied.model, studied.rule, studied.mode, studied.steps, studied.epochs, studied.lr) == (
+        documented.model,
+        documented.rule,
+        documented.mode,
+        documented.steps,
+        documented.epochs,
+        documented.lr,
+    )
+    assert (studied.schedule, studied.shift, studied.seed, studied.threads) == ("cosine", 2, 3, 1)
+    name, extra = parse_point("wide=--model-arg channels=[32,64,64] --shift 3")
+    assert name == "wide" and extra == ["--model-arg", "channels=[32,64,64]", "--shift", "3"]
+    wide = point_config("wide=--model-arg channels=[32,64,64] --shift 3", 0, tmp_path)
+    assert wide.model_args == {"channels": [32, 64, 64]} and wide.shift == 3
+    with pytest.raises(SystemExit):  # a bad point fails before anything runs
+        point_config("typo=--shfit 3", 0, tmp_path)

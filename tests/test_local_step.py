@@ -277,3 +277,23 @@ def test_learn_sequence_runs_on_autograd_with_the_fused_optimizer() -> None:
     assert local.version == ref.version == 4
     for p, q in zip(ref.model.parameters(), local.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_workspace_hands_out_the_first_rows_of_a_larger_buffer_and_replaces_a_smaller_one(
+    memory_format,
+) -> None:
+    from ndot_core.engine.workspace import Workspace
+
+    workspace, like = Workspace(), torch.zeros(1)
+    large = workspace.get("pooled", (8, 4, 6, 6), like, memory_format)
+    small = workspace.get("pooled", (3, 4, 6, 6), like, memory_format)
+    assert small.shape == (3, 4, 6, 6) and small.data_ptr() == large.data_ptr()  # a view, no allocation
+    assert small.is_contiguous(memory_format=memory_format)
+    again = workspace.get("pooled", (8, 4, 6, 6), like, memory_format)
+    assert again.data_ptr() == large.data_ptr()
+    larger = workspace.get("pooled", (9, 4, 6, 6), like, memory_format)  # more rows: a new buffer
+    other = workspace.get("pooled", (9, 4, 5, 5), like, memory_format)  # other trailing dims: a new buffer
+    assert larger.shape == (9, 4, 6, 6) and other.shape == (9, 4, 5, 5)
+    assert len({large.data_ptr(), larger.data_ptr(), other.data_ptr()}) == 3
+    assert workspace.get("scalar", (), like, memory_format).shape == ()

@@ -193,6 +193,16 @@ def _run_config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     return RunConfig(**values)
 
 
+def train_config(argv: Sequence[str]) -> RunConfig:
+    """The :class:`RunConfig` that ``ndot train`` builds from ``argv`` (flags after ``train``).
+
+    For scripts that run the command's exact settings with a few flags changed
+    (``benchmarks/offline_study.py``); bad flags raise ``SystemExit`` as argparse does.
+    """
+    args = build_parser().parse_args(["train", *argv])
+    return _run_config(args, rule=args.rule, mode=args.mode, steps=args.steps)
+
+
 def _train(args: argparse.Namespace) -> int:
     summary = train(_run_config(args, rule=args.rule, mode=args.mode, steps=args.steps))
     print(

@@ -302,9 +302,9 @@ class Batcher(SequenceHooks, StepRunner):
         round (no packet read or waiting), so they never hold back a round's answers; without a budget
         everything runs.
 
-        ``answer_early`` (with a budget): the replay steps of the round's ticks are owed
-        (``learning_deferred``) until the caller has sent the answers and calls ``learn_deferred``
-        (``service.worker.batcher_steps``).
+        ``answer_early`` (with a budget): the round's replay learning is owed (``learning_deferred``)
+        until the caller has sent the answers and calls ``learn_deferred`` (one replay step, more while
+        replays back up: ``service.worker.batcher_steps``).
         """
         self.learn_deferred()
         defer = answer_early and max_ticks is not None

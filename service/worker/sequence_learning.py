@@ -253,6 +253,11 @@ class SequenceLearning:
     def replaying(self) -> bool:
         return bool(self.replays)
 
+    def backed_up(self) -> bool:
+        """Some stream has a replay queued behind the one in progress (its sequences end faster than
+        its replay steps learn them)."""
+        return any(len(queue) > 1 for queue in self.replays.values())
+
     def rows(self) -> list[Replay]:
         """The replays that step this tick: the oldest of every stream that has one."""
         return [queue[0] for queue in self.replays.values()]
