@@ -18,7 +18,7 @@ import torch
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
 from test_worker import run as run_worker
 
-from ndot_core import OnlineLearner
+from ndot_core import NetworkState, OnlineLearner
 from ndot_core.events.framing import StreamFramer
 from ndot_core.events.layout import WIRE_DTYPE, events_from_bytes
 from service.bus import LocalBus, messages
@@ -409,6 +409,46 @@ def test_replays_ride_along_with_live_ticks_and_run_alone_only_in_idle_rounds(tm
     live = batcher.drain(8)
     assert live >= 1 and replay.position == 2 + live  # one replay row with every live tick
     assert batcher.learner.version == 2 + live
+
+
+def test_replay_rows_stay_in_one_batch_and_a_failing_replay_is_dropped_while_the_others_learn_on(
+    tmp_path: Path,
+) -> None:
+    batcher = build_batcher(settings_for(tmp_path, max_stream_speed=0, max_failures=2), ServiceMetrics())
+    oracle = copy.deepcopy(batcher.learner)
+    labels = {"a": 1, "b": 2, "c": 3}
+    frames = {}
+    for k, name in enumerate(labels):
+        bodies = packets_of(100 * k, 2, seed=20 + k)
+        frames[name] = frames_of(bodies)
+        for i, body in enumerate(bodies):
+            end = i == len(bodies) - 1
+            packet = messages.EventsPacket(body, 34, 34, label=labels[name], start=i == 0, end=end)
+            batcher.push_packet(f"{10 * k + i}-0", name, packet)
+    batcher.drain(64)  # the live frames (a round with packets: replays ride along, none runs alone)
+    while {r.stream_id for r in batcher.sequences.rows()} != set(labels):  # every replay queued, none begun
+        assert batcher.learner.version == 0
+        batcher.drain(64)
+    assert all(r.position == 0 for r in batcher.sequences.rows()) and batcher.learner.version == 0
+    (bad,) = [r for r in batcher.sequences.rows() if r.stream_id == "b"]
+    bad.label = 99  # its learning step raises (a class the network does not have)
+
+    batcher.drain()  # the first replay step fails: each row alone; b's fails twice and is dropped
+    assert not batcher.replaying
+    assert batcher.metrics.registry.get_sample_value("ndot_sequences_total", {"outcome": "failed"}) == 1
+    # the oracle: a and c alone (the failed step changed nothing), then together, each from its own row
+    states = {name: oracle.new_state(1) for name in ("a", "c")}
+    for name in ("a", "c"):
+        oracle.step(torch.from_numpy(frames[name][0])[None], torch.tensor([labels[name]]), states[name])
+    for t in range(1, max(len(frames["a"]), len(frames["c"]))):
+        going = [name for name in ("a", "c") if t < len(frames[name])]
+        both = NetworkState.cat([states[name] for name in going])
+        x = torch.stack([torch.from_numpy(frames[name][t]) for name in going])
+        oracle.step(x, torch.tensor([labels[name] for name in going]), both)
+        for i, name in enumerate(going):
+            states[name] = both.narrow(i, 1)
+    assert_same_weights(batcher.learner, oracle)
+    assert batcher.metrics.registry.get_sample_value("ndot_sequences_total", {"outcome": "learned"}) == 2
 
 
 def test_a_packet_with_a_label_outside_the_classes_is_refused_at_once(tmp_path: Path) -> None:

@@ -157,21 +157,20 @@ class StepRunner:
         """The tick's replay rows (one per stream that has one), in one learning step of their own.
 
         Apart from the live rows: a step mixing unlabelled and labelled rows costs more than the two
-        apart (measured: 16 live + 1 replay row 11.1 ms together, 6.6 ms apart). A failed step changes
-        nothing (``cat`` copies the replays' rows).
+        apart (measured: 16 live + 1 replay row 11.1 ms together, 6.6 ms apart). The replays' rows stay
+        in one state from step to step (``SequenceLearning.batch``); a failed step changes nothing (the
+        tensors before it are put back).
         """
+        replays, stepped = self.sequences.batch(replays)  # (in the order of the batch's rows)
         frames = self._device_frames([replay.frame() for replay in replays])
         labels = torch.tensor([replay.label for replay in replays], dtype=torch.long)
-        states = [self.sequences.state_of(replay) for replay in replays]
-        stepped = states[0] if len(states) == 1 else NetworkState.cat(states)
         before = shallow(stepped)
         try:
             self._timed_step(frames, labels, stepped)
         except Exception:
-            if len(states) == 1:  # the step rebinds the tensors of the state it is given
-                replays[0].state = before
+            self.sequences.unstep(before)  # the step rebinds the tensors of the state it is given
             raise
-        self.sequences.stepped(replays, [stepped.narrow(i, 1) for i in range(len(replays))])
+        self.sequences.stepped(replays)
 
     def _device_frames(self, frames: list[np.ndarray]) -> torch.Tensor:
         """The tick's frames as one ``[B, C, H, W]`` tensor; on a GPU copied from pinned memory without
