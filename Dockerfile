@@ -5,8 +5,12 @@
 #                   --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
 #                   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 #                 (run with `--gpus all`; the worker's NDOT_DEVICE=auto then picks cuda)
+# Compiled steps: add `--build-arg WITH_COMPILER=1` (g++, ~200 MB) so that NDOT_COMPILE=auto compiles
+# on CPU; without it `auto` stays eager (on 2 CPU cores the compiled worker answered no more cameras:
+# docs/benchmarks.md, 2026-12-01).
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
+ARG WITH_COMPILER=0
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -17,6 +21,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
+
+RUN if [ "${WITH_COMPILER}" = "1" ]; then \
+        apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
+    fi
 
 # CUDA bases carry no Python >= 3.11 of their own: take the distribution's (Ubuntu 24.04: 3.12).
 RUN if ! python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \

@@ -250,6 +250,75 @@ def plot(
     plt.close(figure)
 
 
+def print_table_and_verdict(
+    table: list[dict[str, Any]],
+    seeds: list[int],
+    target: float,
+    started: float,
+    load_start: tuple[float, float, float],
+    extra: list[tuple[str, Callable[[dict[str, Any]], str]]],
+    width: int = 32,
+) -> dict[str, Any]:
+    """Print the points' table (choose, Δ to ``base``, report, ``extra`` columns, s/run) and the verdict:
+    the best point on *choose* and its *report* accuracy against ``target``. Returns the summary
+    ``write_study`` records (verdict, best point, wall seconds, load averages)."""
+    base = next((r for r in table if r["point"] == "base"), None)
+    print(f"\nmean ± sd over seeds {seeds}; Δ = choose - base's choose")
+    heads = "".join(f" {name:>13}" for name, _ in extra)
+    print(f"{'point':<{width}} {'choose':>13} {'Δ':>6} {'report':>13}{heads} {'s/run':>6}")
+    for row in table:
+        delta = f"{100 * (row['choose'] - base['choose']):+5.1f}" if base else "     -"
+        cells = "".join(f" {cell(row):>13}" for _, cell in extra)
+        print(
+            f"{row['point']:<{width}} {100 * row['choose']:6.1f} ± {100 * row['choose_std']:4.1f} {delta:>6} "
+            f"{100 * row['report']:6.1f} ± {100 * row['report_std']:4.1f}{cells} {row['seconds']:6.0f}"
+        )
+    best = max(table, key=lambda r: r["choose"])
+    verdict = "PASS" if best["report"] >= target else "FAIL"
+    wall = time.perf_counter() - started
+    load_end = os.getloadavg()
+    print(
+        f"verdict: {verdict}: best point on choose: {best['point']} ({100 * best['choose']:.1f} %), its report "
+        f"accuracy {100 * best['report']:.1f} ± {100 * best['report_std']:.1f} % (target {target:.0%}); "
+        f"wall {wall / 60:.1f} min, load average at start {load_start[0]:.2f}, at end "
+        f"{' / '.join(f'{v:.2f}' for v in load_end)} (1/5/15 min)"
+    )
+    return {
+        "verdict": verdict,
+        "best": best["point"],
+        "wall_s": wall,
+        "load_average_start": load_start,
+        "load_average_end": load_end,
+    }
+
+
+def write_study(
+    out: Path,
+    argv: list[str],
+    fields: dict[str, Any],
+    target: float,
+    summary: dict[str, Any],
+    table: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    **plot_options: Any,
+) -> None:
+    """``out`` (JSON: the date, ``argv``, ``fields``, the target, the summary, the table, the runs) and
+    its plot beside it (``out`` with ``.png``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "argv": argv,
+        **fields,
+        "target": target,
+        **summary,
+        "table": table,
+        "runs": runs,
+    }
+    out.write_text(json.dumps(payload, indent=1))
+    plot(table, out.with_suffix(".png"), target, **plot_options)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -301,45 +370,23 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     table = summarise(runs, list(dict.fromkeys(args.points)))
-    base = next((r for r in table if r["point"] == "base"), None)
-    print(f"\nmean ± sd over seeds {args.seed}; Δ = choose - base's choose")
-    print(f"{'point':<32} {'choose':>13} {'Δ':>6} {'report':>13} {f'preq@{LAST}':>13} {'s/run':>6}")
-    for row in table:
-        delta = f"{100 * (row['choose'] - base['choose']):+5.1f}" if base else "     -"
-        print(
-            f"{row['point']:<32} {100 * row['choose']:6.1f} ± {100 * row['choose_std']:4.1f} {delta:>6} "
-            f"{100 * row['report']:6.1f} ± {100 * row['report_std']:4.1f} "
-            f"{100 * row['preq_last']:6.1f} ± {100 * row['preq_last_std']:4.1f} {row['seconds']:6.0f}"
-        )
-    best = max(table, key=lambda r: r["choose"])
-    verdict = "PASS" if best["report"] >= args.target else "FAIL"
-    wall = time.perf_counter() - started
-    load_end = os.getloadavg()
-    print(
-        f"verdict: {verdict}: best point on choose: {best['point']} ({100 * best['choose']:.1f} %), its report "
-        f"accuracy {100 * best['report']:.1f} ± {100 * best['report_std']:.1f} % (target {args.target:.0%}); "
-        f"wall {wall / 60:.1f} min, load average at start {load_start[0]:.2f}, at end "
-        f"{' / '.join(f'{v:.2f}' for v in load_end)} (1/5/15 min)"
+    summary = print_table_and_verdict(
+        table,
+        args.seed,
+        args.target,
+        started,
+        load_start,
+        [(f"preq@{LAST}", lambda row: f"{100 * row['preq_last']:6.1f} ± {100 * row['preq_last_std']:4.1f}")],
     )
-    out = RESULTS / f"accuracy_{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "argv": sys.argv[1:] if argv is None else argv,
-        "parts": {name: len(part) for name, part in parts.items()},
-        "set": args.set,
-        "target": args.target,
-        "verdict": verdict,
-        "best": best["point"],
-        "wall_s": wall,
-        "load_average_start": load_start,
-        "load_average_end": load_end,
-        "table": table,
-        "runs": runs,
-    }
-    out.write_text(json.dumps(payload, indent=1))
-    plot(table, out.with_suffix(".png"), args.target)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    write_study(
+        RESULTS / f"accuracy_{args.tag}.json",
+        sys.argv[1:] if argv is None else argv,
+        {"parts": {name: len(part) for name, part in parts.items()}, "set": args.set},
+        args.target,
+        summary,
+        table,
+        runs,
+    )
     return 0
 
 

@@ -21,7 +21,6 @@ wall time. Writes ``results/offline_<tag>.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import shlex
@@ -36,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_study import plot, summarise  # noqa: E402
+from accuracy_study import print_table_and_verdict, summarise, write_study  # noqa: E402
 
 from ndot_core.events.datasets import NMNISTFolder  # noqa: E402
 from ndot_core.experiments.cli import train_config  # noqa: E402
@@ -174,46 +173,25 @@ def main(argv: list[str] | None = None) -> int:
                 )
     runs.sort(key=lambda r: (args.points.index(r["point"]), r["seed"]))
     table = summarise(runs, list(args.points), keys=("choose", "report", "train", "seconds"))
-    base = next((r for r in table if r["point"] == "base"), None)
-    print(f"\nmean ± sd over seeds {args.seed}; Δ = choose - base's choose")
-    print(f"{'point':<60} {'choose':>13} {'Δ':>6} {'report':>13} {'train':>7} {'s/run':>6}")
-    for row in table:
-        delta = f"{100 * (row['choose'] - base['choose']):+5.1f}" if base else "     -"
-        print(
-            f"{row['point']:<60} {100 * row['choose']:6.1f} ± {100 * row['choose_std']:4.1f} {delta:>6} "
-            f"{100 * row['report']:6.1f} ± {100 * row['report_std']:4.1f} {100 * row['train']:6.1f} "
-            f"{row['seconds']:6.0f}"
-        )
-    best = max(table, key=lambda r: r["choose"])
-    verdict = "PASS" if best["report"] >= args.target else "FAIL"
-    wall = time.perf_counter() - started
-    load_end = os.getloadavg()
-    print(
-        f"verdict: {verdict}: best point on choose: {best['point']} ({100 * best['choose']:.1f} %), its report "
-        f"accuracy {100 * best['report']:.1f} ± {100 * best['report_std']:.1f} % (target {args.target:.0%}); "
-        f"wall {wall / 60:.1f} min, load average at start {load_start[0]:.2f}, at end "
-        f"{' / '.join(f'{v:.2f}' for v in load_end)} (1/5/15 min)"
+    summary = print_table_and_verdict(
+        table,
+        args.seed,
+        args.target,
+        started,
+        load_start,
+        [("train", lambda row: f"{100 * row['train']:6.1f}")],
+        width=60,
     )
-    out = RESULTS / f"offline_{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "argv": sys.argv[1:] if argv is None else argv,
-        "base": args.base,
-        "split_seed": args.split_seed,
-        "jobs": args.jobs,
-        "target": args.target,
-        "verdict": verdict,
-        "best": best["point"],
-        "wall_s": wall,
-        "load_average_start": load_start,
-        "load_average_end": load_end,
-        "table": table,
-        "runs": runs,
-    }
-    out.write_text(json.dumps(payload, indent=1))
-    plot(table, out.with_suffix(".png"), args.target, xlabel="held-out accuracy after ndot train on 700 (%)")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    write_study(
+        RESULTS / f"offline_{args.tag}.json",
+        sys.argv[1:] if argv is None else argv,
+        {"base": args.base, "split_seed": args.split_seed, "jobs": args.jobs},
+        args.target,
+        summary,
+        table,
+        runs,
+        xlabel="held-out accuracy after ndot train on 700 (%)",
+    )
     return 0
 
 
