@@ -21,6 +21,7 @@ wall time. Writes ``results/offline_<tag>.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import shlex
@@ -38,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_study import print_table_and_verdict, summarise, write_study  # noqa: E402
 
 from ndot_core.events.datasets import NMNISTFolder  # noqa: E402
+from ndot_core.experiments.augment import augment  # noqa: E402
 from ndot_core.experiments.cli import train_config  # noqa: E402
 from ndot_core.experiments.config import RunConfig  # noqa: E402
-from ndot_core.experiments.data import FrameSplits  # noqa: E402
 from ndot_core.experiments.frame_sets import FrameSet  # noqa: E402
 from ndot_core.experiments.runs import evaluate, train  # noqa: E402
 from ndot_core.experiments.scoring import load_run  # noqa: E402
@@ -105,11 +106,9 @@ def run_point(job: tuple[str, int, str, str]) -> dict[str, Any]:
     config = point_config(point, seed, out, base)
     frames = _FRAMES[config.steps]
     classes = int(max(frames["train"][1].max(), frames["choose"][1].max())) + 1
-    splits = FrameSplits("nmnist-small", *frames["train"], *frames["choose"], classes, {"flip": False})
-    if config.shift:  # as load_frame_sets does for --shift
-        splits.augmentation["padding"] = config.shift
-    augment = splits.augment if config.shift else None
-    train_set = FrameSet(*frames["train"], classes, config.steps, augment)
+    # --shift as load_frame_sets applies it to N-MNIST (no flip): samples shifted by up to that many pixels
+    shifted = functools.partial(augment, padding=config.shift, flip=False) if config.shift else None
+    train_set = FrameSet(*frames["train"], classes, config.steps, shifted)
     choose_set = FrameSet(*frames["choose"], classes, config.steps)
     report_set = FrameSet(*frames["report"], classes, config.steps)
     started = time.perf_counter()
