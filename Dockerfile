@@ -5,12 +5,12 @@
 #                   --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
 #                   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 #                 (run with `--gpus all`; the worker's NDOT_DEVICE=auto then picks cuda)
-# Compiled steps: add `--build-arg WITH_COMPILER=1` (g++, ~200 MB) so that NDOT_COMPILE=auto compiles
-# on CPU; without it `auto` stays eager (on 2 CPU cores the compiled worker answered no more cameras:
-# docs/benchmarks.md, 2026-12-01).
+# Compiled steps: the image carries g++ (~200 MB) so that NDOT_COMPILE=auto compiles on CPU (the
+# compiled worker answers ~1.15x the camera frames of the eager one on 2 cores: docs/benchmarks.md);
+# `--build-arg WITH_COMPILER=0` leaves it out, and `auto` then stays eager.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
-ARG WITH_COMPILER=0
+ARG WITH_COMPILER=1
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

@@ -215,28 +215,36 @@ def service_levels(
     return measured
 
 
-def compiled_buckets_ready(log: Path) -> set[int]:
-    """Batch-size buckets the worker's log says are compiled (``compiled step: bucket N ready``)."""
+def compiled_graphs_ready(log: Path) -> set[str]:
+    """Graphs the worker's log says are compiled (``compiled step: graph NAME ready``)."""
     text = log.read_text(errors="replace") if log.exists() else ""
-    return {int(match) for match in re.findall(r"compiled step: bucket (\d+) ready", text)}
+    return set(re.findall(r"compiled step: graph (\S+) ready", text))
 
 
-def warm_compiled(worker: Any, levels: list[int], window_us: int, timeout_s: float) -> set[int]:
-    """Drive the worker (figures thrown away) until every bucket its levels' learning steps can use has
-    compiled, or ``timeout_s``; returns the buckets ready. Compiled artifacts land in
-    ``COMPILE_CACHE``, so a later run loads them in seconds instead of compiling for minutes."""
-    from worker_load import worker_level
+def wanted_graphs(levels: list[int]) -> set[str]:
+    """The graphs the steps of up to ``max(levels) + 2`` rows use (the CPU default: dynamic shapes)."""
+    from ndot_core.engine.compiled_step import graph_name, graph_size
 
-    from ndot_core.engine.compiled_step import BUCKETS, bucket_for
+    sizes = {graph_size(rows, "dynamic")[0] for rows in range(1, max(levels) + 3)}
+    return {graph_name(learn, size, True) for size in sizes for learn in (True, False)}
 
-    wanted = {bucket_for(rows) or BUCKETS[-1] for rows in range(1, max(levels) + 3)}
+
+def warm_compiled(worker: Any, levels: list[int], window_us: int, timeout_s: float) -> set[str]:
+    """Drive the worker (figures thrown away) until every graph its levels' steps can use has compiled,
+    or ``timeout_s``, then delete the streams it drove; returns the graphs ready. Compiled artifacts land in ``COMPILE_CACHE``, so a
+    later run loads them in seconds instead of compiling for minutes."""
+    from worker_load import delete_streams, level_names, worker_level
+
+    wanted = wanted_graphs(levels)
     deadline = time.monotonic() + timeout_s
-    drive = sorted(set(levels))
-    while not wanted <= compiled_buckets_ready(worker.log) and time.monotonic() < deadline:
-        for streams in drive:  # every batch size up to the largest level (a bucket compiles when first met)
+    drive = sorted({1, 2, *levels})
+    while not wanted <= compiled_graphs_ready(worker.log) and time.monotonic() < deadline:
+        for streams in drive:  # every batch size up to the largest level (a graph compiles when first met)
             worker_level(worker.stream, streams, 4.0, window_us)
-    ready = compiled_buckets_ready(worker.log)
-    print(f"  compiled buckets ready: {sorted(ready)} (wanted {sorted(wanted)})", flush=True)
+    # the measured levels start from a table of their own streams only (no idle rows left over)
+    delete_streams(worker.stream, [name for streams in drive for name in level_names(streams)])
+    ready = compiled_graphs_ready(worker.log)
+    print(f"  compiled graphs ready: {sorted(ready)} (wanted {sorted(wanted)})", flush=True)
     return ready
 
 

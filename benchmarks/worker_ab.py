@@ -9,6 +9,11 @@ same settings (the service's defaults plus ``--set``), ``--rounds`` times each. 
 two keeps the machine's drift out of the comparison. Prints each run's steps/s answered, p50 / p99
 publish -> reply and how far the cameras fell behind, then the median of new / base per figure and
 the load average. Writes ``results/worker_ab_<tag>.json``.
+
+``--base .`` runs the working tree on both sides; ``--base-set`` / ``--new-set`` add settings to one
+side only (e.g. ``--base . --new-set NDOT_COMPILE=on``: the compiled steps against the eager ones).
+A side with ``NDOT_COMPILE=on`` is first driven until its compiled graphs are ready (figures thrown
+away; torch's compile cache in ``~/.cache/ndot-bench-compile``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from worker_load import REPO, WorkerProcess, worker_level  # noqa: E402
+from bench_capacity import COMPILE_CACHE, warm_compiled  # noqa: E402
+from worker_load import REPO, WorkerProcess, delete_streams, level_names, worker_level  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIGURES = ("steps_per_s", "latency_p50_ms", "latency_p99_ms", "max_schedule_lag_s")
@@ -40,12 +46,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def one_run(
     source: Path, env: dict[str, str], streams: int, duration_s: float, window_us: int
 ) -> dict[str, Any]:
-    """One worker from ``source``: 3 s of 2 cameras to warm it, then ``streams`` cameras measured."""
+    """One worker from ``source``: 3 s of 2 cameras to warm it (with ``NDOT_COMPILE=on``, then until its
+    graphs compiled), its streams deleted, then ``streams`` cameras measured."""
+    compiling = env.get("NDOT_COMPILE") == "on"
+    if compiling:
+        env = {"NDOT_COMPILE_CACHE_DIR": str(COMPILE_CACHE), "NDOT_LOG_LEVEL": "INFO", **env}
     with (
         tempfile.TemporaryDirectory(prefix="ndot-ab-") as workdir,
         WorkerProcess(Path(workdir), env, source=source) as worker,
     ):
         worker_level(worker.stream, 2, 3.0, window_us)
+        if compiling:
+            warm_compiled(worker, [streams], window_us, 600.0)
+        delete_streams(worker.stream, level_names(2))  # (both sides measure a table of their streams only)
         level = worker_level(worker.stream, streams, duration_s, window_us)
     level.pop("replied_at", None)
     return level
@@ -53,7 +66,11 @@ def one_run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--base", default="HEAD", help="git revision to compare the working tree against")
+    parser.add_argument(
+        "--base",
+        default="HEAD",
+        help="git revision to compare the working tree against ('.': the working tree)",
+    )
     parser.add_argument("--streams", type=int, default=16, help="live cameras")
     parser.add_argument("--window-ms", type=int, default=20, help="frame window (one packet per window)")
     parser.add_argument("--duration", type=float, default=12.0, help="seconds measured per run")
@@ -61,32 +78,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="NDOT_X=VALUE", help="a worker setting for both trees"
     )
+    parser.add_argument("--base-set", action="append", default=[], metavar="NDOT_X=VALUE", help="base only")
+    parser.add_argument("--new-set", action="append", default=[], metavar="NDOT_X=VALUE", help="new only")
     parser.add_argument("--tag", default="latest", help="results/worker_ab_<tag>.json")
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.set)
     env.setdefault("NDOT_MAX_STREAMS", str(args.streams + 8))
     env.setdefault("NDOT_MAX_STREAM_BACKLOG_FRAMES", "100000")
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", args.base], cwd=REPO, check=True, capture_output=True, text=True
-    ).stdout.strip()
+    sides = {
+        "base": env | dict(item.split("=", 1) for item in args.base_set),
+        "new": env | dict(item.split("=", 1) for item in args.new_set),
+    }
+    revision = "working tree"
+    if args.base != ".":
+        revision = subprocess.run(
+            ["git", "rev-parse", "--short", args.base], cwd=REPO, check=True, capture_output=True, text=True
+        ).stdout.strip()
     load_start = os.getloadavg()
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {"base": [], "new": []}
     with tempfile.TemporaryDirectory(prefix="ndot-ab-tree-") as scratch:
-        base_tree = Path(scratch) / "base"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", "--quiet", str(base_tree), revision], cwd=REPO, check=True
-        )
+        base_tree = REPO if args.base == "." else Path(scratch) / "base"
+        if base_tree != REPO:
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", "--quiet", str(base_tree), revision],
+                cwd=REPO,
+                check=True,
+            )
         try:
             print(
                 f"worker A/B: base {args.base} ({revision}) against the working tree; {args.streams} cameras, "
                 f"{args.window_ms} ms windows, {args.duration:g} s a run, {args.rounds} runs each, "
-                f"settings {env}; load average {load_start[0]:.2f}",
+                f"settings {sides}; load average {load_start[0]:.2f}",
                 flush=True,
             )
             for index in range(args.rounds):
                 for name, source in (("base", base_tree), ("new", REPO)):
-                    level = one_run(source, env, args.streams, args.duration, args.window_ms * 1000)
+                    level = one_run(source, sides[name], args.streams, args.duration, args.window_ms * 1000)
                     runs[name].append(level)
                     print(
                         f"  [{index + 1}/{args.rounds}] {name:4s} steps/s {level['steps_per_s']:6.1f}  p50 "
@@ -95,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, check=False)
+            if base_tree != REPO:
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, check=False
+                )
     ratios = {
         figure: statistics.median(
             new[figure] / base[figure] if base[figure] else float("nan")
@@ -116,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "argv": sys.argv[1:] if argv is None else argv,
         "base": revision,
-        "settings": env,
+        "settings": sides,
         "load_average_start": load_start,
         "load_average_end": load_end,
         "ratios_new_over_base": ratios,

@@ -86,6 +86,29 @@ class WorkerProcess:
         client.close()
 
 
+def delete_streams(stream: str, names: list[str]) -> None:
+    """Delete the worker's streams ``names`` (as ``DELETE /streams/{id}`` does), waiting for each answer:
+    what a warm-up drove leaves no idle rows in the state table of the run measured after it."""
+
+    async def delete() -> None:
+        from service.bus import RedisStreamBus, messages
+
+        bus = RedisStreamBus(REDIS_URL, stream=stream, max_lag=5000, shards=None)
+        try:
+            await bus.start()
+            for name in names:
+                await bus.wait_reply(await bus.publish(messages.DELETE, name, {}), 10.0)
+        finally:
+            await bus.close()
+
+    asyncio.run(delete())
+
+
+def level_names(streams: int) -> list[str]:
+    """The stream names ``worker_level`` drives at ``streams`` cameras."""
+    return [f"w{streams}-{i}" for i in range(streams)]
+
+
 def worker_level(
     stream: str, streams: int, duration_s: float, window_us: int, seed: int = 0
 ) -> dict[str, Any]:
@@ -126,7 +149,7 @@ async def _drive(stream: str, streams: int, duration_s: float, window_us: int, s
 
     try:
         await bus.start()  # takes the worker's shard layout
-        await asyncio.gather(*(camera(f"w{streams}-{i}", i * 7 + seed) for i in range(streams)))
+        await asyncio.gather(*(camera(name, i * 7 + seed) for i, name in enumerate(level_names(streams))))
     finally:
         await bus.close()
     lat = np.asarray(latencies) * 1e3

@@ -465,3 +465,60 @@ def test_a_packet_with_a_label_outside_the_classes_is_refused_at_once(tmp_path: 
         assert [e.fields["original_id"].decode() for e in await bus.dead_letters()] == [bad]
 
     run(tmp_path, scenario)
+
+
+@pytest.mark.compile
+def test_replays_on_the_compiled_step_fill_the_holes_finished_ones_leave_and_learn_the_same(
+    tmp_path: Path,
+) -> None:
+    """Sequences of 2, 4 and 6 packets on three streams, then a second one on the first: on the compiled
+    step a finished replay leaves an inactive hole that the next replay fills (no gather of the rows);
+    the weights and scores come out as on the eager step, which gathers the rows instead."""
+    from ndot_core.engine.compiled_step import compile_unavailable
+
+    if compile_unavailable("cpu"):
+        pytest.skip(compile_unavailable("cpu"))
+    batchers = [
+        build_batcher(settings_for(tmp_path / name, max_stream_speed=0, **extra), ServiceMetrics())
+        for name, extra in (("compiled", {"compile": "on"}), ("eager", {}))
+    ]
+    compiled = batchers[0].learner.compiled
+    compiled.backend, compiled.background = "eager", False
+    batchers[1].learner.load_state_dict(batchers[0].learner.state_dict())
+    layouts: list[list[str | None]] = []
+    batch = batchers[0].sequences.batch
+
+    def recording_batch(*args):
+        layout, state = batch(*args)
+        layouts.append([None if replay is None else replay.stream_id for replay in layout])
+        return layout, state
+
+    batchers[0].sequences.batch = recording_batch
+    for batcher in batchers:
+        for k, (name, count, label) in enumerate([("a", 2, 1), ("b", 4, 2), ("c", 6, 3)]):
+            bodies = packets_of(100 * k, count, seed=30 + k)
+            for i, body in enumerate(bodies):
+                packet = messages.EventsPacket(body, 34, 34, label=label, start=i == 0, end=i == count - 1)
+                batcher.push_packet(f"{10 * k + i}-0", name, packet)
+        batcher.drain(64)  # the live frames: a's and b's replays ride along, c's is queued at the end
+        batcher.drain(2, idle=True)
+        for i, body in enumerate(packets_of(500, 3, seed=40)):  # a second sequence on "a"
+            packet = messages.EventsPacket(body, 34, 34, label=0, start=i == 0, end=i == 2)
+            batcher.push_packet(f"9{i}-0", "a", packet)
+        while batcher.replaying or any(slot.pending for slot in batcher.registry):
+            batcher.drain(64, idle=True)
+    assert batchers[0].learner.last_backend == "compiled"
+    assert any(None in layout for layout in layouts), layouts  # a hole stepped inactive
+    assert any(
+        None in before and "a" in after and after.index("a") == before.index(None)
+        for before, after in zip(layouts, layouts[1:], strict=False)
+    ), layouts  # the second "a" replay took a hole
+    assert batchers[0].learner.version == batchers[1].learner.version > 15
+    for p, q in zip(
+        batchers[1].learner.model.parameters(), batchers[0].learner.model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5)
+    learned = [
+        b.metrics.registry.get_sample_value("ndot_sequences_total", {"outcome": "learned"}) for b in batchers
+    ]
+    assert learned == [4, 4]

@@ -110,3 +110,58 @@ def test_narrow_views_and_write_rows() -> None:
     assert state.steps.tolist() == [0, 1, 9, 9, 9, 5]
     with pytest.raises(IndexError):
         state.narrow(4, 3)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("labelled", [False, True], ids=["predict", "learn"])
+def test_a_dense_tick_steps_the_whole_table_in_place_on_the_compiled_step(labelled: bool) -> None:
+    """3 of 4 streams with a frame: the compiled step runs the whole table with the fourth inactive;
+    predictions, states and weights as a gather / step / scatter on the eager step, the idle row exact."""
+    from ndot_core.engine.compiled_step import compile_unavailable
+    from service.metrics import ServiceMetrics
+    from service.worker.batcher import STEP, Batcher, PendingStep
+
+    if compile_unavailable("cpu"):
+        pytest.skip(compile_unavailable("cpu"))
+    torch.manual_seed(0)
+    compiled = OnlineLearner(
+        build_model("stream_cnn", in_channels=2, num_classes=10, input_size=(34, 34)),
+        optimizer="adam",
+        lr=1e-3,
+        backend="local",
+        compile="on",
+    )
+    compiled.compiled.backend, compiled.compiled.background = "eager", False
+    batchers = [
+        Batcher(x, capacity=8, window_us=20_000, metrics=ServiceMetrics()) for x in (compiled, learner())
+    ]
+    for batcher in batchers:
+        for i in range(4):
+            batcher.open(f"s{i}", 34, 34)
+    in_place = []
+    step_in_place = batchers[0]._step_in_place
+    batchers[0]._step_in_place = lambda *args: (in_place.append(len(args[1])), step_in_place(*args))
+    for tick in range(4):
+        idle = tick % 4  # a different stream sits each tick out
+        entry = f"{tick + 1}-0"
+        for batcher in batchers:
+            for slot in batcher.registry:
+                if slot.row != idle:
+                    frame = frames(1, 10 * tick + slot.row).numpy()[0]
+                    slot.pending.append((STEP, PendingStep(frame, 2 if labelled else -1, entry)))
+                    batcher.remaining[entry] += 1
+            idle_before = {k: v[idle].clone() for k, v in batcher.state.state_dict().items()}
+            batcher.tick()
+            for name, tensor in batcher.state.state_dict().items():
+                assert torch.equal(tensor[idle], idle_before[name]), name
+        assert compiled.last_backend == "compiled"
+        got, want = (batcher.results[entry] for batcher in batchers)
+        assert [r["predicted"] for r in got] == [r["predicted"] for r in want]
+        for mine, theirs in zip(got, want, strict=True):
+            torch.testing.assert_close(mine["probabilities"], theirs["probabilities"], rtol=0, atol=1e-5)
+        for name, tensor in batchers[1].state.state_dict().items():  # (float32: rounding apart)
+            torch.testing.assert_close(batchers[0].state.state_dict()[name], tensor, rtol=1e-4, atol=1e-4)
+    assert in_place == [3, 3, 3, 3]  # every tick stepped inside the whole table
+    assert compiled.version == (4 if labelled else 0)
+    for p, q in zip(batchers[1].learner.model.parameters(), compiled.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5)

@@ -18,8 +18,9 @@ to float rounding) and "auto" (local where ``local_plan.unsupported_reason`` fin
 it, else autograd). ``learn_sequence`` always uses autograd (``bptt`` and module hooks need it).
 
 ``compile=`` ("off", "on", "auto"; ``ndot_core.engine.compiled_step``) runs the local backend's
-learning steps through ``torch.compile``, one graph per batch-size bucket, compiled in the background:
-until a bucket is ready, and for good after a compile error (one warning), the eager local step runs.
+steps (learning and prediction) through ``torch.compile``, graphs by batch shape compiled in the
+background: until a graph is ready, and for good after a compile error (one warning), the eager
+local step runs.
 "on" needs the local backend and a compiler (``ValueError`` otherwise); "auto" compiles where both are.
 """
 
@@ -58,8 +59,7 @@ class OnlineLearner:
     ``backend`` ("autograd", "local" or "auto", see the module docstring) computes ``step``; "local"
     raises ``LocalBackendUnsupported`` (a ``ValueError``) for a rule or model it does not cover, and
     at a step where a model module has forward hooks; "auto" uses autograd there instead.
-    ``compile`` ("off", "on", "auto", see the module docstring) compiles the local backend's learning
-    steps. ``last_backend`` says which one the latest ``step`` used ("autograd", "local", "compiled").
+    ``compile`` ("off", "on", "auto", see the module docstring) compiles the local backend's steps. ``last_backend`` says which one the latest ``step`` used ("autograd", "local", "compiled").
     """
 
     def __init__(
@@ -186,13 +186,24 @@ class OnlineLearner:
         self.version += 1
 
     def step(
-        self, frames: Tensor, labels: Tensor | None, state: NetworkState, defer_learning: bool = False
+        self,
+        frames: Tensor,
+        labels: Tensor | None,
+        state: NetworkState,
+        defer_learning: bool = False,
+        active: Tensor | None = None,
     ) -> Tensor:
         """Advance ``state`` (in place) by one frame per row; learn from labelled rows; return logits [B, K].
 
         ``frames`` [B, C, H, W]; ``labels`` [B] long with -1 for unlabelled rows, or None (no row
         labelled: pure inference under ``no_grad``). The returned logits (detached) come from this
         step's forward, before any weight update.
+
+        ``active`` [B] bool (None: every row): only those rows step; the others keep their state
+        exactly and learn nothing (their frames are not read, their logits mean nothing). Where the
+        compiled step has the batch's graph ready (``steps_in_place``), one graph steps the whole
+        batch, the selection fused into its state writes (no gather before, no scatter after);
+        elsewhere the active rows are selected, stepped and written back (``NetworkState.assign``).
 
         ``defer_learning``: the step's backward and optimizer step wait for ``learn_pending`` (the caller
         answers from the logits and the state first). Anything that reads or changes the weights or the
@@ -203,15 +214,29 @@ class OnlineLearner:
         self.learn_pending()
         if self.rule == "bptt":
             raise ValueError("rule 'bptt' needs whole sequences: use learn_sequence, or an online rule")
+        if active is not None:
+            active = torch.as_tensor(active, device=self.device).to(torch.bool)
+            if active.shape != (state.batch_size,):
+                raise ValueError(f"active has shape {tuple(active.shape)}, expected ({state.batch_size},)")
+            if bool(active.all()):
+                active = None
+            elif state.masks or not self.steps_in_place(state.batch_size, labels is not None):
+                return self._step_selected(frames, labels, state, defer_learning, active)
         frames = frames.to(self.device, self.dtype)
         learn_rows, all_labelled = None, False
         if labels is not None:
             labels = torch.as_tensor(labels, device=self.device).to(torch.long)
-            smallest, largest = check_labels(labels, state.batch_size, self.model.num_classes)
+            check_labels(labels, state.batch_size, self.model.num_classes)
+            if active is not None:  # (a row that does not step learns nothing)
+                labels = labels.masked_fill(~active, -1)
+            smallest, largest = (int(v) for v in torch.aminmax(labels))
             learn_rows = labels >= 0 if largest >= 0 else None
             all_labelled = smallest >= 0
         if self._use_local():
-            logits, learn = self._local_step(frames, labels, learn_rows, all_labelled, state)
+            stepped = self._local_step(frames, labels, learn_rows, all_labelled, state, active)
+            if stepped is None:  # the compiled graph did not serve the masked step (state untouched)
+                return self._step_selected(frames, labels, state, defer_learning, active)
+            logits, learn = stepped
         else:
             logits, learn = self._autograd_step(frames, labels, learn_rows, state)
         if learn is not None:
@@ -220,6 +245,26 @@ class OnlineLearner:
             else:
                 learn()
         return logits
+
+    def steps_in_place(self, rows: int, learn: bool) -> bool:
+        """Whether ``step(..., active=)`` on a state of ``rows`` rows runs as one compiled graph over
+        all of them now (``learn``: with labels); else it gathers and scatters the active rows. Asks
+        for the graph when it is not compiled yet (it compiles in the background)."""
+        return self.compiled is not None and self._use_local() and self.compiled.ready(rows, learn)
+
+    def _step_selected(
+        self, frames: Tensor, labels: Tensor | None, state: NetworkState, defer: bool, active: Tensor
+    ) -> Tensor:
+        """``step`` with ``active`` by selection: the active rows stepped apart, then written back (on
+        success only: a failing step leaves ``state`` as it was)."""
+        rows = active.nonzero().flatten()
+        sub = state.select(rows)
+        frames = torch.as_tensor(frames)
+        sub_labels = None if labels is None else torch.as_tensor(labels).to(self.device)[rows]
+        sub_logits = self.step(frames.to(self.device)[rows], sub_labels, sub, defer)
+        state.assign(rows, sub)
+        logits = sub_logits.new_zeros((state.batch_size, sub_logits.shape[1]))
+        return logits.index_copy_(0, rows, sub_logits)
 
     @property
     def learning_pending(self) -> bool:
@@ -281,19 +326,28 @@ class OnlineLearner:
         learn_rows: Tensor | None,
         all_labelled: bool,
         state: NetworkState,
-    ) -> tuple[Tensor, Callable[[], None] | None]:
+        active: Tensor | None = None,
+    ) -> tuple[Tensor, Callable[[], None] | None] | None:
         """``step`` on the local backend: the forward now; returns (logits, its learning: the hand-written
-        backward and the same optimizer rules), the learning done already on the compiled step."""
+        backward and the same optimizer rules), the learning done already on the compiled step.
+        ``active`` (not every row) runs on the compiled step only: None when it did not serve."""
         assert self.local is not None
         compiled = None
         if self.compiled is not None and learn_rows is not None:
-            compiled = self.compiled.run(frames, labels, state)  # None: not ready (or off), run eagerly
+            compiled = self.compiled.run(frames, labels, state, active)  # None: not ready (or off)
         if compiled is not None:
             self.last_backend = "compiled"
             logits, grads = compiled
             rows = None if all_labelled else learn_rows.nonzero().flatten()
             self._local_learn(logits, labels, rows, grads)
             return logits, None
+        if self.compiled is not None and learn_rows is None:
+            logits = self.compiled.predict(frames, state, active)
+            if logits is not None:
+                self.last_backend = "compiled"
+                return logits, None
+        if active is not None:  # (its graph stopped serving since ``steps_in_place``: the caller selects)
+            return None
         self.last_backend = "local"
         logits, tape = self.local.forward(frames, state, self.rule, learn_rows, all_labelled)
         if tape is None:

@@ -2,8 +2,18 @@
 
 ``step_function(local, rule, alpha, steps_per_sample)`` returns ``fn`` with::
 
-    fn(frames, steps, readout_sum, neurons, labels, params)
+    fn(frames, steps, readout_sum, neurons, labels, active, params)
         -> (logits, steps + 1, readout_sum + logits, new neurons, grads)
+
+and ``forward_function(local, rule)`` its prediction half (no labels, no tape, no backward)::
+
+    fn(frames, steps, readout_sum, neurons, active, params) -> (logits, steps + 1, readout_sum + logits, new neurons)
+
+``active`` [B] bool: a row where it is False is carried through unchanged (its state, steps and
+readout sum are the inputs', its label counts as -1: no gradient), whatever its frame; its logits
+mean nothing. So a batch can step the rows that have a frame inside the whole table of rows, with
+no gather before nor scatter after: the selection is one ``where`` fused into the kernels that
+write the state (``compiled_step``: the dense live batch of the worker).
 
 ``neurons`` flattens each block's ``(v, s, e, trace)``; ``params`` are ``local.parameters`` (None for
 an absent bias or gain) and ``grads`` their gradients, in the same order. The math is the local
@@ -140,18 +150,18 @@ def _layer_backward(layer: LayerPlan, weight, inputs, grad_u, need_input: bool) 
     )
 
 
-def step_function(local: LocalStep, rule: str, alpha: float, steps_per_sample: int) -> StepFunction:
-    """The pure step function of ``local``'s network under ``rule``; see the module docstring."""
-    plans, readout, fmt = local.plans, local.readout, local.memory_format
+def _forward(local: LocalStep, rule: str, keep_tape: bool) -> StepFunction:
+    """The forward of ``local``'s network: ``(frames, steps, readout_sum, neurons, active, params) ->
+    (logits, steps + 1, readout_sum + logits, new neurons, tape)`` (rows not ``active``: as they came
+    in); the tape (per weighted layer: weight, WS parts, weight-gradient input, surrogate) only with
+    ``keep_tape``."""
+    plans, fmt = local.plans, local.memory_format
     flatten_input = local.model.flatten_input
-    layers = [plan.layer for plan in plans] + [readout]
-    c_ce, classes = (1 - alpha) / steps_per_sample, local.model.num_classes
-    c_mse = 2 * alpha / (classes * steps_per_sample)
 
     def layout(t: Tensor) -> Tensor:
         return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
 
-    def step(frames, steps, readout_sum, neurons, labels, params):
+    def forward(frames, steps, readout_sum, neurons, active, params):
         first = steps == 0
         h = frames.flatten(1) if flatten_input else layout(frames)
         h_trace = None
@@ -167,21 +177,51 @@ def step_function(local: LocalStep, rule: str, alpha: float, steps_per_sample: i
             v0, s0, e0, t0 = neurons[4 * i : 4 * i + 4]
             u = current + plan.lif.lam * v0
             s = (u >= plan.lif.v_threshold).to(u.dtype)
-            sig = torch.sigmoid(u * plan.lif.surrogate_alpha + plan.offset)
             v = u - plan.lif.v_threshold * s
             e, trace = _advance(rule, plan, v, s, v0, s0, e0, t0, first)
-            new += [layout(v), layout(s), layout(e), layout(trace)]
-            tape.append((weight, parts, h if h_trace is None else h_trace, sig))
-            h, h_trace = _post(plan, s), _post(plan, trace)
+            keep = active.view(-1, *([1] * (v.dim() - 1)))
+            new += [layout(torch.where(keep, t, old)) for t, old in ((v, v0), (s, s0), (e, e0), (trace, t0))]
+            if keep_tape:
+                sig = torch.sigmoid(u * plan.lif.surrogate_alpha + plan.offset)
+                tape.append((weight, parts, h if h_trace is None else h_trace, sig))
+                h_trace = _post(plan, trace)
+            h = _post(plan, s)
         w_out, parts_out = _standardize(params[-3], params[-1])
         logits = F.linear(h, w_out, params[-2])
+        if keep_tape:
+            tape.append((w_out, parts_out, h_trace, None))
+        steps = torch.where(active, steps + 1, steps)
+        readout_sum = torch.where(active[:, None], readout_sum + logits, readout_sum)
+        return logits, steps, readout_sum, new, tape
 
-        labelled = labels >= 0
+    return forward
+
+
+def forward_function(local: LocalStep, rule: str) -> StepFunction:
+    """The pure prediction step of ``local``'s network under ``rule``; see the module docstring."""
+    forward = _forward(local, rule, keep_tape=False)
+
+    def predict(frames, steps, readout_sum, neurons, active, params):
+        return forward(frames, steps, readout_sum, neurons, active, params)[:4]
+
+    return predict
+
+
+def step_function(local: LocalStep, rule: str, alpha: float, steps_per_sample: int) -> StepFunction:
+    """The pure step function of ``local``'s network under ``rule``; see the module docstring."""
+    plans, readout = local.plans, local.readout
+    layers = [plan.layer for plan in plans] + [readout]
+    c_ce, classes = (1 - alpha) / steps_per_sample, local.model.num_classes
+    c_mse = 2 * alpha / (classes * steps_per_sample)
+    forward = _forward(local, rule, keep_tape=True)
+
+    def step(frames, steps, readout_sum, neurons, labels, active, params):
+        logits, steps, readout_sum, new, tape = forward(frames, steps, readout_sum, neurons, active, params)
+        labelled = (labels >= 0) & active
         row_weight = labelled.to(logits.dtype) / labelled.sum().clamp(min=1).to(logits.dtype)
-        onehot = F.one_hot(labels.clamp(min=0), classes).to(logits.dtype)
+        onehot = F.one_hot(labels.clamp(min=0), classes).to(logits.dtype)  # (rows not labelled: weight 0)
         grad_o = torch.softmax(logits, 1) * c_ce + logits * c_mse - onehot * (c_ce + c_mse)
         grad_o = grad_o * row_weight[:, None]
-        tape.append((w_out, parts_out, h_trace, None))
 
         grads: list[Tensor | None] = [None] * len(params)
         grad_in = grad_o
@@ -196,6 +236,6 @@ def step_function(local: LocalStep, rule: str, alpha: float, steps_per_sample: i
             if parts is not None:
                 grad_w, grads[3 * i + 2] = _standardize_backward(grad_w, parts)
             grads[3 * i], grads[3 * i + 1] = grad_w, grad_b
-        return logits, steps + 1, readout_sum + logits, new, grads
+        return logits, steps, readout_sum, new, grads
 
     return step

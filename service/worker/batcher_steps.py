@@ -135,13 +135,24 @@ class StepRunner:
         ``defer``: a labelled row's learning waits (``learn_live_pending``; see the module docstring).
 
         Every live stream in the batch (the usual case at real time): the table is stepped as it is,
-        no copies (``StateTable.batch_of``); its tensors before the step are kept to put back on failure.
+        no copies (``StateTable.batch_of``). At least half of them, with the compiled graph of the
+        table's size ready (``OnlineLearner.steps_in_place``): the whole table is stepped with the
+        others inactive (``step(active=)``: they stay exactly as they were), again with no copies.
+        Else the rows are gathered and scattered back. The table's tensors before the step are kept
+        to put back on failure.
         """
         batch.sort(key=lambda item: item[0].row)
         rows = [slot.row for slot, _ in batch]
-        frames = self._device_frames([step.frame for _, step in batch])
         label_list = [step.learn_label for _, step in batch]
-        labels = torch.tensor(label_list, dtype=torch.long) if max(label_list) >= 0 else None
+        labelled = max(label_list) >= 0
+        table = self.table.state
+        if len(rows) < table.batch_size <= 2 * len(rows) and self.learner.steps_in_place(
+            table.batch_size, labelled
+        ):
+            self._step_in_place(batch, rows, label_list if labelled else None, defer)
+            return
+        frames = self._device_frames([step.frame for _, step in batch])
+        labels = torch.tensor(label_list, dtype=torch.long) if labelled else None
         sub, how = self.table.batch_of(rows)
         before = shallow(sub) if how == "whole" else None
         try:
@@ -151,41 +162,86 @@ class StepRunner:
                 self.table.state = before
             raise
         self.table.put(rows, sub, how)
-        self._record(batch, sub)
+        self._record(batch, sub.readout_sum, sub.steps)
+
+    def _step_in_place(
+        self,
+        batch: list[tuple[StreamSlot, PendingStep]],
+        rows: list[int],
+        label_list: list[int] | None,
+        defer: bool,
+    ) -> None:
+        """The batch's rows stepped inside the whole table, the other rows inactive (unchanged)."""
+        table = self.table.state
+        size = table.batch_size
+        first = batch[0][1].frame
+        frames = np.zeros((size, *first.shape), dtype=first.dtype)
+        frames[rows] = [step.frame for _, step in batch]
+        index = torch.tensor(rows)
+        active = torch.zeros(size, dtype=torch.bool).index_fill_(0, index, True)
+        labels = None
+        if label_list is not None:
+            labels = torch.full((size,), -1, dtype=torch.long).index_copy_(0, index, torch.tensor(label_list))
+        before = shallow(table)
+        try:
+            self._timed_step(self._device_frames(frames), labels, table, defer, active)
+        except Exception:
+            self.table.state = before
+            raise
+        self._record(batch, table.readout_sum[index], table.steps[index])
 
     def _replay_step(self, replays: list[Replay]) -> None:
         """The tick's replay rows (one per stream that has one), in one learning step of their own.
 
         Apart from the live rows: a step mixing unlabelled and labelled rows costs more than the two
         apart (measured: 16 live + 1 replay row 11.1 ms together, 6.6 ms apart). The replays' rows stay
-        in one state from step to step (``SequenceLearning.batch``); a failed step changes nothing (the
-        tensors before it are put back).
+        in one state from step to step (``SequenceLearning.batch``; on the compiled step a finished
+        replay leaves an inactive hole that the next one fills, instead of a gather of all rows); a
+        failed step changes nothing (the tensors before it are put back).
         """
-        replays, stepped = self.sequences.batch(replays)  # (in the order of the batch's rows)
-        frames = self._device_frames([replay.frame() for replay in replays])
-        labels = torch.tensor([replay.label for replay in replays], dtype=torch.long)
+        layout, stepped = self.sequences.batch(replays, lambda rows: self.learner.steps_in_place(rows, True))
+        replays = [replay for replay in layout if replay is not None]  # (in the order of the batch's rows)
+        active = None
+        if len(replays) == len(layout):
+            frames = self._device_frames([replay.frame() for replay in replays])
+            labels = torch.tensor([replay.label for replay in replays], dtype=torch.long)
+        else:  # holes: inactive rows, no frame, no label
+            first = replays[0].frame()
+            rows = np.zeros((len(layout), *first.shape), dtype=first.dtype)
+            label_list = [-1] * len(layout)
+            for i, replay in enumerate(layout):
+                if replay is not None:
+                    rows[i], label_list[i] = replay.frame(), replay.label
+            frames = self._device_frames(rows)
+            labels = torch.tensor(label_list, dtype=torch.long)
+            active = torch.tensor([replay is not None for replay in layout])
         before = shallow(stepped)
         try:
-            self._timed_step(frames, labels, stepped)
+            self._timed_step(frames, labels, stepped, active=active)
         except Exception:
             self.sequences.unstep(before)  # the step rebinds the tensors of the state it is given
             raise
         self.sequences.stepped(replays)
 
-    def _device_frames(self, frames: list[np.ndarray]) -> torch.Tensor:
+    def _device_frames(self, frames: list[np.ndarray] | np.ndarray) -> torch.Tensor:
         """The tick's frames as one ``[B, C, H, W]`` tensor; on a GPU copied from pinned memory without
         waiting (the step's kernels queue behind the copy on the same stream)."""
-        stacked = torch.from_numpy(np.stack(frames))
+        stacked = torch.from_numpy(frames if isinstance(frames, np.ndarray) else np.stack(frames))
         device = self.learner.device
         if device.type != "cuda":
             return stacked
         return stacked.pin_memory().to(device, non_blocking=True)
 
     def _timed_step(
-        self, frames: torch.Tensor, labels: torch.Tensor | None, state: NetworkState, defer: bool = False
+        self,
+        frames: torch.Tensor,
+        labels: torch.Tensor | None,
+        state: NetworkState,
+        defer: bool = False,
+        active: torch.Tensor | None = None,
     ) -> None:
         started = time.perf_counter()
-        self.learner.step(frames, labels, state, defer_learning=defer)
+        self.learner.step(frames, labels, state, defer_learning=defer, active=active)
         elapsed = time.perf_counter() - started
         if self.learner.learning_pending:  # observed once its learning ran too
             self.deferred_forward_s = elapsed
@@ -196,10 +252,14 @@ class StepRunner:
         self.metrics.step_duration.observe(elapsed)
         self.step_s_average += 0.05 * (elapsed - self.step_s_average)
 
-    def _record(self, batch: list[tuple[StreamSlot, PendingStep]], sub: NetworkState) -> None:
-        predicted = OnlineLearner.predict(sub).tolist()
-        steps = sub.steps.clamp(min=1).to(sub.readout_sum.dtype).unsqueeze(1)
-        probabilities = torch.softmax(sub.readout_sum / steps, dim=1).tolist()
+    def _record(
+        self, batch: list[tuple[StreamSlot, PendingStep]], readout_sum: torch.Tensor, steps: torch.Tensor
+    ) -> None:
+        """Each row's prediction (argmax of its readout sum, as ``OnlineLearner.predict``) into its
+        packet's results; ``readout_sum`` and ``steps`` are the batch's rows, in its order."""
+        predicted = readout_sum.argmax(dim=1).tolist()
+        steps = steps.clamp(min=1).to(readout_sum.dtype).unsqueeze(1)
+        probabilities = torch.softmax(readout_sum / steps, dim=1).tolist()
         version = self.learner.version
         learned = 0
         for (slot, step), guess, probs in zip(batch, predicted, probabilities, strict=True):

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,9 +100,9 @@ class SequenceLearning:
         #: Learned sequences kept for re-learning (``limits.replay_recent`` > 0), else None.
         self.recent = RecentSequences(limits.replay_memory_bytes) if limits.replay_recent > 0 else None
         #: The rows of the replays of the last learning step, as one state, and whose rows they are (in
-        #: order): the next step starts from it (``batch``).
+        #: order; None: a hole): the next step starts from it (``batch``).
         self._batch: NetworkState | None = None
-        self._batch_of: list[Replay] = []
+        self._batch_of: list[Replay | None] = []
 
     # --- push time ----------------------------------------------------------------------------------
 
@@ -274,34 +274,66 @@ class SequenceLearning:
                 replay.state.assign([0], replay.start_state)
         return replay.state
 
-    def batch(self, replays: list[Replay]) -> tuple[list[Replay], NetworkState]:
-        """``replays`` in the row order of one state that holds their rows, for one learning step.
+    def batch(
+        self, replays: list[Replay], in_place: Callable[[int], bool] | None = None
+    ) -> tuple[list[Replay | None], NetworkState]:
+        """``replays`` laid out in the rows of one state that holds them, for one learning step; a row
+        of the layout that is None is a hole (a row that must not step: ``step(active=)``).
 
         The rows stay in that state from step to step (a step rebinds its tensors: nothing is copied)
-        while the same replays step. When some finished or others start, the rows that go on are
-        gathered from it with one ``select`` and the new replays' rows appended (one ``cat``): a
-        handful of ops a step instead of one view and one copy per replay row (at 16 cameras those took
-        ~12 % of the worker's stepping thread). A replay that does not step this time keeps a view of
-        its row (``Replay.state``).
+        while the same replays step. When some finished or others start:
+
+        * with ``in_place(rows)`` true (the learner steps a state of that many rows in place, holes
+          inactive: ``OnlineLearner.steps_in_place``) and at least half the rows stepping, a finished
+          replay's row becomes a hole and a new replay's start row is written into a hole (one row
+          copied) or appended (one ``cat`` when there is no hole): no gather of the others;
+        * else the rows that go on are gathered with one ``select`` and the new replays' rows appended
+          (one ``cat``): a handful of ops a step instead of one view and one copy per replay row (at 16
+          cameras those took ~12 % of the worker's stepping thread). No holes.
+
+        A replay that does not step this time keeps its row apart (``Replay.state``).
         """
         previous, batch = self._batch_of, self._batch
         stepping = {id(replay) for replay in replays}
-        if batch is not None and len(previous) == len(replays) and all(id(r) in stepping for r in previous):
+        present = {id(replay) for replay in previous if replay is not None}
+        if batch is not None and present == stepping:
             return previous, batch
-        kept = [i for i, replay in enumerate(previous) if id(replay) in stepping]
-        known = {id(previous[i]) for i in kept}
-        fresh = [replay for replay in replays if id(replay) not in known]
+        layout: list[Replay | None] = list(previous)
+        for i, replay in enumerate(layout):  # rows that do not step now become holes
+            if replay is not None and id(replay) not in stepping:
+                if replay.position < len(replay.frames):  # (it goes on later, outside the batch)
+                    replay.state = batch.narrow(i, 1).clone()
+                layout[i] = None
+        fresh = [replay for replay in replays if id(replay) not in present]
+        holes = [i for i, replay in enumerate(layout) if replay is None]
+        rows = len(layout) + max(0, len(fresh) - len(holes))
+        if batch is None or in_place is None or 2 * len(replays) < rows or not in_place(rows):
+            return self._compact(layout, batch, fresh)
+        for i, replay in zip(holes, fresh, strict=False):  # (more holes than replays: some stay)
+            batch.write_rows(i, self.state_of(replay))
+            layout[i], replay.state = replay, None
+        extra = fresh[len(holes) :]
+        if extra:
+            batch = NetworkState.cat([batch, *(self.state_of(replay) for replay in extra)])
+            for replay in extra:
+                replay.state = None
+            layout += extra
+        self._batch, self._batch_of = batch, layout
+        return layout, batch
+
+    def _compact(
+        self, layout: list[Replay | None], batch: NetworkState | None, fresh: list[Replay]
+    ) -> tuple[list[Replay | None], NetworkState]:
+        """The stepping rows of ``layout`` gathered (one ``select``), ``fresh``'s rows appended (one ``cat``)."""
+        kept = [i for i, replay in enumerate(layout) if replay is not None]
         parts = []
         if kept:
-            parts.append(batch if len(kept) == len(previous) else batch.select(kept))
+            parts.append(batch if len(kept) == batch.batch_size else batch.select(kept))
         parts += [self.state_of(replay) for replay in fresh]
-        for i, replay in enumerate(previous):  # (not stepping now: its row goes on outside the batch)
-            if id(replay) not in stepping and replay.position < len(replay.frames):
-                replay.state = batch.narrow(i, 1)
         for replay in fresh:
             replay.state = None  # (its row is the batch's now)
         self._batch = parts[0] if len(parts) == 1 else NetworkState.cat(parts)
-        self._batch_of = [previous[i] for i in kept] + fresh
+        self._batch_of = [layout[i] for i in kept] + fresh
         return self._batch_of, self._batch
 
     def unstep(self, before: NetworkState) -> None:
