@@ -260,7 +260,7 @@ def worker_levels(
     compile_warmup_s: float = 300.0,
 ) -> list[dict[str, Any]]:
     """Part 3: the worker alone, packets published straight onto the bus (``worker_load.py``)."""
-    from worker_load import WorkerProcess, worker_level
+    from worker_load import WorkerProcess, delete_streams, level_names, worker_level
 
     measured: list[dict[str, Any]] = []
     env = {
@@ -279,6 +279,7 @@ def worker_levels(
             warm_compiled(worker, levels, window_ms * 1000, compile_warmup_s)
         for streams in levels:
             level = worker_level(worker.stream, streams, duration_s, window_ms * 1000)
+            delete_streams(worker.stream, level_names(streams))  # the next level: a table of its own
             level.pop("replied_at")
             level["camera_frames_per_s"] = level["expected_steps"] / duration_s
             level["sustained"] = (

@@ -12,8 +12,9 @@ at each batch size, interleaved round by round in one process:
   * ``OnlineLearner.step`` with every row labelled, ``backend="autograd"`` and ``backend="local"``;
   * "compiled": ``backend="local", compile="on"`` (``ndot_core.engine.compiled_step``), the bucket
     compiled before timing (its compile time is printed: cold, or warm when torch's on-disk cache
-    under ``TORCHINDUCTOR_CACHE_DIR`` already holds it); ``--pad`` times a batch one row short of
-    each bucket instead (the padded rows' cost included).
+    under ``TORCHINDUCTOR_CACHE_DIR`` already holds it), with the CPU default of graphs by batch
+    range (``shapes="dynamic"``: no padding); ``--pad`` times graphs per bucket (``shapes="buckets"``,
+    the CUDA default) on a batch one row short of each bucket instead (the padded rows' cost included).
 Figures are medians over rounds of the mean time per step in a round (each round after a few
 untimed calls, so that each measure runs warm, as one learner does in a service). Targets (the
 service's step / floor, the service's step being the compiled one where ``--compile`` is on, the
@@ -121,11 +122,12 @@ def time_per_call(fn: Callable[[], None], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def measure(batch: int, rounds: int, iters: int, compiled: bool) -> dict[str, float]:
+def measure(batch: int, rounds: int, iters: int, compiled: bool, shapes: str = "dynamic") -> dict[str, float]:
     """Median over rounds of seconds per call: floors (NCHW, channels-last) and the backends' steps."""
     learners = {backend: make_learner(backend) for backend in ("autograd", "local")}
     if compiled:
         learners["compiled"] = make_learner("local", compile="on")
+        learners["compiled"].compiled.shapes = shapes
     frames = make_frames(batch)
     labels = torch.arange(batch) % MODEL["num_classes"]
     states = {name: learner.new_state(batch) for name, learner in learners.items()}
@@ -183,7 +185,12 @@ def main() -> int:
     parser.add_argument(
         "--compile", choices=["on", "off"], default="on", help="time the compiled step too (default on)"
     )
-    parser.add_argument("--pad", action="store_true", help="batch one row short of each bucket (padding)")
+    parser.add_argument(
+        "--pad",
+        action="store_true",
+        help="compiled graphs per bucket (shapes='buckets', the CUDA default), each batch one row short of "
+        "its bucket (padding)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -198,7 +205,7 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     for batch in args.batches:
         rows = batch - 1 if args.pad and batch > 1 else batch
-        r = measure(rows, args.rounds, args.iters, compiled)
+        r = measure(rows, args.rounds, args.iters, compiled, "buckets" if args.pad else "dynamic")
         r["autograd_over_floor"] = r["autograd"] / r["floor"]
         r["local_over_floor"] = r["local"] / r["floor"]
         r["speedup"] = r["autograd"] / r["local"]

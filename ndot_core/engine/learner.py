@@ -59,7 +59,8 @@ class OnlineLearner:
     ``backend`` ("autograd", "local" or "auto", see the module docstring) computes ``step``; "local"
     raises ``LocalBackendUnsupported`` (a ``ValueError``) for a rule or model it does not cover, and
     at a step where a model module has forward hooks; "auto" uses autograd there instead.
-    ``compile`` ("off", "on", "auto", see the module docstring) compiles the local backend's steps. ``last_backend`` says which one the latest ``step`` used ("autograd", "local", "compiled").
+    ``compile`` ("off", "on", "auto", see the module docstring) compiles the local backend's steps.
+    ``last_backend`` says which one the latest ``step`` used ("autograd", "local", "compiled").
     """
 
     def __init__(
@@ -226,10 +227,10 @@ class OnlineLearner:
         learn_rows, all_labelled = None, False
         if labels is not None:
             labels = torch.as_tensor(labels, device=self.device).to(torch.long)
-            check_labels(labels, state.batch_size, self.model.num_classes)
+            smallest, largest = check_labels(labels, state.batch_size, self.model.num_classes)
             if active is not None:  # (a row that does not step learns nothing)
                 labels = labels.masked_fill(~active, -1)
-            smallest, largest = (int(v) for v in torch.aminmax(labels))
+                smallest, largest = (int(v) for v in torch.aminmax(labels))
             learn_rows = labels >= 0 if largest >= 0 else None
             all_labelled = smallest >= 0
         if self._use_local():

@@ -135,9 +135,10 @@ class StepRunner:
         ``defer``: a labelled row's learning waits (``learn_live_pending``; see the module docstring).
 
         Every live stream in the batch (the usual case at real time): the table is stepped as it is,
-        no copies (``StateTable.batch_of``). At least half of them, with the compiled graph of the
-        table's size ready (``OnlineLearner.steps_in_place``): the whole table is stepped with the
-        others inactive (``step(active=)``: they stay exactly as they were), again with no copies.
+        no copies (``StateTable.batch_of``). At least three quarters of them, with the compiled graph
+        of the table's size ready (``OnlineLearner.steps_in_place``): the whole table is stepped with
+        the others inactive (``step(active=)``: they stay exactly as they were), again with no copies
+        (an inactive row costs a row of compute, about what gathering and scattering a row costs).
         Else the rows are gathered and scattered back. The table's tensors before the step are kept
         to put back on failure.
         """
@@ -146,9 +147,8 @@ class StepRunner:
         label_list = [step.learn_label for _, step in batch]
         labelled = max(label_list) >= 0
         table = self.table.state
-        if len(rows) < table.batch_size <= 2 * len(rows) and self.learner.steps_in_place(
-            table.batch_size, labelled
-        ):
+        dense = len(rows) < table.batch_size and 4 * len(rows) >= 3 * table.batch_size
+        if dense and self.learner.steps_in_place(table.batch_size, labelled):
             self._step_in_place(batch, rows, label_list if labelled else None, defer)
             return
         frames = self._device_frames([step.frame for _, step in batch])

@@ -284,9 +284,11 @@ class SequenceLearning:
         while the same replays step. When some finished or others start:
 
         * with ``in_place(rows)`` true (the learner steps a state of that many rows in place, holes
-          inactive: ``OnlineLearner.steps_in_place``) and at least half the rows stepping, a finished
+          inactive: ``OnlineLearner.steps_in_place``) and three quarters of the rows stepping, a finished
           replay's row becomes a hole and a new replay's start row is written into a hole (one row
-          copied) or appended (one ``cat`` when there is no hole): no gather of the others;
+          copied) or appended (one ``cat`` when there is no hole): no gather of the others. Holes at
+          the end are cut off (a view); with more than a quarter of the rows holes (each costs a row
+          of compute every step) the rows are gathered as below;
         * else the rows that go on are gathered with one ``select`` and the new replays' rows appended
           (one ``cat``): a handful of ops a step instead of one view and one copy per replay row (at 16
           cameras those took ~12 % of the worker's stepping thread). No holes.
@@ -307,7 +309,7 @@ class SequenceLearning:
         fresh = [replay for replay in replays if id(replay) not in present]
         holes = [i for i, replay in enumerate(layout) if replay is None]
         rows = len(layout) + max(0, len(fresh) - len(holes))
-        if batch is None or in_place is None or 2 * len(replays) < rows or not in_place(rows):
+        if batch is None or in_place is None or 4 * len(replays) < 3 * rows or not in_place(rows):
             return self._compact(layout, batch, fresh)
         for i, replay in zip(holes, fresh, strict=False):  # (more holes than replays: some stay)
             batch.write_rows(i, self.state_of(replay))
@@ -318,6 +320,12 @@ class SequenceLearning:
             for replay in extra:
                 replay.state = None
             layout += extra
+        while layout and layout[-1] is None:  # trailing holes: cut off (a view)
+            layout.pop()
+        if len(layout) < batch.batch_size:
+            batch = batch.narrow(0, len(layout))
+        if 4 * layout.count(None) > len(layout):  # (a hole costs a row of compute every step)
+            return self._compact(layout, batch, [])
         self._batch, self._batch_of = batch, layout
         return layout, batch
 
