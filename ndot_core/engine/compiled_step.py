@@ -7,8 +7,8 @@ shape (``shapes``):
 
 * ``"dynamic"`` (the default off CUDA): a graph for one row, and graphs whose batch size is symbolic
   (``torch._dynamo.mark_dynamic`` on dim 0), each running any batch of its range (``DYNAMIC_RANGES``:
-  2-15 and 16-1024 rows) as it is: no padding. On CPU it is as fast as a graph of fixed size (measured 0.69-0.76x of the
-  eager local step at every size from 1 to 32 rows, tests/benchmarks: ``bench_step.py``);
+  2-15 and 16-1024 rows) as it is: no padding. On CPU such a graph runs as fast as one of fixed
+  size (docs/engine.md § Compiled step);
 * ``"buckets"`` (the default on CUDA, whose graphs replay with fixed shapes): a graph per bucket
   (``BUCKETS``: 1, 2, 4, .., 64); a step of B rows runs the graph of the smallest bucket ``P >= B``,
   its rows padded to P with rows that change nothing real::
@@ -260,7 +260,7 @@ class CompiledStep:
         batch dimension marked dynamic for a dynamic graph."""
         model = self.local.model
         span = dynamic_range(graph.size) if graph.dynamic else None
-        rows = graph.size if span is None else (span[0] + span[1]) // 2
+        rows = graph.size if span is None else min(max(8, 2 * span[0]), span[1])  # (a typical size: 8, 32)
         state = model.new_state(rows, self.local.model.readout.weight.device)
         frames = torch.zeros((rows, *model.input_shape), dtype=state.readout_sum.dtype, device=state.device)
         labels = torch.zeros(rows, dtype=torch.long, device=state.device) if graph.learn else None
