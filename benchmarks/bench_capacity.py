@@ -9,7 +9,7 @@ size B (1 and 8), interleaved round by round:
 
   * floor: the step's own convolutions and matmuls, bare (``bench_step.floor_ops``);
   * step:  ``OnlineLearner.step`` with every row labelled, per backend (with ``--compile on`` also
-    ``compiled``: the local step under ``compile="on"``, timed once its bucket compiled);
+    ``compiled``: the local step under ``compile="on"``, timed once its graph compiled);
   * tick:  ``Batcher.tick`` with B live streams that each have one labelled frame queued: the
     batch stacked, ``select`` -> step -> ``assign``, results recorded (the worker's cost per step).
 
@@ -29,7 +29,7 @@ processes competing for the 2 cores. Latency here is publish -> reply. Sustained
 plus every step the cameras' packets make answered. Part 3 runs each ``--answer-first`` setting
 (``NDOT_ANSWER_BEFORE_LEARNING``: on = a round's answers go before its replay steps, off = each tick
 learns before the next and the round answers after) and each ``--compile`` setting (``NDOT_COMPILE``:
-on = the learning steps run compiled per batch bucket; the worker is first driven until the buckets
+on = the steps run compiled, graphs by batch shape, rows in place; the worker is first driven until the graphs
 it needs are compiled, figures thrown away) for each backend and window, under
 ``--learn-at`` (the service default, sequence: cameras send start/end flags and labels, each
 sequence is scored, then learned by replay).
@@ -99,7 +99,7 @@ def learner_for(backend: str) -> OnlineLearner:
 
 
 def until_compiled(learner: OnlineLearner, call: Any, timeout_s: float = 600.0) -> None:
-    """Call ``call`` until ``learner``'s steps run compiled (a bucket compiles in the background)."""
+    """Call ``call`` until ``learner``'s steps run compiled (a graph compiles in the background)."""
     deadline = time.monotonic() + timeout_s
     call()
     while learner.last_backend != "compiled":
@@ -335,7 +335,7 @@ def main() -> int:
         choices=["off", "on"],
         default=["off"],
         help="part 3: NDOT_COMPILE settings to compare (off; 'on' first drives the worker until the "
-        "buckets it needs compiled, up to --compile-warmup seconds; the cache stays in ~/.cache/ndot-bench-compile)",
+        "graphs it needs compiled, up to --compile-warmup seconds; the cache stays in ~/.cache/ndot-bench-compile)",
     )
     parser.add_argument(
         "--compile-warmup", type=float, default=300.0, help="part 3: most seconds of warm-up per compiled run"

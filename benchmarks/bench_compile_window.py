@@ -4,7 +4,7 @@
 
 One torch thread, stream_cnn and the service's learning defaults (as ``bench_step.py``). A learner
 with ``compile="on"`` steps a batch in a loop: first ``--steps`` eager steps alone (the compiled
-step held back), then until its bucket, compiling in a background thread, is ready (every step in
+step held back), then until its graph, compiling in a background thread, is ready (every step in
 that window is the eager local step), then ``--steps`` compiled steps. Run twice: from an empty
 compile cache (a fresh ``TORCHINDUCTOR_CACHE_DIR``, cold) and again from the cache that run left
 (warm, as a restart with the cache on a volume). Prints per run the window's length, the median,
