@@ -196,6 +196,13 @@ def load_parts(data_dir: Path, split_seed: int) -> dict[str, list[Sequence]]:
     }
 
 
+def progress(done: int, total: int, started: float) -> str:
+    """``[k/n 3.2 min, ~5.1 min left, load 1.20]`` after run ``done`` (0-based) of ``total``."""
+    elapsed = time.perf_counter() - started
+    eta = elapsed / (done + 1) * (total - done - 1)
+    return f"[{done + 1}/{total} {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left, load {os.getloadavg()[0]:.2f}]"
+
+
 def summarise(
     runs: list[dict[str, Any]],
     points: list[str],
@@ -361,11 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     for done, (point, seed) in enumerate(jobs):
         run = run_point(point, seed, parts, settings, args.streams, args.ready)
         runs.append(run)
-        elapsed = time.perf_counter() - started
-        eta = elapsed / (done + 1) * (len(jobs) - done - 1)
         print(
-            f"[{done + 1}/{len(jobs)} {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left, load "
-            f"{os.getloadavg()[0]:.2f}] {point:<32} seed {seed}: choose {run['choose']:.1%} report "
+            f"{progress(done, len(jobs), started)} {point:<32} seed {seed}: choose {run['choose']:.1%} report "
             f"{run['report']:.1%} preq@{LAST} {run['preq_last']:.1%} ({run['seconds']:.0f} s)",
             flush=True,
         )

@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_study import print_table_and_verdict, summarise, write_study  # noqa: E402
+from accuracy_study import print_table_and_verdict, progress, summarise, write_study  # noqa: E402
 
 from ndot_core.events.datasets import NMNISTFolder  # noqa: E402
 from ndot_core.experiments.augment import augment  # noqa: E402
@@ -161,11 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
             for done, run in enumerate(pool.imap_unordered(run_point, jobs)):
                 runs.append(run)
-                elapsed = time.perf_counter() - started
-                eta = elapsed / (done + 1) * (len(jobs) - done - 1)
                 print(
-                    f"[{done + 1}/{len(jobs)} {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left, load "
-                    f"{os.getloadavg()[0]:.2f}] {parse_point(run['point'])[0]:<12} seed {run['seed']}: choose "
+                    f"{progress(done, len(jobs), started)} {parse_point(run['point'])[0]:<12} seed {run['seed']}: choose "
                     f"{run['choose']:.1%} report {run['report']:.1%} train {run['train']:.1%} "
                     f"({run['seconds']:.0f} s)",
                     flush=True,
