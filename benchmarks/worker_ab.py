@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="latest", help="results/worker_ab_<tag>.json")
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.set)
+    env.setdefault("NDOT_WINDOW_US", str(args.window_ms * 1000))  # the worker frames as the cameras send
     env.setdefault("NDOT_MAX_STREAMS", str(args.streams + 8))
     env.setdefault("NDOT_MAX_STREAM_BACKLOG_FRAMES", "100000")
     sides = {

@@ -123,6 +123,13 @@ class Settings(BaseSettings):
         "'off'. Graphs compile in the background while the eager step serves; a compile error logs one "
         "warning and stays eager.",
     )
+    cuda_graphs: Literal["off", "on", "auto"] = Field(
+        "auto",
+        description="Replay the local step as CUDA graphs, one per bucket of rows (1, 2, 4, .., 1024), the "
+        "state in static buffers (ndot_core.engine.graph_step): 'auto' (on a GPU with the local backend; "
+        "it then takes the place of compile), 'on' (an error elsewhere) or 'off'. A capture error logs "
+        "one warning and stays eager.",
+    )
     compile_cache_dir: str | None = Field(
         None,
         description="Directory of torch's compile caches (sets TORCHINDUCTOR_CACHE_DIR; None = torch's "

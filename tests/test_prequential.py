@@ -467,25 +467,34 @@ def test_a_packet_with_a_label_outside_the_classes_is_refused_at_once(tmp_path: 
     run(tmp_path, scenario)
 
 
-@pytest.mark.compile
-def test_replays_on_the_compiled_step_fill_the_holes_finished_ones_leave_and_learn_the_same(
-    tmp_path: Path,
+@pytest.mark.parametrize("fast", [pytest.param("compiled", marks=pytest.mark.compile), "graphs"])
+def test_replays_on_the_fast_step_fill_the_holes_finished_ones_leave_and_learn_the_same(
+    tmp_path: Path, fast: str
 ) -> None:
     """A sequence of 5 packets on "a" and of 8 on "b" .. "e", then a second one on "a": on the compiled
     step a's finished replay leaves an inactive hole in the replay rows (the others go on in place) that
-    its next replay fills; the weights and scores come out as on the eager step, which gathers the rows."""
+    its next replay fills; the weights and scores come out as on the eager step, which gathers the rows.
+    The same on the CUDA graph step (its buffers without a recording: ``GraphStep(capture=False)``),
+    where the live table and the replay rows share buckets and the rows written into holes are its
+    static buffers."""
     from ndot_core.engine.compiled_step import compile_unavailable
+    from ndot_core.engine.graph_step import GraphStep
 
-    if compile_unavailable("cpu"):
+    if fast == "compiled" and compile_unavailable("cpu"):
         pytest.skip(compile_unavailable("cpu"))
     batchers = [
         build_batcher(
             settings_for(tmp_path / name, max_stream_speed=0, max_streams=8, **extra), ServiceMetrics()
         )
-        for name, extra in (("compiled", {"compile": "on"}), ("eager", {}))
+        for name, extra in (("fast", {"compile": "on"} if fast == "compiled" else {}), ("eager", {}))
     ]
-    compiled = batchers[0].learner.compiled
-    compiled.backend, compiled.background = "eager", False
+    learner = batchers[0].learner
+    if fast == "compiled":
+        learner.compiled.backend, learner.compiled.background = "eager", False
+    else:
+        learner.compiled = GraphStep(
+            learner.local, learner.rule, learner.alpha, learner.steps_per_sample, capture=False
+        )
     batchers[1].learner.load_state_dict(batchers[0].learner.state_dict())
     layouts: list[list[str | None]] = []
     batch = batchers[0].sequences.batch

@@ -112,16 +112,18 @@ def test_narrow_views_and_write_rows() -> None:
         state.narrow(4, 3)
 
 
-@pytest.mark.compile
+@pytest.mark.parametrize("fast", [pytest.param("compiled", marks=pytest.mark.compile), "graphs"])
 @pytest.mark.parametrize("labelled", [False, True], ids=["predict", "learn"])
-def test_a_dense_tick_steps_the_whole_table_in_place_on_the_compiled_step(labelled: bool) -> None:
-    """3 of 4 streams with a frame: the compiled step runs the whole table with the fourth inactive;
-    predictions, states and weights as a gather / step / scatter on the eager step, the idle row exact."""
+def test_a_dense_tick_steps_the_whole_table_in_place_on_the_fast_step(labelled: bool, fast: str) -> None:
+    """3 of 4 streams with a frame: the compiled step (or the CUDA graph step's buffers, unrecorded)
+    runs the whole table with the fourth inactive; predictions, states and weights as a gather / step /
+    scatter on the eager step, the idle row exact."""
     from ndot_core.engine.compiled_step import compile_unavailable
+    from ndot_core.engine.graph_step import GraphStep
     from service.metrics import ServiceMetrics
     from service.worker.batcher import STEP, Batcher, PendingStep
 
-    if compile_unavailable("cpu"):
+    if fast == "compiled" and compile_unavailable("cpu"):
         pytest.skip(compile_unavailable("cpu"))
     torch.manual_seed(0)
     compiled = OnlineLearner(
@@ -129,9 +131,14 @@ def test_a_dense_tick_steps_the_whole_table_in_place_on_the_compiled_step(labell
         optimizer="adam",
         lr=1e-3,
         backend="local",
-        compile="on",
+        compile="on" if fast == "compiled" else "off",
     )
-    compiled.compiled.backend, compiled.compiled.background = "eager", False
+    if fast == "compiled":
+        compiled.compiled.backend, compiled.compiled.background = "eager", False
+    else:
+        compiled.compiled = GraphStep(
+            compiled.local, compiled.rule, compiled.alpha, compiled.steps_per_sample, capture=False
+        )
     batchers = [
         Batcher(x, capacity=8, window_us=20_000, metrics=ServiceMetrics()) for x in (compiled, learner())
     ]

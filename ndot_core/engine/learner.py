@@ -22,6 +22,11 @@ steps (learning and prediction) through ``torch.compile``, graphs by batch shape
 background: until a graph is ready, and for good after a compile error (one warning), the eager
 local step runs.
 "on" needs the local backend and a compiler (``ValueError`` otherwise); "auto" compiles where both are.
+
+``cuda_graphs=`` ("off", "on", "auto"; ``ndot_core.engine.graph_step``) replays the local backend's
+steps as CUDA graphs, one per bucket, with the state in static buffers. It takes the place of the
+compiled step where it runs: "on" needs the local backend and a CUDA device (``ValueError``
+otherwise); "auto" uses it where both are, else ``compile`` decides.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ndot_core.engine.compiled_step import COMPILE_MODES, CompiledStep, compile_unavailable
+from ndot_core.engine.graph_step import GRAPH_MODES, GraphStep, graphs_unavailable
 from ndot_core.engine.local_plan import LocalBackendUnsupported, unsupported_reason
 from ndot_core.engine.local_step import LocalStep, accumulate_grads
 from ndot_core.engine.loss import FTRLRegulariser, ndot_loss, ndot_loss_grad
@@ -59,8 +65,9 @@ class OnlineLearner:
     ``backend`` ("autograd", "local" or "auto", see the module docstring) computes ``step``; "local"
     raises ``LocalBackendUnsupported`` (a ``ValueError``) for a rule or model it does not cover, and
     at a step where a model module has forward hooks; "auto" uses autograd there instead.
-    ``compile`` ("off", "on", "auto", see the module docstring) compiles the local backend's steps.
-    ``last_backend`` says which one the latest ``step`` used ("autograd", "local", "compiled").
+    ``compile`` ("off", "on", "auto", see the module docstring) compiles the local backend's steps;
+    ``cuda_graphs`` (the same modes) replays them as CUDA graphs instead, on a GPU. ``last_backend``
+    says which one the latest ``step`` used ("autograd", "local", "compiled": either fast step).
     """
 
     def __init__(
@@ -78,6 +85,7 @@ class OnlineLearner:
         regulariser: FTRLRegulariser | None = None,
         backend: str = "autograd",
         compile: str = "off",
+        cuda_graphs: str = "off",
     ) -> None:
         self.rule = check_rule(rule)
         if backend not in BACKENDS:
@@ -103,7 +111,9 @@ class OnlineLearner:
         self.backend = backend
         use_local = backend == "local" or (backend == "auto" and unsupported_reason(model, rule) is None)
         self.local: LocalStep | None = LocalStep(self.model, rule) if use_local else None
-        self.compiled = self._make_compiled(compile)
+        self.compiled: CompiledStep | GraphStep | None = self._make_graphs(
+            cuda_graphs
+        ) or self._make_compiled(compile)
         self.last_backend: str | None = None
         self.optimizer = self._make_optimizer()
         self.version = 0  # optimizer steps taken
@@ -129,6 +139,19 @@ class OnlineLearner:
     @last_loss.setter
     def last_loss(self, value: Tensor | None) -> None:
         self._last_loss = value
+
+    def _make_graphs(self, cuda_graphs: str) -> GraphStep | None:
+        """The CUDA graph step for ``cuda_graphs`` ("off", "on", "auto"), or None where it does not run."""
+        if cuda_graphs not in GRAPH_MODES:
+            raise ValueError(f"unknown cuda_graphs {cuda_graphs!r}; expected one of {GRAPH_MODES}")
+        if cuda_graphs == "off":
+            return None
+        reason = "it needs the local backend" if self.local is None else graphs_unavailable(self.device)
+        if reason is not None:
+            if cuda_graphs == "on":
+                raise ValueError(f"cuda_graphs='on' cannot run: {reason}")
+            return None
+        return GraphStep(self.local, self.rule, self.alpha, self.steps_per_sample)
 
     def _make_compiled(self, compile: str) -> CompiledStep | None:
         """The compiled step for ``compile`` ("off", "on", "auto"), or None where it does not run."""
@@ -215,26 +238,33 @@ class OnlineLearner:
         self.learn_pending()
         if self.rule == "bptt":
             raise ValueError("rule 'bptt' needs whole sequences: use learn_sequence, or an online rule")
+        # labels and active rows are checked where the caller made them (the worker's: on the CPU, so a
+        # GPU step waits for nothing here), then sent to the device without waiting (``_to_device``)
         if active is not None:
-            active = torch.as_tensor(active, device=self.device).to(torch.bool)
+            active = torch.as_tensor(active).to(torch.bool)
             if active.shape != (state.batch_size,):
                 raise ValueError(f"active has shape {tuple(active.shape)}, expected ({state.batch_size},)")
             if bool(active.all()):
                 active = None
             elif state.masks or not self.steps_in_place(state.batch_size, labels is not None):
-                return self._step_selected(frames, labels, state, defer_learning, active)
-        frames = frames.to(self.device, self.dtype)
-        learn_rows, all_labelled = None, False
+                return self._step_selected(frames, labels, state, defer_learning, active.to(self.device))
+        frames = self._to_device(torch.as_tensor(frames)).to(self.dtype)
+        learn_rows, learn_index, all_labelled = None, None, False
         if labels is not None:
-            labels = torch.as_tensor(labels, device=self.device).to(torch.long)
+            labels = torch.as_tensor(labels).to(torch.long)
             smallest, largest = check_labels(labels, state.batch_size, self.model.num_classes)
             if active is not None:  # (a row that does not step learns nothing)
-                labels = labels.masked_fill(~active, -1)
+                labels = labels.masked_fill(~active.to(labels.device), -1)
                 smallest, largest = (int(v) for v in torch.aminmax(labels))
-            learn_rows = labels >= 0 if largest >= 0 else None
             all_labelled = smallest >= 0
+            if largest >= 0 and not all_labelled:
+                learn_index = self._to_device((labels >= 0).nonzero().flatten())
+            labels = self._to_device(labels)
+            learn_rows = labels >= 0 if largest >= 0 else None
+        if active is not None:
+            active = self._to_device(active)
         if self._use_local():
-            stepped = self._local_step(frames, labels, learn_rows, all_labelled, state, active)
+            stepped = self._local_step(frames, labels, learn_rows, learn_index, all_labelled, state, active)
             if stepped is None:  # the compiled graph did not serve the masked step (state untouched)
                 return self._step_selected(frames, labels, state, defer_learning, active)
             logits, learn = stepped
@@ -320,17 +350,26 @@ class OnlineLearner:
             return False
         return True
 
+    def _to_device(self, tensor: Tensor) -> Tensor:
+        """``tensor`` on the learner's device; from the CPU to a GPU through pinned memory, not waited for
+        (a copy from pageable memory would wait for the GPU's queue)."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def _local_step(
         self,
         frames: Tensor,
         labels: Tensor | None,
         learn_rows: Tensor | None,
+        learn_index: Tensor | None,
         all_labelled: bool,
         state: NetworkState,
         active: Tensor | None = None,
     ) -> tuple[Tensor, Callable[[], None] | None] | None:
         """``step`` on the local backend: the forward now; returns (logits, its learning: the hand-written
         backward and the same optimizer rules), the learning done already on the compiled step.
+        ``learn_index``: the labelled rows' indices (None when every row or none is labelled).
         ``active`` (not every row) runs on the compiled step only: None when it did not serve."""
         assert self.local is not None
         compiled = None
@@ -339,8 +378,7 @@ class OnlineLearner:
         if compiled is not None:
             self.last_backend = "compiled"
             logits, grads = compiled
-            rows = None if all_labelled else learn_rows.nonzero().flatten()
-            self._local_learn(logits, labels, rows, grads)
+            self._local_learn(logits, labels, None if all_labelled else learn_index, grads)
             return logits, None
         if self.compiled is not None and learn_rows is None:
             logits = self.compiled.predict(frames, state, active)

@@ -47,6 +47,7 @@ def build_batcher(settings: Settings, metrics: ServiceMetrics) -> Batcher:
         device=s.torch_device(),
         backend=s.step_backend,
         compile=s.compile,
+        cuda_graphs=s.cuda_graphs,
     )
     return Batcher(
         learner,

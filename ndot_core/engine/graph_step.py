@@ -1,0 +1,305 @@
+"""GraphStep: the local step replayed as CUDA graphs, one per bucket, its inputs and state in static buffers.
+
+On a GPU a step of a small batch is bound by kernel launches (hundreds a step), not by arithmetic.
+A CUDA graph records the step's kernels once and replays them with one launch. A graph replays on
+fixed memory, so each bucket (``GRAPH_BUCKETS``: 1, 2, 4, .., 1024 rows: a GPU steps a thousand
+cameras in one batch) owns static buffers::
+
+    inputs:  frames [P, C, H, W], labels [P], active [P]        copied in every step (small)
+    state:   steps [P], readout_sum [P, K], per block (v, s, e, trace) [P, ...]
+    outputs: logits [P, K], gradients (the learning step)       written by the replay
+
+The graph runs the pure functions of ``step_graph`` (``step_function`` for a learning step,
+``forward_function`` for a prediction step) and ends by writing the new state into the state
+buffers: a state that a replay advanced *is* those buffers (the caller's ``NetworkState`` is rebound
+to their first B rows), so the next step of the same state copies nothing in. A step of B < P rows
+runs the padding rows inactive (``active`` False, label -1: they keep their values and learn
+nothing); they hold zeros or rows an earlier state left, finite either way. The weights are the
+model's parameters themselves (updated in place by the fused optimizer: fixed addresses).
+
+One state at a time lives in a bucket's buffers. When another state steps on the same bucket, the
+one there is first moved out (its tensors cloned and rebound), then the new one is copied in: two
+tables that alternate (the live rows and the replays) stay correct, each paying one copy a switch.
+Gradients and logits are cloned out of the graph's output buffers (the next replay overwrites them;
+a gradient may wait for the optimizer across steps).
+
+Nothing on the way synchronises the host: copies in are device-to-device (frames arrive pinned,
+non-blocking: ``service.worker.batcher_steps``), the replay is asynchronous, and the caller reads
+the predictions when it needs them.
+
+A bucket's graph is captured the first time a step needs it (a warm-up call on a side stream, then
+the capture: milliseconds). Any error there logs one warning and turns the graph step off for good
+(``failure``): the caller's eager local step serves. A failed replay is a CUDA error, which leaves the
+device unusable anyway; a failed copy-in leaves the caller's state untouched.
+
+``capture=False`` runs the same buffers and calls without recording a graph (the function is called
+where the graph would replay): it is how the buffer logic is tested on a machine without a GPU
+(``tests/test_graph_step.py``), against the eager step, bit for bit. The capture itself is covered
+by the tests marked ``cuda``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ndot_core.engine.compiled_step import bucket_for
+from ndot_core.engine.local_step import Grads, LocalStep
+from ndot_core.engine.state import NetworkState
+from ndot_core.engine.step_graph import forward_function, step_function, step_parameters, unsupported_reason
+
+GRAPH_MODES = ("off", "on", "auto")
+GRAPH_BUCKETS: tuple[int, ...] = tuple(2**k for k in range(11))  # 1, 2, 4, .., 1024 rows
+WARMUP_CALLS = 2  # calls on a side stream before the capture (cuDNN/cuBLAS pick and cache their kernels)
+log = logging.getLogger(__name__)
+
+
+def graphs_unavailable(device: torch.device | str) -> str | None:
+    """Why CUDA graphs cannot run on ``device``, or None when they can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type!r}"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+@dataclass
+class Bucket:
+    """One bucket's static buffers and its replay (see the module docstring)."""
+
+    learn: bool
+    size: int
+    frames: Tensor
+    labels: Tensor | None
+    active: Tensor
+    steps: Tensor
+    readout_sum: Tensor
+    neurons: list[Tensor]
+    replay: Callable[[], None] = lambda: None
+    outputs: tuple = ()  # (logits, grads) after a replay
+    owner: weakref.ReferenceType[NetworkState] | None = None
+    graph: object = field(default=None, repr=False)  # the torch.cuda.CUDAGraph, with capture
+
+    @property
+    def state_buffers(self) -> list[Tensor]:
+        return [self.steps, self.readout_sum, *self.neurons]
+
+
+def _state_tensors(state: NetworkState) -> list[Tensor]:
+    return [state.steps, state.readout_sum, *(t for neuron in state.neurons for t in neuron)]
+
+
+def _holds(bucket: Bucket, state: NetworkState) -> bool:
+    """Whether ``state``'s tensors are the first rows of ``bucket``'s state buffers (no copy needed)."""
+    return all(
+        t.data_ptr() == b.data_ptr() and t.stride() == b.stride()
+        for t, b in zip(_state_tensors(state), bucket.state_buffers, strict=True)
+    )
+
+
+def _move_out(bucket: Bucket, state: NetworkState) -> None:
+    """Rebind each of ``state``'s tensors that lives in ``bucket``'s state buffers to a copy of itself."""
+    buffers = {b.untyped_storage().data_ptr() for b in bucket.state_buffers}
+    tensors = _state_tensors(state)
+    if any(t.untyped_storage().data_ptr() in buffers for t in tensors):
+        _rebind(state, [t.clone() if t.untyped_storage().data_ptr() in buffers else t for t in tensors])
+
+
+def _leaves(outputs: tuple) -> list[Tensor]:
+    """The tensors of a step's outputs ``(logits, [grads])``, in order."""
+    flat = []
+    for item in outputs:
+        flat += [t for t in item if t is not None] if isinstance(item, list | tuple) else [item]
+    return flat
+
+
+def _rebind(state: NetworkState, tensors: list[Tensor]) -> None:
+    """Point ``state`` at ``tensors`` (the order of ``_state_tensors``)."""
+    state.steps, state.readout_sum = tensors[0], tensors[1]
+    neurons = tensors[2:]
+    state.neurons = [type(n)(*neurons[4 * i : 4 * i + 4]) for i, n in enumerate(state.neurons)]
+
+
+class GraphStep:
+    """Learning and prediction steps of ``local``'s network as CUDA graphs per bucket; see the module
+    docstring. The same interface as ``CompiledStep`` (``run``, ``predict``, ``ready``), so the learner
+    holds either as its fast step."""
+
+    def __init__(
+        self,
+        local: LocalStep,
+        rule: str,
+        alpha: float,
+        steps_per_sample: int,
+        buckets: tuple[int, ...] = GRAPH_BUCKETS,
+        capture: bool = True,
+    ) -> None:
+        self.local = local
+        self.buckets = tuple(sorted(buckets))
+        self.capture = capture
+        self.params: list[nn.Parameter | None] = step_parameters(local)
+        self.failure: str | None = unsupported_reason(local)
+        self._functions = {
+            True: step_function(local, rule, alpha, steps_per_sample),
+            False: forward_function(local, rule),
+        }
+        self._buckets: dict[tuple[bool, int], Bucket] = {}
+        # One memory pool for every graph: a replay's outputs are cloned out before any other graph
+        # replays (``_call``), so one graph's scratch may reuse another's (22 pools of a 1024-row step
+        # each would hold gigabytes apart).
+        self._pool: tuple | None = None
+
+    def disable(self, reason: str) -> None:
+        """Turn the graph step off for good, with one warning (the first reason is kept)."""
+        if self.failure is None:
+            self.failure = reason
+            log.warning("CUDA graph step off, the eager local step serves: %s", reason)
+
+    def graphs(self) -> list[str]:
+        """The buckets captured so far, e.g. ``["step_8", "forward_16"]``."""
+        return [f"{'step' if learn else 'forward'}_{size}" for learn, size in sorted(self._buckets)]
+
+    def ready(self, rows: int, learn: bool) -> bool:
+        """Whether a step of ``rows`` rows runs as a graph (one is captured when first needed)."""
+        return self.failure is None and bucket_for(rows, self.buckets) is not None
+
+    # -- buffers and capture ----------------------------------------------------------------------------
+    def _new_bucket(self, learn: bool, size: int, like: NetworkState, frame_shape: torch.Size) -> Bucket:
+        model, device = self.local.model, like.device
+        state = model.new_state(size, device).with_memory_format(self.local.memory_format)
+        neurons = [t.clone() for neuron in state.neurons for t in neuron]
+        bucket = Bucket(
+            learn=learn,
+            size=size,
+            frames=torch.zeros((size, *frame_shape), dtype=like.readout_sum.dtype, device=device),
+            labels=torch.full((size,), -1, dtype=torch.long, device=device) if learn else None,
+            active=torch.zeros(size, dtype=torch.bool, device=device),
+            steps=torch.zeros_like(state.steps),
+            readout_sum=torch.zeros_like(state.readout_sum),
+            neurons=neurons,
+        )
+        function = self._functions[learn]
+
+        def body() -> tuple:
+            args = (bucket.frames, bucket.steps, bucket.readout_sum, bucket.neurons)
+            args += (bucket.labels,) if learn else ()
+            logits, steps, readout_sum, new, *rest = function(*args, bucket.active, self.params)
+            for buffer, value in zip(bucket.state_buffers, [steps, readout_sum, *new], strict=True):
+                buffer.copy_(value)
+            return logits, *rest
+
+        if not self.capture:
+
+            def call() -> None:  # outputs at fixed addresses, overwritten by each call, as a replay does
+                outputs = body()
+                if not bucket.outputs:
+                    bucket.outputs = outputs
+                    return
+                for kept, new in zip(_leaves(bucket.outputs), _leaves(outputs), strict=True):
+                    kept.copy_(new)
+
+            bucket.replay = call
+            return bucket
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(WARMUP_CALLS):  # (every row inactive: the zero state stays zero)
+                body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+            bucket.outputs = body()
+        bucket.graph, bucket.replay = graph, graph.replay
+        log.info("CUDA graph step: %s_%d captured", "step" if learn else "forward", size)
+        return bucket
+
+    def _bucket(self, learn: bool, rows: int, state: NetworkState, frames: Tensor) -> Bucket | None:
+        size = bucket_for(rows, self.buckets)
+        if self.failure is not None or size is None:
+            return None
+        bucket = self._buckets.get((learn, size))
+        if bucket is None:
+            try:
+                bucket = self._new_bucket(learn, size, state, frames.shape[1:])
+            except Exception as err:  # noqa: BLE001 -- a capture failure means: serve eagerly
+                self.disable(f"capturing the {size}-row graph failed: {type(err).__name__}: {err}")
+                return None
+            self._buckets[(learn, size)] = bucket
+        return bucket
+
+    def _load(
+        self,
+        bucket: Bucket,
+        frames: Tensor,
+        labels: Tensor | None,
+        active: Tensor | None,
+        state: NetworkState,
+    ) -> None:
+        """Copy the step's inputs into ``bucket``, and ``state`` unless it is there already (a state held
+        there before is moved out first)."""
+        rows = state.batch_size
+        if not _holds(bucket, state):
+            owner = bucket.owner() if bucket.owner is not None else None
+            if owner is not None and owner is not state:
+                _move_out(bucket, owner)  # kept as it is, in memory of its own
+            for buffer, t in zip(bucket.state_buffers, _state_tensors(state), strict=True):
+                buffer[:rows].copy_(t)
+        bucket.frames[:rows].copy_(frames)
+        bucket.active[rows:].fill_(False)
+        if active is None:
+            bucket.active[:rows].fill_(True)
+        else:
+            bucket.active[:rows].copy_(active)
+        if bucket.labels is not None:
+            bucket.labels[rows:].fill_(-1)
+            bucket.labels[:rows].copy_(labels)
+
+    # -- running ----------------------------------------------------------------------------------------
+    def _call(
+        self,
+        learn: bool,
+        frames: Tensor,
+        labels: Tensor | None,
+        state: NetworkState,
+        active: Tensor | None,
+    ) -> tuple | None:
+        self.local.model._check_input(frames, state)
+        if state.masks:
+            return None
+        rows = state.batch_size
+        bucket = self._bucket(learn, rows, state, frames)
+        if bucket is None:
+            return None
+        self._load(bucket, frames, labels, active, state)
+        bucket.replay()
+        bucket.owner = weakref.ref(state)
+        _rebind(state, [buffer[:rows] for buffer in bucket.state_buffers])
+        logits, *rest = bucket.outputs
+        return logits[:rows].clone(), *rest
+
+    def run(
+        self, frames: Tensor, labels: Tensor, state: NetworkState, active: Tensor | None = None
+    ) -> tuple[Tensor, Grads] | None:
+        """One learning step as ``CompiledStep.run`` (same arguments and results), or None: run eagerly."""
+        out = self._call(True, frames, labels, state, active)
+        if out is None:
+            return None
+        logits, grads = out
+        pairs = [(p, g.clone()) for p, g in zip(self.params, grads, strict=True) if p is not None]
+        return logits, pairs
+
+    def predict(self, frames: Tensor, state: NetworkState, active: Tensor | None = None) -> Tensor | None:
+        """One prediction step as ``CompiledStep.predict``, or None: run eagerly."""
+        out = self._call(False, frames, None, state, active)
+        return None if out is None else out[0]
+
+
+__all__ = ["GRAPH_BUCKETS", "GRAPH_MODES", "Bucket", "GraphStep", "graphs_unavailable"]

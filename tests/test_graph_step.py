@@ -1,0 +1,188 @@
+"""The CUDA graph step (``ndot_core.engine.graph_step``) against the eager local and autograd steps.
+
+Without a GPU, ``GraphStep(capture=False)`` runs the same static buffers, copies, padding rows and
+moves between states, calling the pure step where the graph would replay: everything but the
+recording. Tolerances as in ``test_local_step``. The tests marked ``cuda`` record real CUDA graphs
+(skipped where torch sees no GPU: ``pytest -m cuda`` on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
+from test_compiled_step import ACTIVE, run_against_references, step_active_by_hand
+from test_local_step import ATOL, MODELS, ONLINE, assert_states_close, make_data, make_model
+
+from ndot_core import OnlineLearner
+from ndot_core.engine.graph_step import GraphStep, graphs_unavailable
+
+BATCH = 3  # in the bucket of 4: one padding row
+
+
+def graph_learner(
+    model: str, capture: bool = False, buckets=(1, 2, 4), device="cpu", **options
+) -> OnlineLearner:
+    """A local-backend learner whose fast step is a ``GraphStep`` (``capture=False``: not recorded)."""
+    learner = OnlineLearner(make_model(model), backend="local", device=device, **options)
+    learner.compiled = GraphStep(
+        learner.local, learner.rule, learner.alpha, learner.steps_per_sample, buckets, capture=capture
+    )
+    return learner
+
+
+def bucket_of(learner: OnlineLearner, learn: bool, size: int):
+    return learner.compiled._buckets[(learn, size)]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("rule", ONLINE)
+def test_graph_step_matches_local_and_autograd(rule: str, model: str) -> None:
+    """Learning and prediction steps of 3 rows in the bucket of 4, Adam, NDOT_A over 2 steps."""
+    options = {"rule": rule, "optimizer": "adam", "lr": 0.05, "steps_per_sample": 2}
+    learner = graph_learner(model, **options)
+    run_against_references(model, learner, **options)
+    assert sorted(learner.compiled.graphs()) == ["forward_4", "step_4"]
+
+
+def test_a_state_stays_in_its_bucket_between_steps() -> None:
+    """The state a replay advanced is the bucket's buffers: the next step copies nothing in."""
+    learner = graph_learner("mlp", rule="ndot", optimizer="sgd", lr=0.05)
+    state = learner.new_state(BATCH)
+    frames, _ = make_data("mlp", steps=3, batch=BATCH)
+    labels = torch.tensor([0, 1, 2])
+    first = learner.step(frames[0], labels, state)
+    kept = first.clone()
+    bucket = bucket_of(learner, True, 4)
+    pointers = {t.data_ptr() for t in state.tensors().values()}
+    assert pointers == {t.data_ptr() for t in (bucket.steps, bucket.readout_sum, *bucket.neurons)}
+    for x in frames[1:]:
+        learner.step(x, labels, state)
+        assert {t.data_ptr() for t in state.tensors().values()} == pointers
+    assert state.steps.tolist() == [3, 3, 3]
+    assert torch.equal(first, kept)  # the logits a step returned are the caller's, not the next replay's
+    assert bucket.steps[BATCH:].tolist() == [0]  # the padding row never stepped
+
+
+@pytest.mark.parametrize("model", ["mlp", "stream_cnn"])
+def test_two_states_on_one_bucket_each_step_as_alone(model: str) -> None:
+    """Two tables alternate on the same graph (live rows, replays): the one in the buffers is moved out
+    before the other comes in; both, the weights and the gradients follow the eager step exactly."""
+    options = {"rule": "ndot", "optimizer": "adam", "lr": 0.05}
+    fast, eager = (
+        graph_learner(model, **options),
+        OnlineLearner(make_model(model), backend="local", **options),
+    )
+    sizes = {"a": 3, "b": 4}
+    states = {name: (fast.new_state(n), eager.new_state(n)) for name, n in sizes.items()}
+    data = {name: make_data(model, steps=4, batch=n, seed=2 + i) for i, (name, n) in enumerate(sizes.items())}
+    for t in range(4):
+        for name in ("a", "b"):
+            x = data[name][0][t]
+            y = torch.arange(sizes[name]) % 2
+            got = fast.step(x, y, states[name][0])
+            want = eager.step(x, y, states[name][1])
+            assert fast.last_backend == "compiled"
+            torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+            for other in states.values():  # the state moved out kept its values
+                assert_states_close(other[1], other[0])
+    bucket = bucket_of(fast, True, 4)
+    assert states["b"][0].readout_sum.data_ptr() == bucket.readout_sum.data_ptr()
+    assert states["a"][0].readout_sum.untyped_storage().data_ptr() != bucket.readout_sum.data_ptr()
+    for p, q in zip(eager.model.parameters(), fast.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("model", ["mlp", "stream_cnn"])
+def test_a_masked_graph_step_leaves_inactive_rows_exactly(model: str) -> None:
+    """``step(active=)`` on the graph: inactive rows bit for bit as before, the active rows, losses and
+    weights as the eager step of the active rows alone."""
+    options = {"rule": "ndot", "optimizer": "adam", "lr": 0.05, "steps_per_sample": 2}
+    fast, eager = (
+        graph_learner(model, **options),
+        OnlineLearner(make_model(model), backend="local", **options),
+    )
+    states = fast.new_state(BATCH), eager.new_state(BATCH)
+    frames, labels = make_data(model, steps=len(ACTIVE), batch=BATCH)
+    for x, y, mask in zip(frames, labels, ACTIVE, strict=True):
+        active = torch.tensor(mask, dtype=torch.bool)
+        assert fast.steps_in_place(BATCH, learn=y is not None)
+        before = states[0].clone()
+        got = fast.step(x, y, states[0], active=active)
+        assert fast.last_backend == "compiled"
+        want = step_active_by_hand(eager, x, y, states[1], active)
+        torch.testing.assert_close(got[active], want, rtol=0, atol=ATOL)
+        assert_states_close(states[1], states[0])
+        inactive = (~active).nonzero().flatten()
+        assert_states_close(before.select(inactive), states[0].select(inactive), exact=True)
+    assert fast.version >= 3
+    for p, q in zip(eager.model.parameters(), fast.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
+
+
+def test_held_gradients_survive_the_next_replay() -> None:
+    """Gradients held across steps (``hold_updates``: ranks reduce them first) are the learner's own,
+    not the graph's output buffers that the next replay overwrites."""
+    options = {"rule": "ndot", "optimizer": "sgd", "lr": 0.05}
+    fast, eager = (
+        graph_learner("mlp", **options),
+        OnlineLearner(make_model("mlp"), backend="local", **options),
+    )
+    fast.hold_updates = eager.hold_updates = True
+    states = fast.new_state(BATCH), eager.new_state(BATCH)
+    frames, _ = make_data("mlp", steps=3, batch=BATCH)
+    for x in frames:
+        fast.step(x, torch.tensor([0, 1, 2]), states[0])
+        eager.step(x, torch.tensor([0, 1, 2]), states[1])
+    for got, want in zip(fast.held_gradients(), eager.held_gradients(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_batches_past_the_largest_bucket_run_eagerly() -> None:
+    learner = graph_learner("mlp", rule="ndot", optimizer="sgd", lr=0.05, buckets=(2,))
+    state = learner.new_state(BATCH)
+    frames, _ = make_data("mlp", steps=3, batch=BATCH)
+    assert not learner.steps_in_place(BATCH, learn=True)
+    learner.step(frames[0], torch.tensor([0, 1, 2]), state)
+    assert learner.last_backend == "local" and learner.compiled.graphs() == []
+
+
+def test_cuda_graph_modes() -> None:
+    with pytest.raises(ValueError, match="unknown cuda_graphs"):
+        OnlineLearner(make_model("mlp"), backend="local", cuda_graphs="yes")
+    if graphs_unavailable("cpu") is not None:
+        with pytest.raises(ValueError, match="need a CUDA device"):
+            OnlineLearner(make_model("mlp"), backend="local", cuda_graphs="on")
+    with pytest.raises(ValueError, match="needs the local backend"):
+        OnlineLearner(make_model("mlp"), backend="autograd", device="cpu", cuda_graphs="on")
+    assert OnlineLearner(make_model("mlp"), backend="local", cuda_graphs="auto").compiled is None  # (CPU)
+
+
+needs_cuda = pytest.mark.skipif(graphs_unavailable("cuda") is not None, reason="no CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("model", list(MODELS))
+def test_recorded_cuda_graphs_match_the_eager_step(model: str) -> None:
+    """Real CUDA graphs (float64, Adam, NDOT_A), including a second state on the same bucket and a
+    masked step, against the eager local step on the same GPU."""
+    options = {"rule": "ndot", "optimizer": "adam", "lr": 0.05, "steps_per_sample": 2, "device": "cuda"}
+    fast = OnlineLearner(make_model(model), backend="local", cuda_graphs="on", **options)
+    eager = OnlineLearner(make_model(model), backend="local", **options)
+    assert isinstance(fast.compiled, GraphStep)
+    states = {n: (fast.new_state(n), eager.new_state(n)) for n in (BATCH, 4)}
+    for n, (got_state, want_state) in states.items():
+        frames, labels = make_data(model, steps=len(ACTIVE), batch=n)
+        for x, y, mask in zip(frames, labels, ACTIVE, strict=True):
+            x, y = x.cuda(), None if y is None else y.cuda()
+            active = torch.tensor((mask * 2)[:n], dtype=torch.bool, device="cuda")
+            got = fast.step(x, y, got_state, active=active)
+            assert fast.last_backend == "compiled"
+            want = step_active_by_hand(eager, x, y, want_state, active)
+            torch.testing.assert_close(got[active], want, rtol=0, atol=ATOL)
+            assert_states_close(want_state, got_state)
+    assert fast.compiled.failure is None and fast.version >= 3
+    assert_states_close(states[BATCH][1], states[BATCH][0])  # moved out when the 4-row state came in
+    for p, q in zip(eager.model.parameters(), fast.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
