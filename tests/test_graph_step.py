@@ -186,3 +186,27 @@ def test_recorded_cuda_graphs_match_the_eager_step(model: str) -> None:
     assert_states_close(states[BATCH][1], states[BATCH][0])  # moved out when the 4-row state came in
     for p, q in zip(eager.model.parameters(), fast.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
+
+
+def test_a_replay_writes_only_the_state_it_steps() -> None:
+    """A ``narrow`` of a state held in the buffers, stepped: the state it came from keeps its values
+    (moved out first), as on the eager step, which never writes into another state's tensors; then a
+    third state on the same bucket leaves both as they were."""
+    options = {"rule": "ndot", "optimizer": "sgd", "lr": 0.05}
+    fast, eager = (
+        graph_learner("mlp", **options),
+        OnlineLearner(make_model("mlp"), backend="local", **options),
+    )
+    frames, _ = make_data("mlp", steps=3, batch=4, seed=5)
+    tables = fast.new_state(4), eager.new_state(4)
+    for learner, table in zip((fast, eager), tables, strict=True):
+        learner.step(frames[0], torch.tensor([0, 1, 2, 3]), table)
+    subs = [table.narrow(0, 3) for table in tables]
+    others = fast.new_state(4), eager.new_state(4)
+    for learner, sub, other in zip((fast, eager), subs, others, strict=True):
+        learner.step(frames[1][:3], torch.tensor([1, 2, 3]), sub)
+        learner.step(frames[2], torch.tensor([3, 2, 1, 0]), other)
+    assert fast.last_backend == "compiled"
+    for got, want in ((tables[0], tables[1]), (subs[0], subs[1]), (others[0], others[1])):
+        assert_states_close(want, got)
+    assert tables[0].steps.tolist() == [1, 1, 1, 1] and subs[0].steps.tolist() == [2, 2, 2]

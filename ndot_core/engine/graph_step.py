@@ -19,7 +19,10 @@ model's parameters themselves (updated in place by the fused optimizer: fixed ad
 
 One state at a time lives in a bucket's buffers. When another state steps on the same bucket, the
 one there is first moved out (its tensors cloned and rebound), then the new one is copied in: two
-tables that alternate (the live rows and the replays) stay correct, each paying one copy a switch.
+tables that alternate (the live rows and the replays) stay correct, each paying one copy a switch,
+and a replay writes no tensor of a state other than the one it steps (as the eager step: e.g. the
+table that a stepped ``narrow`` of its rows came from keeps its values). Views taken of a state held
+in the buffers follow it only while it stays there: keep rows with ``clone``.
 Gradients and logits are cloned out of the graph's output buffers (the next replay overwrites them;
 a gradient may wait for the optimizer across steps).
 
@@ -83,7 +86,8 @@ class Bucket:
     neurons: list[Tensor]
     replay: Callable[[], None] = lambda: None
     outputs: tuple = ()  # (logits, grads) after a replay
-    owner: weakref.ReferenceType[NetworkState] | None = None
+    #: The states whose tensors are (were last rebound to) the state buffers, by id: weak references.
+    holders: dict[int, weakref.ReferenceType[NetworkState]] = field(default_factory=dict)
     graph: object = field(default=None, repr=False)  # the torch.cuda.CUDAGraph, with capture
 
     @property
@@ -243,14 +247,19 @@ class GraphStep:
         active: Tensor | None,
         state: NetworkState,
     ) -> None:
-        """Copy the step's inputs into ``bucket``, and ``state`` unless it is there already (a state held
-        there before is moved out first)."""
+        """Copy the step's inputs into ``bucket``, and ``state`` unless it is there already. Every other
+        state held there is moved out first: the replay writes only ``state`` (as the eager step, which
+        never writes into the tensors of another state, e.g. the table a stepped ``narrow`` came from)."""
         rows = state.batch_size
+        for holder in [ref() for ref in bucket.holders.values()]:
+            if holder is not None and holder is not state:
+                _move_out(bucket, holder)  # kept as it is, in memory of its own
+        bucket.holders.clear()
         if not _holds(bucket, state):
-            owner = bucket.owner() if bucket.owner is not None else None
-            if owner is not None and owner is not state:
-                _move_out(bucket, owner)  # kept as it is, in memory of its own
+            storages = {b.untyped_storage().data_ptr() for b in bucket.state_buffers}
             for buffer, t in zip(bucket.state_buffers, _state_tensors(state), strict=True):
+                if t.untyped_storage().data_ptr() in storages:  # (other rows of the buffers: no overlap)
+                    t = t.clone()
                 buffer[:rows].copy_(t)
         bucket.frames[:rows].copy_(frames)
         bucket.active[rows:].fill_(False)
@@ -280,7 +289,7 @@ class GraphStep:
             return None
         self._load(bucket, frames, labels, active, state)
         bucket.replay()
-        bucket.owner = weakref.ref(state)
+        bucket.holders[id(state)] = weakref.ref(state)
         _rebind(state, [buffer[:rows] for buffer in bucket.state_buffers])
         logits, *rest = bucket.outputs
         return logits[:rows].clone(), *rest
