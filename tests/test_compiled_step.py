@@ -226,34 +226,40 @@ def step_active_by_hand(learner: OnlineLearner, x, y, state, active: torch.Tenso
     return logits
 
 
+def assert_masked_steps_match(fast: OnlineLearner, model: str, options: dict) -> None:
+    """``fast.step(active=)`` (one graph over the whole state) over ``ACTIVE``: inactive rows bit for bit
+    as before (state, steps, readout sum); active rows, logits, losses and weights as the eager step of
+    the active rows alone (a local learner with ``options``)."""
+    local = OnlineLearner(make_model(model), backend="local", device=fast.device, **options)
+    states = fast.new_state(BATCH), local.new_state(BATCH)
+    frames, labels = make_data(model, steps=len(ACTIVE), batch=BATCH)
+    for x, y, mask in zip(frames, labels, ACTIVE, strict=True):
+        x, y = x.to(fast.device), None if y is None else y.to(fast.device)
+        active = torch.tensor(mask, dtype=torch.bool, device=fast.device)
+        assert fast.steps_in_place(BATCH, learn=y is not None)
+        before = states[0].clone()
+        got = fast.step(x, y, states[0], active=active)
+        assert fast.last_backend == "compiled"
+        want = step_active_by_hand(local, x, y, states[1], active)
+        torch.testing.assert_close(got[active], want, rtol=0, atol=ATOL)
+        assert_states_close(states[1], states[0])
+        inactive = (~active).nonzero().flatten()
+        assert_states_close(before.select(inactive), states[0].select(inactive), exact=True)
+        assert (fast.version, fast.pending_steps) == (local.version, local.pending_steps)
+    assert fast.version >= 3
+    for p, q in zip(local.model.parameters(), fast.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("shapes", ["buckets", "dynamic"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_a_masked_compiled_step_leaves_inactive_rows_exactly_and_learns_as_the_active_rows(
     model: str, shapes: str
 ) -> None:
-    """``step(active=)`` in one graph: inactive rows bit for bit as before (state, steps, readout sum),
-    active rows, logits, losses and weights as the eager step of the active rows alone."""
+    """``step(active=)`` in one compiled graph (``assert_masked_steps_match``)."""
     options = {"rule": "ndot", "optimizer": "adam", "lr": 0.05, "steps_per_sample": 2}
-    compiled = compiled_learner(model, shapes=shapes, **options)
-    local = OnlineLearner(make_model(model), backend="local", **options)
-    states = compiled.new_state(BATCH), local.new_state(BATCH)
-    frames, labels = make_data(model, steps=len(ACTIVE), batch=BATCH)
-    for x, y, mask in zip(frames, labels, ACTIVE, strict=True):
-        active = torch.tensor(mask, dtype=torch.bool)
-        assert compiled.steps_in_place(BATCH, learn=y is not None)
-        before = states[0].clone()
-        got = compiled.step(x, y, states[0], active=active)
-        assert compiled.last_backend == "compiled"
-        want = step_active_by_hand(local, x, y, states[1], active)
-        torch.testing.assert_close(got[active], want, rtol=0, atol=ATOL)
-        assert_states_close(states[1], states[0])
-        inactive = (~active).nonzero().flatten()
-        assert_states_close(before.select(inactive), states[0].select(inactive), exact=True)
-        assert (compiled.version, compiled.pending_steps) == (local.version, local.pending_steps)
-    assert compiled.version >= 3
-    for p, q in zip(local.model.parameters(), compiled.model.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
+    assert_masked_steps_match(compiled_learner(model, shapes=shapes, **options), model, options)
 
 
 @pytest.mark.parametrize("backend", ["autograd", "local"])

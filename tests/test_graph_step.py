@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_support import single_torch_thread  # noqa: F401  (autouse: one torch thread)
-from test_compiled_step import ACTIVE, run_against_references, step_active_by_hand
+from test_compiled_step import assert_masked_steps_match, run_against_references
 from test_local_step import ATOL, MODELS, ONLINE, assert_states_close, make_data, make_model
 
 from ndot_core import OnlineLearner
@@ -20,15 +20,34 @@ from ndot_core.engine.graph_step import GraphStep, graphs_unavailable
 BATCH = 3  # in the bucket of 4: one padding row
 
 
-def graph_learner(
-    model: str, capture: bool = False, buckets=(1, 2, 4), device="cpu", **options
-) -> OnlineLearner:
-    """A local-backend learner whose fast step is a ``GraphStep`` (``capture=False``: not recorded)."""
-    learner = OnlineLearner(make_model(model), backend="local", device=device, **options)
+def graph_learner(model: str, buckets=(1, 2, 4), device: str = "cpu", **options) -> OnlineLearner:
+    """A local-backend learner whose fast step is a ``GraphStep``: recorded CUDA graphs on ``"cuda"``
+    (``cuda_graphs="on"``), else the buffers unrecorded (``capture=False``)."""
+    if device == "cuda":
+        learner = OnlineLearner(
+            make_model(model), backend="local", device=device, cuda_graphs="on", **options
+        )
+        assert isinstance(learner.compiled, GraphStep)
+        learner.compiled.buckets = tuple(buckets)
+        return learner
+    learner = OnlineLearner(make_model(model), backend="local", **options)
     learner.compiled = GraphStep(
-        learner.local, learner.rule, learner.alpha, learner.steps_per_sample, buckets, capture=capture
+        learner.local, learner.rule, learner.alpha, learner.steps_per_sample, buckets, capture=False
     )
     return learner
+
+
+#: CPU (buffers unrecorded) everywhere; CUDA (recorded graphs) where torch sees a GPU: pytest -m cuda
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(graphs_unavailable("cuda") is not None, reason="no CUDA device"),
+        ],
+    ),
+]
 
 
 def bucket_of(learner: OnlineLearner, learn: bool, size: int):
@@ -64,11 +83,12 @@ def test_a_state_stays_in_its_bucket_between_steps() -> None:
     assert bucket.steps[BATCH:].tolist() == [0]  # the padding row never stepped
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model", ["mlp", "stream_cnn"])
-def test_two_states_on_one_bucket_each_step_as_alone(model: str) -> None:
+def test_two_states_on_one_bucket_each_step_as_alone(model: str, device: str) -> None:
     """Two tables alternate on the same graph (live rows, replays): the one in the buffers is moved out
     before the other comes in; both, the weights and the gradients follow the eager step exactly."""
-    options = {"rule": "ndot", "optimizer": "adam", "lr": 0.05}
+    options = {"rule": "ndot", "optimizer": "adam", "lr": 0.05, "device": device}
     fast, eager = (
         graph_learner(model, **options),
         OnlineLearner(make_model(model), backend="local", **options),
@@ -78,7 +98,7 @@ def test_two_states_on_one_bucket_each_step_as_alone(model: str) -> None:
     data = {name: make_data(model, steps=4, batch=n, seed=2 + i) for i, (name, n) in enumerate(sizes.items())}
     for t in range(4):
         for name in ("a", "b"):
-            x = data[name][0][t]
+            x = data[name][0][t].to(device)
             y = torch.arange(sizes[name]) % 2
             got = fast.step(x, y, states[name][0])
             want = eager.step(x, y, states[name][1])
@@ -93,31 +113,12 @@ def test_two_states_on_one_bucket_each_step_as_alone(model: str) -> None:
         torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("model", ["mlp", "stream_cnn"])
-def test_a_masked_graph_step_leaves_inactive_rows_exactly(model: str) -> None:
-    """``step(active=)`` on the graph: inactive rows bit for bit as before, the active rows, losses and
-    weights as the eager step of the active rows alone."""
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_masked_graph_step_leaves_inactive_rows_exactly(model: str, device: str) -> None:
+    """``step(active=)`` on the graph (``assert_masked_steps_match``)."""
     options = {"rule": "ndot", "optimizer": "adam", "lr": 0.05, "steps_per_sample": 2}
-    fast, eager = (
-        graph_learner(model, **options),
-        OnlineLearner(make_model(model), backend="local", **options),
-    )
-    states = fast.new_state(BATCH), eager.new_state(BATCH)
-    frames, labels = make_data(model, steps=len(ACTIVE), batch=BATCH)
-    for x, y, mask in zip(frames, labels, ACTIVE, strict=True):
-        active = torch.tensor(mask, dtype=torch.bool)
-        assert fast.steps_in_place(BATCH, learn=y is not None)
-        before = states[0].clone()
-        got = fast.step(x, y, states[0], active=active)
-        assert fast.last_backend == "compiled"
-        want = step_active_by_hand(eager, x, y, states[1], active)
-        torch.testing.assert_close(got[active], want, rtol=0, atol=ATOL)
-        assert_states_close(states[1], states[0])
-        inactive = (~active).nonzero().flatten()
-        assert_states_close(before.select(inactive), states[0].select(inactive), exact=True)
-    assert fast.version >= 3
-    for p, q in zip(eager.model.parameters(), fast.model.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
+    assert_masked_steps_match(graph_learner(model, device=device, **options), model, options)
 
 
 def test_held_gradients_survive_the_next_replay() -> None:
@@ -156,36 +157,6 @@ def test_cuda_graph_modes() -> None:
     with pytest.raises(ValueError, match="needs the local backend"):
         OnlineLearner(make_model("mlp"), backend="autograd", device="cpu", cuda_graphs="on")
     assert OnlineLearner(make_model("mlp"), backend="local", cuda_graphs="auto").compiled is None  # (CPU)
-
-
-needs_cuda = pytest.mark.skipif(graphs_unavailable("cuda") is not None, reason="no CUDA device")
-
-
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("model", list(MODELS))
-def test_recorded_cuda_graphs_match_the_eager_step(model: str) -> None:
-    """Real CUDA graphs (float64, Adam, NDOT_A), including a second state on the same bucket and a
-    masked step, against the eager local step on the same GPU."""
-    options = {"rule": "ndot", "optimizer": "adam", "lr": 0.05, "steps_per_sample": 2, "device": "cuda"}
-    fast = OnlineLearner(make_model(model), backend="local", cuda_graphs="on", **options)
-    eager = OnlineLearner(make_model(model), backend="local", **options)
-    assert isinstance(fast.compiled, GraphStep)
-    states = {n: (fast.new_state(n), eager.new_state(n)) for n in (BATCH, 4)}
-    for n, (got_state, want_state) in states.items():
-        frames, labels = make_data(model, steps=len(ACTIVE), batch=n)
-        for x, y, mask in zip(frames, labels, ACTIVE, strict=True):
-            x, y = x.cuda(), None if y is None else y.cuda()
-            active = torch.tensor((mask * 2)[:n], dtype=torch.bool, device="cuda")
-            got = fast.step(x, y, got_state, active=active)
-            assert fast.last_backend == "compiled"
-            want = step_active_by_hand(eager, x, y, want_state, active)
-            torch.testing.assert_close(got[active], want, rtol=0, atol=ATOL)
-            assert_states_close(want_state, got_state)
-    assert fast.compiled.failure is None and fast.version >= 3
-    assert_states_close(states[BATCH][1], states[BATCH][0])  # moved out when the 4-row state came in
-    for p, q in zip(eager.model.parameters(), fast.model.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=0, atol=ATOL)
 
 
 def test_a_replay_writes_only_the_state_it_steps() -> None:

@@ -55,7 +55,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ndot_core.engine.local_step import Grads, LocalStep
+from ndot_core.engine.fast_step import FastStep
+from ndot_core.engine.local_step import LocalStep
 from ndot_core.engine.state import NetworkState
 from ndot_core.engine.step_graph import (
     forward_function,
@@ -188,7 +189,7 @@ def _pad(
     return out
 
 
-class CompiledStep:
+class CompiledStep(FastStep):
     """Compiled learning and prediction steps of ``local``'s network; see the module docstring.
 
     ``buckets``: the batch sizes of ``shapes="buckets"``; ``shapes``: "dynamic" or "buckets" (None:
@@ -387,28 +388,3 @@ class CompiledStep:
         state.neurons = [type(n)(*neurons[4 * i : 4 * i + 4]) for i, n in enumerate(state.neurons)]
         state.readout_sum, state.steps = readout_sum, steps
         return logits, *rest
-
-    def run(
-        self, frames: Tensor, labels: Tensor, state: NetworkState, active: Tensor | None = None
-    ) -> tuple[Tensor, Grads] | None:
-        """One step as ``LocalStep.forward`` + ``backward`` on every row, or None: run the eager step.
-
-        ``labels`` [B] long, -1 for rows that do not learn (at least one row learns). ``active`` [B]
-        bool (None: every row): rows not active keep their state and learn nothing (``step_graph``).
-        On success the state advances (rebound, as the eager step does) and ``(logits [B, K],
-        [(param, grad)])`` come back, the gradients those of the labelled active rows' loss. None
-        when the compiled step is off, no graph runs the batch or its graph is not compiled yet (this
-        call starts compiling it).
-        """
-        out = self._call(True, frames, labels, state, active)
-        if out is None:
-            return None
-        logits, grads = out
-        pairs = [(p, g) for p, g in zip(self.params, grads, strict=True) if p is not None]
-        return logits, pairs
-
-    def predict(self, frames: Tensor, state: NetworkState, active: Tensor | None = None) -> Tensor | None:
-        """One step with no row learning (``LocalStep.forward`` without a tape): the logits [B, K], the
-        state advanced (``active`` as in ``run``); or None (as ``run``): run the eager step."""
-        out = self._call(False, frames, None, state, active)
-        return None if out is None else out[0]

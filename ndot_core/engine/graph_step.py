@@ -52,7 +52,8 @@ import torch
 from torch import Tensor, nn
 
 from ndot_core.engine.compiled_step import bucket_for
-from ndot_core.engine.local_step import Grads, LocalStep
+from ndot_core.engine.fast_step import FastStep
+from ndot_core.engine.local_step import LocalStep
 from ndot_core.engine.state import NetworkState
 from ndot_core.engine.step_graph import forward_function, step_function, step_parameters, unsupported_reason
 
@@ -130,10 +131,9 @@ def _rebind(state: NetworkState, tensors: list[Tensor]) -> None:
     state.neurons = [type(n)(*neurons[4 * i : 4 * i + 4]) for i, n in enumerate(state.neurons)]
 
 
-class GraphStep:
+class GraphStep(FastStep):
     """Learning and prediction steps of ``local``'s network as CUDA graphs per bucket; see the module
-    docstring. The same interface as ``CompiledStep`` (``run``, ``predict``, ``ready``), so the learner
-    holds either as its fast step."""
+    docstring. A ``FastStep``, as ``CompiledStep``: the learner holds either."""
 
     def __init__(
         self,
@@ -294,21 +294,10 @@ class GraphStep:
         logits, *rest = bucket.outputs
         return logits[:rows].clone(), *rest
 
-    def run(
-        self, frames: Tensor, labels: Tensor, state: NetworkState, active: Tensor | None = None
-    ) -> tuple[Tensor, Grads] | None:
-        """One learning step as ``CompiledStep.run`` (same arguments and results), or None: run eagerly."""
-        out = self._call(True, frames, labels, state, active)
-        if out is None:
-            return None
-        logits, grads = out
-        pairs = [(p, g.clone()) for p, g in zip(self.params, grads, strict=True) if p is not None]
-        return logits, pairs
-
-    def predict(self, frames: Tensor, state: NetworkState, active: Tensor | None = None) -> Tensor | None:
-        """One prediction step as ``CompiledStep.predict``, or None: run eagerly."""
-        out = self._call(False, frames, None, state, active)
-        return None if out is None else out[0]
+    def _kept(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """Copies: the next replay overwrites the output buffers, and a gradient may wait for the
+        optimizer across steps."""
+        return [None if g is None else g.clone() for g in grads]
 
 
 __all__ = ["GRAPH_BUCKETS", "GRAPH_MODES", "Bucket", "GraphStep", "graphs_unavailable"]

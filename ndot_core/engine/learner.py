@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ndot_core.engine.compiled_step import COMPILE_MODES, CompiledStep, compile_unavailable
+from ndot_core.engine.fast_step import FastStep
 from ndot_core.engine.graph_step import GRAPH_MODES, GraphStep, graphs_unavailable
 from ndot_core.engine.local_plan import LocalBackendUnsupported, unsupported_reason
 from ndot_core.engine.local_step import LocalStep, accumulate_grads
@@ -111,9 +112,7 @@ class OnlineLearner:
         self.backend = backend
         use_local = backend == "local" or (backend == "auto" and unsupported_reason(model, rule) is None)
         self.local: LocalStep | None = LocalStep(self.model, rule) if use_local else None
-        self.compiled: CompiledStep | GraphStep | None = self._make_graphs(
-            cuda_graphs
-        ) or self._make_compiled(compile)
+        self.compiled: FastStep | None = self._make_graphs(cuda_graphs) or self._make_compiled(compile)
         self.last_backend: str | None = None
         self.optimizer = self._make_optimizer()
         self.version = 0  # optimizer steps taken
