@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import socket
 import threading
@@ -158,11 +159,13 @@ def test_live_view_over_redis_with_api_and_worker_apart(
         assert httpx.get(f"{url}/v1/streams/cam/live").status_code == 401
         with http(url, key=INGEST_KEY) as client:
             post_sample(client, "cam", *samples[0], width=34, height=34)
-        done = threading.Event()
+        done, enough = threading.Event(), threading.Event()
 
-        def stream() -> None:
+        def stream() -> None:  # until the view has its events: a fast worker is through 15 samples in 1 s
             with http(url, key=INGEST_KEY) as client:
-                for events, label in samples[1:]:
+                for events, label in itertools.islice(itertools.cycle(samples[1:]), 300):
+                    if enough.is_set():
+                        break
                     post_sample(client, "cam", events, label)
             done.set()
 
@@ -172,6 +175,7 @@ def test_live_view_over_redis_with_api_and_worker_apart(
             streamer = threading.Thread(target=stream, daemon=True)
             streamer.start()
             updates = read_events(view, 12)
+            enough.set()
             streamer.join(120)
         assert done.is_set()
         span = updates[-1]["at"] - updates[1]["at"]
