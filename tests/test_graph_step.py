@@ -181,3 +181,23 @@ def test_a_replay_writes_only_the_state_it_steps() -> None:
     for got, want in ((tables[0], tables[1]), (subs[0], subs[1]), (others[0], others[1])):
         assert_states_close(want, got)
     assert tables[0].steps.tolist() == [1, 1, 1, 1] and subs[0].steps.tolist() == [2, 2, 2]
+
+
+def test_the_gpu_benchmark_runs_its_cpu_check(tmp_path) -> None:
+    """``benchmarks/bench_gpu.py --device cpu`` (the script ``device_check.sh`` runs on a GPU machine) runs
+    through and writes its figures: a session lent a GPU finds it working."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench_gpu.json"
+    args = ["--device", "cpu", "--batches", "1", "2", "--rounds", "1", "--iters", "2", "--out", str(out)]
+    assert bench.main(args) == 0
+    figures = json.loads(out.read_text())
+    assert [row["batch"] for row in figures["rows"]] == [1, 2]
+    assert all(row["graphs learn"] > 0 and row["eager predict"] > 0 for row in figures["rows"])
+    assert figures["device"] == "cpu" and figures["goal"] == 1000
