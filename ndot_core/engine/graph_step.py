@@ -31,7 +31,7 @@ non-blocking: ``service.worker.batcher_steps``), the replay is asynchronous, and
 the predictions when it needs them.
 
 A bucket's graph is captured the first time a step needs it (two warm-up calls on a side stream, then
-the capture: milliseconds). Any error there logs one warning and turns the graph step off for good
+the capture, on the serving thread). Any error there logs one warning and turns the graph step off for good
 (``failure``): the caller's eager local step serves. A failed replay is a CUDA error, which leaves the
 device unusable anyway; a failed copy-in leaves the caller's state untouched.
 
