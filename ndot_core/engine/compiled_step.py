@@ -53,17 +53,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ndot_core.engine.fast_step import FastStep
+from ndot_core.engine.fast_step import FastStep, rebind, state_tensors
 from ndot_core.engine.local_step import LocalStep
 from ndot_core.engine.state import NetworkState
-from ndot_core.engine.step_graph import (
-    forward_function,
-    step_function,
-    step_parameters,
-    unsupported_reason,
-)
 
 COMPILE_MODES = ("off", "on", "auto")
 SHAPES = ("dynamic", "buckets")
@@ -209,17 +203,13 @@ class CompiledStep(FastStep):
         background: bool = True,
         shapes: str | None = None,
     ) -> None:
-        self.local = local
-        self._args = (rule, alpha, steps_per_sample)
+        super().__init__(local, rule, alpha, steps_per_sample)
         self.buckets = tuple(sorted(buckets))
         self.shapes = shapes or default_shapes(local.model.readout.weight.device)
         if self.shapes not in SHAPES:
             raise ValueError(f"unknown shapes {self.shapes!r}; expected one of {SHAPES}")
         self.backend = backend
         self.background = background
-        self.params: list[nn.Parameter | None] = step_parameters(local)
-        self.failure: str | None = unsupported_reason(local)
-        self._functions = {True: step_function(local, *self._args), False: forward_function(local, rule)}
         self._graphs: dict[tuple[bool, int], Graph] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -329,7 +319,7 @@ class CompiledStep(FastStep):
     ) -> tuple:
         """The graph's arguments, padded to ``size`` rows (padding rows inactive, labelled -1)."""
         fmt, padded = self.local.memory_format, self._padded
-        neurons = [_pad(t, size, 0.0, fmt, padded) for neuron in state.neurons for t in neuron]
+        neurons = [_pad(t, size, 0.0, fmt, padded) for t in state_tensors(state)[2:]]
         inputs = (
             _pad(frames, size, 0.0, torch.contiguous_format, {}),
             _pad(state.steps, size, 0, fmt, padded),
@@ -385,6 +375,5 @@ class CompiledStep(FastStep):
             self._padded = {id(t): t for t in (steps, readout_sum, *neurons)}
             logits, steps, readout_sum = logits[:rows], steps[:rows], readout_sum[:rows]
             neurons = [t[:rows] for t in neurons]
-        state.neurons = [type(n)(*neurons[4 * i : 4 * i + 4]) for i, n in enumerate(state.neurons)]
-        state.readout_sum, state.steps = readout_sum, steps
+        rebind(state, [steps, readout_sum, *neurons])
         return logits, *rest

@@ -10,16 +10,36 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ndot_core.engine.local_step import Grads
+from ndot_core.engine.local_step import Grads, LocalStep
 from ndot_core.engine.state import NetworkState
+from ndot_core.engine.step_graph import forward_function, step_function, step_parameters, unsupported_reason
+
+
+def state_tensors(state: NetworkState) -> list[Tensor]:
+    """``[steps, readout_sum, *neurons]``, every block's (v, s, e, trace) flat: the state as the
+    functions of ``step_graph`` take it and return it."""
+    return [state.steps, state.readout_sum, *(t for neuron in state.neurons for t in neuron)]
+
+
+def rebind(state: NetworkState, tensors: list[Tensor]) -> None:
+    """Point ``state`` at ``tensors`` (in the order of ``state_tensors``): a step's new state."""
+    state.steps, state.readout_sum = tensors[0], tensors[1]
+    neurons = tensors[2:]
+    state.neurons = [type(n)(*neurons[4 * i : 4 * i + 4]) for i, n in enumerate(state.neurons)]
 
 
 class FastStep:
-    """``run`` and ``predict`` over a subclass's ``_call``; ``params``: the step's parameters in the
-    order of its gradients (None where a layer has none); ``failure``: why it is off for good, or None."""
+    """``run`` and ``predict`` over a subclass's ``_call``, for ``local``'s network under ``rule``;
+    ``params``: the step's parameters in the order of its gradients (None where a layer has none);
+    ``failure``: why it is off for good, or None."""
 
-    params: list[nn.Parameter | None]
-    failure: str | None
+    def __init__(self, local: LocalStep, rule: str, alpha: float, steps_per_sample: int) -> None:
+        self.local = local
+        self._args = (rule, alpha, steps_per_sample)
+        self.params: list[nn.Parameter | None] = step_parameters(local)
+        self.failure: str | None = unsupported_reason(local)
+        #: The pure functions to run, by ``learn``: the learning step and the prediction step.
+        self._functions = {True: step_function(local, *self._args), False: forward_function(local, rule)}
 
     def ready(self, rows: int, learn: bool) -> bool:
         """Whether a step of ``rows`` rows runs on this fast step now (``learn``: a learning step)."""

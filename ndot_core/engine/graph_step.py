@@ -26,9 +26,9 @@ in the buffers follow it only while it stays there: keep rows with ``clone``.
 Gradients and logits are cloned out of the graph's output buffers (the next replay overwrites them;
 a gradient may wait for the optimizer across steps).
 
-Nothing on the way synchronises the host: copies in are device-to-device (frames arrive pinned,
-non-blocking: ``service.worker.batcher_steps``), the replay is asynchronous, and the caller reads
-the predictions when it needs them.
+Nothing on the way synchronises the host: copies in are device-to-device (the learner sends frames,
+labels and active rows from pinned memory without waiting: ``OnlineLearner.step``), the replay is
+asynchronous, and the caller reads the predictions when it needs them.
 
 A bucket's graph is captured the first time a step needs it (two warm-up calls on a side stream, then
 the capture, on the serving thread). Any error there logs one warning and turns the graph step off for good
@@ -49,13 +49,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ndot_core.engine.compiled_step import bucket_for
-from ndot_core.engine.fast_step import FastStep
+from ndot_core.engine.fast_step import FastStep, rebind, state_tensors
 from ndot_core.engine.local_step import LocalStep
 from ndot_core.engine.state import NetworkState
-from ndot_core.engine.step_graph import forward_function, step_function, step_parameters, unsupported_reason
 
 GRAPH_MODES = ("off", "on", "auto")
 GRAPH_BUCKETS: tuple[int, ...] = tuple(2**k for k in range(11))  # 1, 2, 4, .., 1024 rows
@@ -96,24 +95,20 @@ class Bucket:
         return [self.steps, self.readout_sum, *self.neurons]
 
 
-def _state_tensors(state: NetworkState) -> list[Tensor]:
-    return [state.steps, state.readout_sum, *(t for neuron in state.neurons for t in neuron)]
-
-
 def _holds(bucket: Bucket, state: NetworkState) -> bool:
     """Whether ``state``'s tensors are the first rows of ``bucket``'s state buffers (no copy needed)."""
     return all(
         t.data_ptr() == b.data_ptr() and t.stride() == b.stride()
-        for t, b in zip(_state_tensors(state), bucket.state_buffers, strict=True)
+        for t, b in zip(state_tensors(state), bucket.state_buffers, strict=True)
     )
 
 
 def _move_out(bucket: Bucket, state: NetworkState) -> None:
     """Rebind each of ``state``'s tensors that lives in ``bucket``'s state buffers to a copy of itself."""
     buffers = {b.untyped_storage().data_ptr() for b in bucket.state_buffers}
-    tensors = _state_tensors(state)
+    tensors = state_tensors(state)
     if any(t.untyped_storage().data_ptr() in buffers for t in tensors):
-        _rebind(state, [t.clone() if t.untyped_storage().data_ptr() in buffers else t for t in tensors])
+        rebind(state, [t.clone() if t.untyped_storage().data_ptr() in buffers else t for t in tensors])
 
 
 def _leaves(outputs: tuple) -> list[Tensor]:
@@ -122,13 +117,6 @@ def _leaves(outputs: tuple) -> list[Tensor]:
     for item in outputs:
         flat += [t for t in item if t is not None] if isinstance(item, list | tuple) else [item]
     return flat
-
-
-def _rebind(state: NetworkState, tensors: list[Tensor]) -> None:
-    """Point ``state`` at ``tensors`` (the order of ``_state_tensors``)."""
-    state.steps, state.readout_sum = tensors[0], tensors[1]
-    neurons = tensors[2:]
-    state.neurons = [type(n)(*neurons[4 * i : 4 * i + 4]) for i, n in enumerate(state.neurons)]
 
 
 class GraphStep(FastStep):
@@ -144,15 +132,9 @@ class GraphStep(FastStep):
         buckets: tuple[int, ...] = GRAPH_BUCKETS,
         capture: bool = True,
     ) -> None:
-        self.local = local
+        super().__init__(local, rule, alpha, steps_per_sample)
         self.buckets = tuple(sorted(buckets))
         self.capture = capture
-        self.params: list[nn.Parameter | None] = step_parameters(local)
-        self.failure: str | None = unsupported_reason(local)
-        self._functions = {
-            True: step_function(local, rule, alpha, steps_per_sample),
-            False: forward_function(local, rule),
-        }
         self._buckets: dict[tuple[bool, int], Bucket] = {}
         # One memory pool for every graph: a replay's outputs are cloned out before any other graph
         # replays (``_call``), so one graph's scratch may reuse another's (22 pools of a 1024-row step
@@ -177,7 +159,7 @@ class GraphStep(FastStep):
     def _new_bucket(self, learn: bool, size: int, like: NetworkState, frame_shape: torch.Size) -> Bucket:
         model, device = self.local.model, like.device
         state = model.new_state(size, device).with_memory_format(self.local.memory_format)
-        neurons = [t.clone() for neuron in state.neurons for t in neuron]
+        neurons = [t.clone() for t in state_tensors(state)[2:]]
         bucket = Bucket(
             learn=learn,
             size=size,
@@ -257,7 +239,7 @@ class GraphStep(FastStep):
         bucket.holders.clear()
         if not _holds(bucket, state):
             storages = {b.untyped_storage().data_ptr() for b in bucket.state_buffers}
-            for buffer, t in zip(bucket.state_buffers, _state_tensors(state), strict=True):
+            for buffer, t in zip(bucket.state_buffers, state_tensors(state), strict=True):
                 if t.untyped_storage().data_ptr() in storages:  # (other rows of the buffers: no overlap)
                     t = t.clone()
                 buffer[:rows].copy_(t)
@@ -290,7 +272,7 @@ class GraphStep(FastStep):
         self._load(bucket, frames, labels, active, state)
         bucket.replay()
         bucket.holders[id(state)] = weakref.ref(state)
-        _rebind(state, [buffer[:rows] for buffer in bucket.state_buffers])
+        rebind(state, [buffer[:rows] for buffer in bucket.state_buffers])
         logits, *rest = bucket.outputs
         return logits[:rows].clone(), *rest
 

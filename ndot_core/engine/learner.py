@@ -256,7 +256,7 @@ class OnlineLearner:
                 labels = labels.masked_fill(~active.to(labels.device), -1)
                 smallest, largest = (int(v) for v in torch.aminmax(labels))
             all_labelled = smallest >= 0
-            if largest >= 0 and not all_labelled:
+            if largest >= 0 and not all_labelled and self.compiled is not None:  # (a fast step's rows)
                 learn_index = self._to_device((labels >= 0).nonzero().flatten())
             labels = self._to_device(labels)
             learn_rows = labels >= 0 if largest >= 0 else None

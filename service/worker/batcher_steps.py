@@ -151,7 +151,7 @@ class StepRunner:
         if dense and self.learner.steps_in_place(table.batch_size, labelled):
             self._step_in_place(batch, rows, label_list if labelled else None, defer)
             return
-        frames = self._device_frames([step.frame for _, step in batch])
+        frames = self._frames([step.frame for _, step in batch])
         labels = torch.tensor(label_list, dtype=torch.long) if labelled else None
         sub, how = self.table.batch_of(rows)
         before = shallow(sub) if how == "whole" else None
@@ -184,7 +184,7 @@ class StepRunner:
             labels = torch.full((size,), -1, dtype=torch.long).index_copy_(0, index, torch.tensor(label_list))
         before = shallow(table)
         try:
-            self._timed_step(self._device_frames(frames), labels, table, defer, active)
+            self._timed_step(self._frames(frames), labels, table, defer, active)
         except Exception:
             self.table.state = before
             raise
@@ -203,7 +203,7 @@ class StepRunner:
         replays = [replay for replay in layout if replay is not None]  # (in the order of the batch's rows)
         active = None
         if len(replays) == len(layout):
-            frames = self._device_frames([replay.frame() for replay in replays])
+            frames = self._frames([replay.frame() for replay in replays])
             labels = torch.tensor([replay.label for replay in replays], dtype=torch.long)
         else:  # holes: inactive rows, no frame, no label
             first = replays[0].frame()
@@ -212,7 +212,7 @@ class StepRunner:
             for i, replay in enumerate(layout):
                 if replay is not None:
                     rows[i], label_list[i] = replay.frame(), replay.label
-            frames = self._device_frames(rows)
+            frames = self._frames(rows)
             labels = torch.tensor(label_list, dtype=torch.long)
             active = torch.tensor([replay is not None for replay in layout])
         before = shallow(stepped)
@@ -223,14 +223,11 @@ class StepRunner:
             raise
         self.sequences.stepped(replays)
 
-    def _device_frames(self, frames: list[np.ndarray] | np.ndarray) -> torch.Tensor:
-        """The tick's frames as one ``[B, C, H, W]`` tensor; on a GPU copied from pinned memory without
-        waiting (the step's kernels queue behind the copy on the same stream)."""
-        stacked = torch.from_numpy(frames if isinstance(frames, np.ndarray) else np.stack(frames))
-        device = self.learner.device
-        if device.type != "cuda":
-            return stacked
-        return stacked.pin_memory().to(device, non_blocking=True)
+    @staticmethod
+    def _frames(frames: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """The tick's frames as one ``[B, C, H, W]`` host tensor (the learner sends it to its device:
+        on a GPU from pinned memory, without waiting)."""
+        return torch.from_numpy(frames if isinstance(frames, np.ndarray) else np.stack(frames))
 
     def _timed_step(
         self,
