@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import importlib
 import json
 import logging
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
     configure_logging(settings)
+    if not faulthandler.is_enabled():  # a native crash (torch, gloo) prints every thread's Python stack
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (a stderr with no file number)
+            faulthandler.enable()
     if args.command in ("api", "worker") and not settings.redis_url:
         print(
             f"ndot {args.command}: needs REDIS_URL (or --redis-url): the embedded bus lives inside one "

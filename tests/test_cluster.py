@@ -34,7 +34,8 @@ def torchrun(nproc: int, *args: str) -> None:
         str(REPO_ROOT / "tests" / "cluster_ranks.py"),
         *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    # (PYTHONFAULTHANDLER: a rank that dies of a signal prints every thread's Python stack)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "PYTHONFAULTHANDLER": "1"}
     done = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S, cwd=REPO_ROOT
     )
