@@ -350,7 +350,12 @@ def main() -> int:
     parser.add_argument(
         "--skip-http", action="store_true", help="skip part 2 (API, HTTP and client processes)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="where the report goes: a .json file, or a directory (its bench_capacity.json)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -484,7 +489,8 @@ def main() -> int:
                 f"{http}; p99 publish->reply at 8 streams {'n/a' if p99 is None else f'{p99:.1f} ms'}"
             )
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out if args.out.suffix == ".json" else args.out / "bench_capacity.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "benchmarks/bench_capacity.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -508,7 +514,6 @@ def main() -> int:
         "wall_s": time.perf_counter() - started,
         "numpy": np.__version__,
     }
-    path = args.out / "bench_capacity.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path} ({report['wall_s']:.0f} s)")
     return 0
