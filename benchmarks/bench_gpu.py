@@ -8,7 +8,9 @@ For ``stream_cnn`` on 2x34x34 event frames with the service's learning defaults 
   * "graphs": the same with ``cuda_graphs="on"`` (``ndot_core.engine.graph_step``): one CUDA graph
     per bucket of rows, the state in its static buffers;
 each as a learning step (every row labelled) and as a prediction step (no label). Times are per
-step, the GPU synchronised once per round (``torch.cuda.synchronize``), medians over rounds.
+step, the GPU synchronised once per round (``torch.cuda.synchronize``), medians over rounds. First,
+at each batch size, the graphs must compute what the eager step does (logits, state and weights
+within ``AGREEMENT_ATOL`` after 4 learning steps and a prediction), else nothing is timed (exit 1).
 
 Under learn_at=sequence a worker runs, per window of camera time, one prediction step of its live
 rows and one learning step of its replay rows (one per stream at real time). So one GPU follows N
@@ -42,6 +44,8 @@ from ndot_core.engine.graph_step import GraphStep  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_STREAMS = 1000
+#: The graphs replay the eager step's own kernels; a little room for the order of reductions
+AGREEMENT_ATOL = 1e-4
 
 
 def make_learner(device: str, graphs: bool) -> OnlineLearner:
@@ -83,6 +87,30 @@ def time_steps(learner: OnlineLearner, batch: int, learn: bool, iters: int, devi
     return (time.perf_counter() - start) / iters
 
 
+def disagreement(device: str, batch: int, steps: int = 4) -> float:
+    """Largest difference between the eager step and the graphs over ``steps`` learning steps then one
+    prediction step of ``batch`` rows from the same start: logits, state and weights (an empty or
+    stale graph would time as a speed-up; this catches it)."""
+    eager, graphs = make_learner(device, False), make_learner(device, True)
+    states = eager.new_state(batch), graphs.new_state(batch)
+    gen = torch.Generator().manual_seed(batch)
+    frames = (
+        torch.rand(steps + 1, batch, MODEL["in_channels"], *MODEL["input_size"], generator=gen) < 0.1
+    ).float()
+    labels = torch.arange(batch) % MODEL["num_classes"]
+    worst = 0.0
+    for i in range(steps + 1):
+        y = labels if i < steps else None
+        got, want = graphs.step(frames[i], y, states[1]), eager.step(frames[i], y, states[0])
+        pairs = [(got, want), *zip(states[1].tensors().values(), states[0].tensors().values(), strict=True)]
+        worst = max([worst, *(float((a.float() - b.float()).abs().max()) for a, b in pairs)])
+    if graphs.last_backend != "compiled":
+        return float("inf")  # the graphs did not run at all
+    for p, q in zip(graphs.model.parameters(), eager.model.parameters(), strict=True):
+        worst = max(worst, float((p.detach() - q.detach()).abs().max()))
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,6 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"bench_gpu on {name}, torch {torch.__version__}, load average {load[0]:.2f}", flush=True)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # (fp32: comparable)
+    try:
+        differences = {batch: disagreement(args.device, batch) for batch in args.batches}
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    print(
+        "graphs against the eager step (largest difference in logits, state, weights after 4 learning "
+        "steps and a prediction): " + ", ".join(f"batch {b} {d:.1e}" for b, d in differences.items()),
+        flush=True,
+    )
+    if not all(d <= AGREEMENT_ATOL for d in differences.values()):
+        print(f"the graphs do not compute the eager step (tolerance {AGREEMENT_ATOL:g}): no timing")
+        return 1
     learners = {kind: make_learner(args.device, kind == "graphs") for kind in ("eager", "graphs")}
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):
@@ -164,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
                 "window_ms": args.window_ms,
                 "rows": rows,
+                "disagreement": {str(b): d for b, d in differences.items()},
                 "streams": fits,
                 "goal": GOAL_STREAMS,
                 "verdict": verdict,

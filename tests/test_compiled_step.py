@@ -229,13 +229,15 @@ def step_active_by_hand(learner: OnlineLearner, x, y, state, active: torch.Tenso
 def assert_masked_steps_match(fast: OnlineLearner, model: str, options: dict) -> None:
     """``fast.step(active=)`` (one graph over the whole state) over ``ACTIVE``: inactive rows bit for bit
     as before (state, steps, readout sum); active rows, logits, losses and weights as the eager step of
-    the active rows alone (a local learner with ``options``)."""
+    the active rows alone (a local learner with ``options``). The inactive rows' frames are NaN: the
+    graph computes those rows too (then drops them), and not even a NaN there may reach the weights."""
     local = OnlineLearner(make_model(model), backend="local", device=fast.device, **options)
     states = fast.new_state(BATCH), local.new_state(BATCH)
     frames, labels = make_data(model, steps=len(ACTIVE), batch=BATCH)
     for x, y, mask in zip(frames, labels, ACTIVE, strict=True):
         x, y = x.to(fast.device), None if y is None else y.to(fast.device)
         active = torch.tensor(mask, dtype=torch.bool, device=fast.device)
+        x = x.masked_fill(~active.view(-1, *[1] * (x.dim() - 1)), float("nan"))
         assert fast.steps_in_place(BATCH, learn=y is not None)
         before = states[0].clone()
         got = fast.step(x, y, states[0], active=active)

@@ -79,6 +79,8 @@ def test_a_state_stays_in_its_bucket_between_steps() -> None:
         learner.step(x, labels, state)
         assert {t.data_ptr() for t in state.tensors().values()} == pointers
     assert state.steps.tolist() == [3, 3, 3]
+    # no autograd history in the buffers (as under capture): the step's gradients are computed by hand
+    assert not any(t.requires_grad for t in (first, *state.tensors().values(), *bucket.neurons))
     assert torch.equal(first, kept)  # the logits a step returned are the caller's, not the next replay's
     assert bucket.steps[BATCH:].tolist() == [0]  # the padding row never stepped
 
@@ -183,17 +185,23 @@ def test_a_replay_writes_only_the_state_it_steps() -> None:
     assert tables[0].steps.tolist() == [1, 1, 1, 1] and subs[0].steps.tolist() == [2, 2, 2]
 
 
-def test_the_gpu_benchmark_runs_its_cpu_check(tmp_path) -> None:
-    """``benchmarks/bench_gpu.py --device cpu`` (the script ``device_check.sh`` runs on a GPU machine) runs
-    through and writes its figures: a session lent a GPU finds it working."""
+def load_bench_gpu():
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
     spec = importlib.util.spec_from_file_location("bench_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_gpu_benchmark_runs_its_cpu_check(tmp_path) -> None:
+    """``benchmarks/bench_gpu.py --device cpu`` (the script ``device_check.sh`` runs on a GPU machine) runs
+    through and writes its figures: a session lent a GPU finds it working."""
+    import json
+
+    bench = load_bench_gpu()
     out = tmp_path / "bench_gpu.json"
     args = ["--device", "cpu", "--batches", "1", "2", "--rounds", "1", "--iters", "2", "--out", str(out)]
     assert bench.main(args) == 0
@@ -201,3 +209,34 @@ def test_the_gpu_benchmark_runs_its_cpu_check(tmp_path) -> None:
     assert [row["batch"] for row in figures["rows"]] == [1, 2]
     assert all(row["graphs learn"] > 0 and row["eager predict"] > 0 for row in figures["rows"])
     assert figures["device"] == "cpu" and figures["goal"] == 1000
+    assert set(figures["disagreement"]) == {"1", "2"}
+    assert all(0 <= d <= bench.AGREEMENT_ATOL for d in figures["disagreement"].values())
+
+
+def test_the_gpu_benchmark_times_nothing_for_graphs_that_do_not_step(tmp_path, monkeypatch) -> None:
+    """A graph that replays nothing (e.g. captured on the wrong stream: empty) would time as a speed-up;
+    the benchmark compares the graphs with the eager step first and stops (exit 1)."""
+    bench = load_bench_gpu()
+    recorded = GraphStep._new_bucket
+
+    def stale_bucket(self, *args, **kwargs):  # the first call computes (the capture), replays do nothing
+        bucket = recorded(self, *args, **kwargs)
+        first = bucket.replay
+        bucket.replay = lambda: None if bucket.outputs else first()
+        return bucket
+
+    monkeypatch.setattr(GraphStep, "_new_bucket", stale_bucket)
+    args = [
+        "--device",
+        "cpu",
+        "--batches",
+        "2",
+        "--rounds",
+        "1",
+        "--iters",
+        "2",
+        "--out",
+        str(tmp_path / "b.json"),
+    ]
+    assert bench.main(args) == 1
+    assert not (tmp_path / "b.json").exists()

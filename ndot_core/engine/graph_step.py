@@ -30,10 +30,12 @@ Nothing on the way synchronises the host: copies in are device-to-device (the le
 labels and active rows from pinned memory without waiting: ``OnlineLearner.step``), the replay is
 asynchronous, and the caller reads the predictions when it needs them.
 
-A bucket's graph is captured the first time a step needs it (two warm-up calls on a side stream, then
-the capture, on the serving thread). Any error there logs one warning and turns the graph step off for good
-(``failure``): the caller's eager local step serves. A failed replay is a CUDA error, which leaves the
-device unusable anyway; a failed copy-in leaves the caller's state untouched.
+A bucket's graph is captured the first time a step needs it, on the serving thread: two warm-up calls
+on a side stream, then the capture on the step's one capture stream, on the model's device (whatever
+device the thread has current). Any error there puts the thread back on the stream it served on,
+logs one warning and turns the graph step off for good (``failure``): the caller's eager local step
+serves. A failed replay is a CUDA error, which leaves the device unusable anyway; a failed copy-in
+leaves the caller's state untouched.
 
 ``capture=False`` runs the same buffers and calls without recording a graph (the function is called
 where the graph would replay): it is how the buffer logic is tested on a machine without a GPU
@@ -140,6 +142,10 @@ class GraphStep(FastStep):
         # replays (``_call``), so one graph's scratch may reuse another's (22 pools of a 1024-row step
         # each would hold gigabytes apart).
         self._pool: tuple | None = None
+        # One capture stream, on the model's device, for every capture (the docs ask graphs that share
+        # a pool to be captured on one stream; torch's default capture stream lives on the device that
+        # was current when it was made, e.g. cuda:0 in a worker thread stepping a model on cuda:1).
+        self._capture_stream: torch.cuda.Stream | None = None
 
     def disable(self, reason: str) -> None:
         """Turn the graph step off for good, with one warning (the first reason is kept)."""
@@ -183,7 +189,8 @@ class GraphStep(FastStep):
         if not self.capture:
 
             def call() -> None:  # outputs at fixed addresses, overwritten by each call, as a replay does
-                outputs = body()
+                with torch.no_grad():  # (as captured: the buffers carry no autograd history)
+                    outputs = body()
                 if not bucket.outputs:
                     bucket.outputs = outputs
                     return
@@ -200,9 +207,24 @@ class GraphStep(FastStep):
         torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
-            bucket.outputs = body()
+        serving = torch.cuda.current_stream(device)
+        try:
+            with (
+                torch.cuda.device(device),
+                torch.no_grad(),
+                torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream),
+            ):
+                bucket.outputs = body()
+        except BaseException:
+            # torch.cuda.graph's exit ends the capture before it restores the stream: a capture that
+            # fails there leaves this thread on the capture stream, with no ordering against the
+            # serving stream that the eager step (which now serves) and other threads use
+            torch.cuda.set_stream(serving)
+            torch.cuda.synchronize(device)
+            raise
         bucket.graph, bucket.replay = graph, graph.replay
         log.info("CUDA graph step: %s_%d captured", "step" if learn else "forward", size)
         return bucket

@@ -10,10 +10,11 @@ and ``forward_function(local, rule)`` its prediction half (no labels, no tape, n
     fn(frames, steps, readout_sum, neurons, active, params) -> (logits, steps + 1, readout_sum + logits, new neurons)
 
 ``active`` [B] bool: a row where it is False is carried through unchanged (its state, steps and
-readout sum are the inputs', its label counts as -1: no gradient), whatever its frame; its logits
-mean nothing. So a batch can step the rows that have a frame inside the whole table of rows, with
-no gather before nor scatter after: the selection is one ``where`` fused into the kernels that
-write the state (``compiled_step``: the dense live batch of the worker).
+readout sum are the inputs', its label counts as -1: no gradient), whatever its frame (zeroed before
+use, so that not even a NaN there reaches the gradients); its logits mean nothing. So a batch can
+step the rows that have a frame inside the whole table of rows, with no gather before nor scatter
+after: the selection is one ``where`` fused into the kernels that write the state
+(``compiled_step``: the dense live batch of the worker).
 
 ``neurons`` flattens each block's ``(v, s, e, trace)``; ``params`` are ``local.parameters`` (None for
 an absent bias or gain) and ``grads`` their gradients, in the same order. The math is the local
@@ -163,6 +164,9 @@ def _forward(local: LocalStep, rule: str, keep_tape: bool) -> StepFunction:
 
     def forward(frames, steps, readout_sum, neurons, active, params):
         first = steps == 0
+        # (an inactive row is computed, then dropped, its gradient weighted 0: its frame is zeroed first,
+        # as 0 * NaN would carry a NaN there into the weights' gradients)
+        frames = torch.where(active.view(-1, *([1] * (frames.dim() - 1))), frames, 0)
         h = frames.flatten(1) if flatten_input else layout(frames)
         h_trace = None
         tape, new = [], []
