@@ -232,3 +232,49 @@ def test_a_skip_is_logged_and_counted(tmp_path: Path, caplog) -> None:
         assert len(lines) == 1 and entry_id in lines[0] and "watermark" in lines[0], lines
 
     run(tmp_path, scenario)
+
+
+def signed(tree_json: str) -> bytes:
+    """A checkpoint file whose tree is ``tree_json`` as it stands, signed as the worker signs: the digest
+    has no key, so whoever can write the folder can sign anything."""
+    from safetensors.torch import save as safetensors_save
+
+    from service.worker.checkpoints import FORMAT, _digest
+
+    tensors = {"t0": torch.zeros(2)}
+    metadata = {"format": FORMAT, "tree": tree_json, "sha256": _digest(tensors, tree_json)}
+    return safetensors_save(tensors, metadata=metadata)
+
+
+#: Trees of the wrong shape under a valid digest, each the newest by its ``created``: each must be a
+#: refused file, not an exception.
+NEWEST = '"created": 1e12'
+MALFORMED_TREES = {
+    "a __dict__ of pairs that are not pairs": '{"__dict__": [[1]], ' + NEWEST + "}",
+    "an array without its dtype": '{"__ndarray__": "t0", ' + NEWEST + "}",
+    "a tuple of a number": '{"model": {"__tuple__": 5}, ' + NEWEST + "}",
+    "nesting deeper than the stack": '{"model": ' + "[" * 700 + "]" * 700 + ", " + NEWEST + "}",
+}
+
+
+@pytest.mark.parametrize("tree_json", list(MALFORMED_TREES.values()), ids=list(MALFORMED_TREES))
+def test_a_signed_tree_of_the_wrong_shape_is_refused_and_the_older_checkpoint_serves(
+    tree_json: str, tmp_path: Path
+) -> None:
+    async def scenario(bus: LocalBus, new_worker) -> None:
+        first = await new_worker("w1")
+        await post(bus, "a", wire(TWO_FRAMES), label=1)
+        await first.run_once(block_ms=0)
+        saved = first.applier.save()["name"]
+        store = CheckpointStore(tmp_path / "ckpt")
+        store.path("forged").write_bytes(signed(tree_json))
+        assert store.list()[-1].name == "forged"
+        with pytest.raises(CheckpointError, match="malformed"):
+            store.load("forged")
+        second = await new_worker("w2")  # the forged file is tried first, refused; the good one serves
+        assert (
+            second.restored_from == saved and second.batcher.learner.version == first.batcher.learner.version
+        )
+        assert restore_errors(second) == 1
+
+    run(tmp_path, scenario)

@@ -170,7 +170,13 @@ def decode(data: bytes) -> Any:
         skeleton = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"checkpoint tree unreadable: {err}") from err
-    return unpack(tensors, skeleton)
+    # (the digest has no key: whoever can write the folder can sign a tree of any shape; a record of
+    # the wrong shape, e.g. ``{"__dict__": [[1]]}`` or an array without its dtype, or nesting deeper than
+    # Python's stack, is a refused file like any other, never an exception that stops the worker)
+    try:
+        return unpack(tensors, skeleton)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as err:
+        raise CheckpointError(f"checkpoint tree malformed: {type(err).__name__}: {err}") from err
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
