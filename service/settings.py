@@ -166,6 +166,13 @@ class Settings(BaseSettings):
         "the API answers 422 above it, before publishing. A packet then closes at most "
         "max_packet_windows + max_gap_windows + 1 frames; the worker refuses (422) any that would close more.",
     )
+    max_window_events: int = Field(
+        2_000_000,
+        ge=1,
+        description="Most events one stream's open window may hold (8 bytes each, kept until an event past "
+        "the window's end closes it); the worker refuses (422) a packet that would leave more. A camera "
+        "of 10 M events/s fills a 20 ms window with 200,000.",
+    )
     max_stream_speed: float = Field(
         2.0,
         ge=0,

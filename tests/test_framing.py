@@ -343,6 +343,54 @@ def test_a_refused_packet_changes_nothing() -> None:
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
+def same_state(a: StreamFramer, b: StreamFramer) -> bool:
+    left, right = a.state_dict(), b.state_dict()
+    return left.keys() == right.keys() and all(np.array_equal(left[k], right[k]) for k in left)
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_sequences(), framer_options(), st.data())
+def test_max_window_events_refuses_exactly_the_packets_that_would_pass_it(events, options, data):
+    """From any state, a packet is refused (nothing changes) exactly when the window it leaves open would
+    hold more than the bound, on the fast path (all in the open window) and the slow one alike."""
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(events)), max_size=8)))
+    most = data.draw(st.integers(0, 30))
+    framer = StreamFramer(SMALL_SENSOR, **options)
+    for begin, end in zip([0, *cuts], [*cuts, len(events)], strict=True):
+        free = StreamFramer.from_state_dict(framer.state_dict())  # the same push without the bound
+        frames = free.push(events[begin:end])
+        if free.pending_events > most:
+            before = StreamFramer.from_state_dict(framer.state_dict())
+            with pytest.raises(EventError, match=f"would hold {free.pending_events} events, at most {most}"):
+                framer.push(events[begin:end], max_window_events=most)
+            assert same_state(framer, before)
+        else:
+            got = framer.push(events[begin:end], max_window_events=most)
+            assert len(got) == len(frames) and same_state(framer, free)
+        assert framer.pending_events <= most
+
+
+@settings(max_examples=100, deadline=None)
+@given(event_sequences(), framer_options(), st.data())
+def test_restore_undoes_pushes_and_flushes_after_the_snapshot(events, options, data):
+    """``snapshot`` / ``restore`` (the worker's undo of a packet that failed): the state before, exactly,
+    whatever pushes (window changes, late events) and flushes came in between."""
+    cut, later = sorted(data.draw(st.lists(st.integers(0, len(events)), min_size=2, max_size=2)))
+    framer = StreamFramer(SMALL_SENSOR, **options)
+    framer.push(events[:cut])
+    expected = StreamFramer.from_state_dict(framer.state_dict())
+    snapshot = framer.snapshot()
+    framer.push(events[cut:later])
+    if data.draw(st.booleans()):
+        framer.flush()
+    framer.push(events[later:])
+    framer.restore(snapshot)
+    assert same_state(framer, expected) and counters(framer) == counters(expected)
+    assert [f.tolist() for f in framer.push(events[cut:]) + framer.flush()] == [
+        f.tolist() for f in expected.push(events[cut:]) + expected.flush()
+    ]
+
+
 def test_windows_spanned_is_the_packets_own_window_count() -> None:
     from ndot_core.events.framing import windows_spanned
 

@@ -36,6 +36,35 @@ def test_a_packet_that_would_close_too_many_windows_is_refused_and_the_others_ap
     run(tmp_path, scenario, max_packet_windows=20, max_gap_windows=15)
 
 
+def test_packets_that_pile_events_into_one_open_window_are_refused_past_the_bound(tmp_path: Path) -> None:
+    """Packets whose events all fall in the open window close nothing: their events wait for its end.
+    The window may hold ``max_window_events``; the packet that would pass it is refused (422, the stream
+    unchanged), and the stream goes on: the next window closes this one with every event it held."""
+
+    async def scenario(bus: LocalBus, new_worker) -> None:
+        worker = await new_worker()
+        taken = [await post(bus, "cam", wire([5_000] * 40, seed=k)) for k in range(2)]  # 80 events held
+        over = await post(bus, "cam", wire([6_000] * 41, seed=2))  # 121 > 100
+        fits = await post(bus, "cam", wire([7_000] * 20, seed=3))  # 100: the bound itself
+        await worker.run_once(block_ms=0)
+        await settle(worker)
+        assert [(await reply(bus, entry))["ok"] for entry in taken] == [True, True]
+        refused = await reply(bus, over)
+        assert not refused["ok"] and refused["status"] == 422
+        assert "would hold 121 events, at most 100" in refused["detail"]
+        assert (await reply(bus, fits))["ok"]
+        framer = worker.batcher.registry.get("cam").framer
+        assert framer.pending_events == 100 and framer.frames_emitted == 0
+        closing = await post(bus, "cam", wire([15_000], seed=4))  # the next window: the held one closes
+        await worker.run_once(block_ms=0)
+        await settle(worker)
+        assert len((await reply(bus, closing))["steps"]) == 1
+        assert framer.frames_emitted == 1 and framer.pending_events == 1
+        assert [e.fields["original_id"].decode() for e in await bus.dead_letters()] == [over]
+
+    run(tmp_path, scenario, max_window_events=100)
+
+
 def test_a_long_silence_inside_the_limit_still_becomes_empty_frames(tmp_path: Path) -> None:
     """The bound is on work, not on gaps: a 150 ms silence is 15 real time-steps (membranes decay)."""
 

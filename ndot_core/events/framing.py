@@ -211,11 +211,16 @@ class StreamFramer:
         count_into(frame, np.concatenate(pending) if len(pending) > 1 else pending[0], self.binary)
         return frame.reshape(2, *self.frame_shape)
 
-    def push(self, events: np.ndarray, max_frames: int | None = None) -> list[np.ndarray]:
+    def push(
+        self, events: np.ndarray, max_frames: int | None = None, max_window_events: int | None = None
+    ) -> list[np.ndarray]:
         """Add a packet; return the frames of the windows it closed (gap frames included), oldest first.
 
         ``max_frames``: a packet that would close more windows than this (gap frames included) raises
         :class:`EventError` and changes nothing, counters included (a bound on the work one packet causes).
+        ``max_window_events``: likewise for a packet after which the open window would hold more events
+        than this (a window's events are kept until it closes: a bound on a stream's memory, whose
+        packets could otherwise all fall in one window that never closes).
         """
         events = _packed(events)
         if len(events) == 0:
@@ -227,6 +232,7 @@ class StreamFramer:
             start = origin + self._open_window * w
             t_low, t_high = int(t.min()), int(t.max())
             if t_low >= start and t_high < start + w:
+                self._check_window_events(self.pending_events + len(index), max_window_events)
                 self._pending.append(index)
                 self._clock_us = max(self._clock_us, t_high)
                 return []
@@ -247,6 +253,10 @@ class StreamFramer:
                     f"packet would close {frames_due} windows of {w} µs (events from t={int(t.min())} "
                     f"to t={int(t.max())}); at most {max_frames} per packet: send smaller packets"
                 )
+        if max_window_events is not None and len(window):
+            last = int(bounds[-1] - bounds[-2])  # the packet's events in the window left open
+            held = self.pending_events if int(window[-1]) == self._open_window else 0
+            self._check_window_events(held + last, max_window_events)
         self.late_events += late_count
         self._clock_us = int(clock[-1])
         if len(window) == 0:  # every event was late
@@ -267,6 +277,25 @@ class StreamFramer:
         self._open_window, self._pending = current, pending
         self.frames_emitted += len(frames)
         return frames
+
+    def _check_window_events(self, held: int, most: int | None) -> None:
+        if most is not None and held > most:
+            raise EventError(
+                f"the open window of {self.window_us} µs would hold {held} events, at most {most}: a "
+                "window's events are kept until an event past its end closes it"
+            )
+
+    def snapshot(self) -> tuple:
+        """What :meth:`restore` needs to undo the pushes and flushes after it, in O(1) (no copy of the
+        open window's events: ``push`` only appends to their list, ``flush`` starts a new one)."""
+        counters = (self.late_events, self.skipped_windows, self.frames_emitted)
+        return self._open_window, self._clock_us, self._pending, len(self._pending), counters
+
+    def restore(self, snapshot: tuple) -> None:
+        """Back to the state of :meth:`snapshot` (of this framer)."""
+        self._open_window, self._clock_us, self._pending, parts, counters = snapshot
+        del self._pending[parts:]
+        self.late_events, self.skipped_windows, self.frames_emitted = counters
 
     def _frames_closed(self, window_ids: np.ndarray) -> int:
         """Frames a push emits for the packet's distinct windows in order: a closed window plus its gap

@@ -100,6 +100,7 @@ class Batcher(SequenceHooks, StepRunner):
         max_sensor_size: int = 65535,
         max_gap_windows: int = 100,
         max_packet_frames: int | None = None,
+        max_window_events: int | None = None,
         max_stream_speed: float = 0.0,
         learn_at: str = "step",
         sequence_limits: SequenceLimits | None = None,
@@ -111,6 +112,7 @@ class Batcher(SequenceHooks, StepRunner):
         self.window_us = window_us
         self.max_gap_windows = max_gap_windows
         self.max_packet_frames = max_packet_frames
+        self.max_window_events = max_window_events
         self.pace = Pace(max_stream_speed, window_us, burst=max_packet_frames or 1)  # service.worker.pace
         self.clock: Callable[[], float] = time.monotonic  # the pace's clock (seconds)
         self.step_s_average = 0.01  # moving average of a learner step's seconds (for Retry-After)
@@ -184,8 +186,8 @@ class Batcher(SequenceHooks, StepRunner):
     def push_packet(self, entry_id: str, stream_id: str, packet: EventsPacket) -> list[StreamSlot]:
         """Frame a packet's events onto its stream's queue; returns streams evicted to make room.
 
-        Raises ``EventError`` when the events are invalid or would close more than ``max_packet_frames``
-        windows (nothing is queued then), ``PacketFailed`` when framing them failed ``max_failures``
+        Raises ``EventError`` when the events are invalid, would close more than ``max_packet_frames``
+        windows or leave more than ``max_window_events`` events in the open window (nothing is queued then), ``PacketFailed`` when framing them failed ``max_failures``
         times (each attempt undone).
         """
         events = events_from_bytes(packet.events, (packet.width, packet.height), self.max_events)
@@ -195,14 +197,16 @@ class Batcher(SequenceHooks, StepRunner):
         slot, evicted = self.open(stream_id, packet.width, packet.height)
         error: Exception | None = None
         for attempt in range(1, self.max_failures + 1):
-            undo = (slot.framer.state_dict(), len(slot.pending), slot.sequences, slot.sequence_events)
+            framer = slot.framer  # (its snapshot copies nothing: the open window may hold many events)
+            undo = (framer.snapshot(), len(slot.pending), slot.sequences, slot.sequence_events)
             try:
                 self._frame(entry_id, slot, packet, events)
                 return evicted
             except Exception as err:  # undo the half-framed packet; a refusal is final, a failure retried
                 error = err
-                framer_state, queued, slot.sequences, slot.sequence_events = undo
-                slot.framer = StreamFramer.from_state_dict(framer_state)
+                snapshot, queued, slot.sequences, slot.sequence_events = undo
+                framer.restore(snapshot)
+                slot.framer = framer
                 while len(slot.pending) > queued:
                     slot.pending.pop()
                 if isinstance(err, EventError):  # the packet itself is refused: no retry
@@ -224,7 +228,7 @@ class Batcher(SequenceHooks, StepRunner):
         begins = packet.start and slot.sequence_events  # a sequence without events yet is already fresh
         framer = self.new_framer(slot.width, slot.height) if begins else slot.framer
         late_before = framer.late_events
-        frames = framer.push(events, max_frames=self.max_packet_frames)
+        frames = framer.push(events, self.max_packet_frames, self.max_window_events)
         if packet.end:
             frames += framer.flush()
 

@@ -59,6 +59,7 @@ def build_batcher(settings: Settings, metrics: ServiceMetrics) -> Batcher:
         max_sensor_size=s.max_sensor_size,
         max_gap_windows=s.max_gap_windows,
         max_packet_frames=s.max_packet_frames,
+        max_window_events=s.max_window_events,
         max_stream_speed=s.max_stream_speed,
         learn_at=s.learn_at,
         sequence_limits=SequenceLimits(
