@@ -30,7 +30,8 @@ from clients.delivery import FAILED_OUTCOMES, ClientConfig, post_packet
 from clients.live_cli import add_live_arguments, live_requested, run_live
 from clients.packets import packetize
 from clients.scoreboard import SampleResult, Scoreboard, format_summary, plot_accuracy
-from clients.sources import Sequence, SequenceSource, open_source, synthetic_source
+from clients.sources import Sequence, SequenceSource, SourceError, open_source, synthetic_source
+from ndot_core.events.layout import EventError
 
 
 async def replay(
@@ -220,13 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if live_requested(args):
         return run_live(parser, args, config_from_args(args))
-    source = source_from_args(args)
-    config = config_from_args(args)
-    try:
+    try:  # (a recording is read when its turn comes: a bad one stops the replay there)
+        source = source_from_args(args)
+        config = config_from_args(args)
         board = asyncio.run(replay(source, config, total=len(source)))
     except KeyboardInterrupt:
         print("ndot-client: interrupted", file=sys.stderr)
         return 130
+    except (EventError, SourceError, OSError) as err:  # an unreadable or malformed recording, one line
+        print(f"ndot-client: {err}", file=sys.stderr)
+        return 2
     summary = board.summary()
     print("ndot-client summary\n" + format_summary(summary))
     if args.out:

@@ -262,6 +262,19 @@ def test_a_refused_connection_is_retried_until_the_service_is_up() -> None:
     assert len(service.received) == 4
 
 
+def test_a_malformed_recording_is_one_line_and_exit_code_2(tmp_path: Path, capsys) -> None:
+    """Time going back in a recording: ``ndot-client`` says so in one line and exits 2 (no traceback),
+    before anything is posted (nothing listens at the URL)."""
+    events = np.zeros(3, dtype=EVENT_DTYPE)
+    events["t"] = [30, 20, 10]
+    np.save(tmp_path / "backwards.npy", events)
+    assert client_main([str(tmp_path / "backwards.npy"), "--url", "http://127.0.0.1:9", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ndot-client: ") and "decreases" in err and "Traceback" not in err
+    assert client_main([str(tmp_path / "missing.npy"), "--url", "http://127.0.0.1:9", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("ndot-client: ")
+
+
 def test_help_explains_every_flag() -> None:
     parser = build_parser()
     text = parser.format_help()

@@ -129,6 +129,20 @@ def test_npy_never_unpickles(tmp_path):
         read_events(tmp_path / "objects.npy")
 
 
+def test_npy_declaring_more_than_it_holds_is_refused_without_allocating(tmp_path):
+    """A 2-event file whose header claims 10**10 events (122 GiB): refused from its size, nothing allocated."""
+    np.save(tmp_path / "small.npy", np.zeros(2, dtype=EVENT_DTYPE))
+    data = (tmp_path / "small.npy").read_bytes()
+    end = data.index(b"\n") + 1
+    header = data[10:end].decode("latin1")
+    claimed = header.replace("(2,)", "(10000000000,)")
+    claimed = claimed[:-1].rstrip().ljust(len(header) - 1) + "\n"  # the same header length
+    assert len(claimed) == len(header) and "10000000000" in claimed
+    (tmp_path / "forged.npy").write_bytes(data[:10] + claimed.encode("latin1") + data[end:])
+    with pytest.raises(EventError, match="not a plain numpy array .*greater than file size"):
+        read_events(tmp_path / "forged.npy")
+
+
 def test_unknown_and_unsupported_formats(tmp_path):
     (tmp_path / "a.xyz").write_bytes(b"hello world")
     with pytest.raises(EventError, match="unknown event file format"):

@@ -165,8 +165,8 @@ def _read_prophesee(path: Path, encoding: str) -> tuple[np.ndarray, SensorSize |
 
 
 def _read_npy(path: Path) -> tuple[np.ndarray, SensorSize | None]:
-    try:
-        array = np.load(path, allow_pickle=False)
+    try:  # mapped first: a header that declares more than the file holds is refused, never allocated
+        array = np.array(np.load(path, mmap_mode="r", allow_pickle=False))
     except ValueError as error:
         raise EventError(f"{path}: not a plain numpy array ({error})") from error
     if array.ndim != 1:
