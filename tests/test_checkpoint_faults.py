@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from service_support import BINARY, REPO_ROOT, ServiceProcess, clear_redis, free_port, http, wait_ready
+from test_checkpoint_integrity import first_checkpoint
 from test_worker import TWO_FRAMES, post, reply, run, wire
 
 from service.bus import LocalBus
@@ -49,10 +50,7 @@ def test_unreadable_files_in_the_folder_are_skipped_logged_and_counted_at_start(
     tmp_path: Path, caplog
 ) -> None:
     async def scenario(bus: LocalBus, new_worker) -> None:
-        first = await new_worker("w1")
-        await post(bus, "a", wire(TWO_FRAMES), label=1)
-        await first.run_once(block_ms=0)
-        saved = first.applier.save()["name"]
+        first, saved = await first_checkpoint(bus, new_worker)
         folder = tmp_path / "ckpt"
         good = CheckpointStore(folder).load(saved)
         names = bad_files(folder, good)

@@ -24,6 +24,14 @@ from service.worker.checkpoints import CheckpointError, CheckpointStore, encode
 from service.worker.loop import Worker
 
 
+async def first_checkpoint(bus: LocalBus, new_worker) -> tuple[Worker, str]:
+    """A worker that learned one labelled packet of stream "a", and the name of the checkpoint it saved."""
+    first = await new_worker("w1")
+    await post(bus, "a", wire(TWO_FRAMES), label=1)
+    await first.run_once(block_ms=0)
+    return first, first.applier.save()["name"]
+
+
 def restore_errors(worker: Worker) -> float:
     return worker.metrics.registry.get_sample_value("ndot_checkpoint_errors_total", {"stage": "restore"})
 
@@ -38,10 +46,7 @@ def flip_digit(data: bytes, text: str) -> bytes:
 
 def test_one_flipped_digit_anywhere_in_the_tree_is_refused(tmp_path: Path) -> None:
     async def scenario(bus: LocalBus, new_worker) -> None:
-        first = await new_worker("w1")
-        await post(bus, "a", wire(TWO_FRAMES), label=1)
-        await first.run_once(block_ms=0)
-        saved = first.applier.save()["name"]
+        first, saved = await first_checkpoint(bus, new_worker)
         store = CheckpointStore(tmp_path / "ckpt")
         data = store.path(saved).read_bytes()
         watermark = first.last_entry_id
@@ -262,10 +267,7 @@ def test_a_signed_tree_of_the_wrong_shape_is_refused_and_the_older_checkpoint_se
     tree_json: str, tmp_path: Path
 ) -> None:
     async def scenario(bus: LocalBus, new_worker) -> None:
-        first = await new_worker("w1")
-        await post(bus, "a", wire(TWO_FRAMES), label=1)
-        await first.run_once(block_ms=0)
-        saved = first.applier.save()["name"]
+        first, saved = await first_checkpoint(bus, new_worker)
         store = CheckpointStore(tmp_path / "ckpt")
         store.path("forged").write_bytes(signed(tree_json))
         assert store.list()[-1].name == "forged"
