@@ -391,6 +391,31 @@ def test_restore_undoes_pushes_and_flushes_after_the_snapshot(events, options, d
     ]
 
 
+def test_many_one_event_packets_in_one_window_keep_few_parts_and_undo_across_a_join() -> None:
+    """1,000 packets of one event in one open window: a few arrays held, not 1,000 (each push's cost and
+    memory stay bounded); a restore across a join is exact; the frame is that of one packet."""
+    from ndot_core.events.framing import MAX_PENDING_PARTS
+
+    events = random_events(1_000, sensor=SMALL_SENSOR, span_us=900, seed=3)
+    events["t"] = np.sort(events["t"])
+    framer, whole = StreamFramer(SMALL_SENSOR, window_us=1_000), StreamFramer(SMALL_SENSOR, window_us=1_000)
+    for k in range(600):
+        framer.push(events[k : k + 1])
+    expected = StreamFramer.from_state_dict(framer.state_dict())
+    snapshot = framer.snapshot()
+    for k in range(600, 1_000):  # one join at least on the way
+        framer.push(events[k : k + 1])
+    assert len(framer._pending) <= MAX_PENDING_PARTS and framer.pending_events == 1_000
+    after = StreamFramer.from_state_dict(framer.state_dict())
+    framer.restore(snapshot)
+    assert same_state(framer, expected) and framer.pending_events == 600
+    for k in range(600, 1_000):
+        framer.push(events[k : k + 1])
+    assert same_state(framer, after)
+    whole.push(events)
+    np.testing.assert_array_equal(framer.flush()[0], whole.flush()[0])
+
+
 def test_windows_spanned_is_the_packets_own_window_count() -> None:
     from ndot_core.events.framing import windows_spanned
 

@@ -29,6 +29,11 @@ from ndot_core.events.pixels import (
     output_shape,
 )
 
+#: Packets an open window keeps apart before they are joined into one array (each part costs an array
+#: header and a term of ``pending_events``; joining costs a copy of the window's events, so it is
+#: rare: one in this many packets).
+MAX_PENDING_PARTS = 256
+
 __all__ = [
     "MAX_FRAMES",
     "StreamFramer",
@@ -225,6 +230,8 @@ class StreamFramer:
         events = _packed(events)
         if len(events) == 0:
             return []
+        if len(self._pending) >= MAX_PENDING_PARTS:  # many small packets in one window: one array again
+            self._pending = [np.concatenate(self._pending)]  # (a new list: a snapshot keeps the old one)
         index, _ = _index_pass(events, self.sensor_size, self.frame_shape, self._pixel_map)
         t = np.ascontiguousarray(events["t"])
         w, origin = self.window_us, self.origin_us

@@ -187,8 +187,8 @@ class Batcher(SequenceHooks, StepRunner):
         """Frame a packet's events onto its stream's queue; returns streams evicted to make room.
 
         Raises ``EventError`` when the events are invalid, would close more than ``max_packet_frames``
-        windows or leave more than ``max_window_events`` events in the open window (nothing is queued then), ``PacketFailed`` when framing them failed ``max_failures``
-        times (each attempt undone).
+        windows or leave more than ``max_window_events`` events in the open window (nothing is queued
+        then), ``PacketFailed`` when framing them failed ``max_failures`` times (each attempt undone).
         """
         events = events_from_bytes(packet.events, (packet.width, packet.height), self.max_events)
         classes = self.learner.model.num_classes
