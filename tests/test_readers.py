@@ -167,3 +167,11 @@ def test_unknown_and_unsupported_formats(tmp_path):
 )
 def test_prophesee_header_geometry(header, expected):
     assert prophesee_sensor_size(header) == expected
+
+
+@pytest.mark.parametrize("fields", ["width=abc;height=1", "width=-5;height=10", "width=;height=7"])
+def test_a_prophesee_format_line_with_no_sizes_is_an_event_error(fields):
+    """An ``EventError`` naming the values (a file's fault: the client says so in one line), not a
+    bare ``ValueError`` from ``int``."""
+    with pytest.raises(EventError, match="are not sizes"):
+        prophesee_sensor_size([f"format EVT3;{fields}"])

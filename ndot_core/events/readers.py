@@ -73,7 +73,10 @@ def prophesee_sensor_size(header: list[str]) -> SensorSize | None:
         return int(match[1]), int(match[2])
     format_fields = dict(part.split("=", 1) for part in fields.get("format", "").split(";") if "=" in part)
     if "width" in format_fields and "height" in format_fields:
-        return int(format_fields["width"]), int(format_fields["height"])
+        width, height = format_fields["width"].strip(), format_fields["height"].strip()
+        if not (width.isdigit() and height.isdigit()):
+            raise EventError(f"Prophesee header: format width={width!r}, height={height!r} are not sizes")
+        return int(width), int(height)
     if fields.get("width", "").isdigit() and fields.get("height", "").isdigit():
         return int(fields["width"]), int(fields["height"])
     plugin = fields.get("plugin_name", "")
