@@ -347,10 +347,9 @@ class CompiledStep(FastStep):
         active: Tensor | None,
     ) -> tuple | None:
         """Run the graph for this step and rebind ``state`` to its outputs; its other outputs, or None."""
-        self.local.model._check_input(frames, state)
         rows = state.batch_size
         shape = self.graph_size(rows)
-        if self.failure is not None or shape is None or state.masks:
+        if self.failure is not None or shape is None:
             return None
         size, run_rows = shape
         graph = self.request(size, learn)

@@ -53,9 +53,18 @@ class FastStep:
         state: NetworkState,
         active: Tensor | None,
     ) -> tuple | None:
-        """One step: ``state`` rebound to its new tensors, ``(logits, *rest)`` back (rest: the gradients
-        of a learning step); None, with the state untouched, where this step cannot run it."""
+        """One step of checked inputs and a state without dropout masks: ``state`` rebound to its new
+        tensors, ``(logits, *rest)`` back (rest: the gradients of a learning step); None, with the state
+        untouched, where this step cannot run it."""
         raise NotImplementedError
+
+    def _step(
+        self, learn: bool, frames: Tensor, labels: Tensor | None, state: NetworkState, active: Tensor | None
+    ) -> tuple | None:
+        """``_call`` where it may run: frames checked against the state; a state with dropout masks (drawn
+        per sequence, which the pure functions leave out) runs eagerly."""
+        self.local.model._check_input(frames, state)
+        return None if state.masks else self._call(learn, frames, labels, state, active)
 
     def _kept(self, grads: list[Tensor | None]) -> list[Tensor | None]:
         """The gradients as the caller may keep them (a subclass copies what its next step overwrites)."""
@@ -72,7 +81,7 @@ class FastStep:
         [(param, grad)])`` come back, the gradients those of the labelled active rows' loss. None
         where this step does not run the batch (off, no graph for its size, or not ready yet).
         """
-        out = self._call(True, frames, labels, state, active)
+        out = self._step(True, frames, labels, state, active)
         if out is None:
             return None
         logits, grads = out
@@ -82,5 +91,5 @@ class FastStep:
     def predict(self, frames: Tensor, state: NetworkState, active: Tensor | None = None) -> Tensor | None:
         """One step with no row learning (``LocalStep.forward`` without a tape): the logits [B, K], the
         state advanced (``active`` as in ``run``); or None (as ``run``): run the eager step."""
-        out = self._call(False, frames, None, state, active)
+        out = self._step(False, frames, None, state, active)
         return None if out is None else out[0]

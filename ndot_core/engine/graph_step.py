@@ -284,9 +284,6 @@ class GraphStep(FastStep):
         state: NetworkState,
         active: Tensor | None,
     ) -> tuple | None:
-        self.local.model._check_input(frames, state)
-        if state.masks:
-            return None
         rows = state.batch_size
         bucket = self._bucket(learn, rows, state, frames)
         if bucket is None:

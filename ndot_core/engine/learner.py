@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -49,6 +49,7 @@ from ndot_core.engine.rules import check_rule
 from ndot_core.engine.sequence_losses import accumulated_gradients, check_labels, unrolled_losses
 from ndot_core.engine.state import NetworkState
 
+Fast = TypeVar("Fast", bound=FastStep)
 log = logging.getLogger(__name__)
 __all__ = ["BACKENDS", "MODES", "OPTIMIZERS", "OnlineLearner", "accumulated_gradients"]
 MODES = ("online", "accumulate")
@@ -141,30 +142,33 @@ class OnlineLearner:
 
     def _make_graphs(self, cuda_graphs: str) -> GraphStep | None:
         """The CUDA graph step for ``cuda_graphs`` ("off", "on", "auto"), or None where it does not run."""
-        if cuda_graphs not in GRAPH_MODES:
-            raise ValueError(f"unknown cuda_graphs {cuda_graphs!r}; expected one of {GRAPH_MODES}")
-        if cuda_graphs == "off":
-            return None
-        reason = "it needs the local backend" if self.local is None else graphs_unavailable(self.device)
-        if reason is not None:
-            if cuda_graphs == "on":
-                raise ValueError(f"cuda_graphs='on' cannot run: {reason}")
-            return None
-        return GraphStep(self.local, self.rule, self.alpha, self.steps_per_sample)
+        return self._fast_step("cuda_graphs", cuda_graphs, GRAPH_MODES, graphs_unavailable, GraphStep)
 
     def _make_compiled(self, compile: str) -> CompiledStep | None:
         """The compiled step for ``compile`` ("off", "on", "auto"), or None where it does not run."""
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"unknown compile {compile!r}; expected one of {COMPILE_MODES}")
-        if compile == "off":
+        return self._fast_step("compile", compile, COMPILE_MODES, compile_unavailable, CompiledStep)
+
+    def _fast_step(
+        self,
+        option: str,
+        mode: str,
+        modes: tuple[str, ...],
+        unavailable: Callable[[torch.device], str | None],
+        kind: type[Fast],
+    ) -> Fast | None:
+        """A ``kind`` fast step under ``option=mode``: None for "off", and for "auto" where it cannot
+        run (the local backend and ``unavailable(device)`` say); "on" where it cannot is a ValueError."""
+        if mode not in modes:
+            raise ValueError(f"unknown {option} {mode!r}; expected one of {modes}")
+        if mode == "off":
             return None
-        reason = "it needs the local backend" if self.local is None else compile_unavailable(self.device)
+        reason = "it needs the local backend" if self.local is None else unavailable(self.device)
         if reason is not None:
-            if compile == "on":
-                raise ValueError(f"compile='on' cannot run: {reason}")
-            log.info("compile='auto': the step stays eager (%s)", reason)
+            if mode == "on":
+                raise ValueError(f"{option}='on' cannot run: {reason}")
+            log.info("%s='auto': off here (%s)", option, reason)
             return None
-        return CompiledStep(self.local, self.rule, self.alpha, self.steps_per_sample)
+        return kind(self.local, self.rule, self.alpha, self.steps_per_sample)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -239,7 +239,8 @@ class StreamFramer:
             start = origin + self._open_window * w
             t_low, t_high = int(t.min()), int(t.max())
             if t_low >= start and t_high < start + w:
-                self._check_window_events(self.pending_events + len(index), max_window_events)
+                if max_window_events is not None:
+                    self._check_window_events(self.pending_events + len(index), max_window_events)
                 self._pending.append(index)
                 self._clock_us = max(self._clock_us, t_high)
                 return []
@@ -285,8 +286,8 @@ class StreamFramer:
         self.frames_emitted += len(frames)
         return frames
 
-    def _check_window_events(self, held: int, most: int | None) -> None:
-        if most is not None and held > most:
+    def _check_window_events(self, held: int, most: int) -> None:
+        if held > most:
             raise EventError(
                 f"the open window of {self.window_us} µs would hold {held} events, at most {most}: a "
                 "window's events are kept until an event past its end closes it"
