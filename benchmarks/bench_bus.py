@@ -6,7 +6,9 @@ For each bus (LocalBus; RedisStreamBus when Redis answers) it measures:
   * throughput: 8 concurrent publishers push 13-byte-record packets of 10k events (130 kB) while one
     consumer reads (COUNT 64) and acks — packets/s, events/s, MB/s, BusFull retries;
   * hop latency: one packet at a time, publish → the blocked consumer holds it (p50/p99);
-  * reply latency: put_reply → the waiting wait_reply returns, 8 waiters at once (p50/p99).
+  * reply latency: put_reply → the waiting wait_reply returns, 8 waiters at once (p50/p99);
+  * a worker round: ``send_round`` of 8 replies (400 B), 3 values (a 2.5 kB status snapshot among
+    them) and 8 acks, what a worker pays each round at 8 cameras: client CPU and wall ms (medians).
 Targets: the bus carries >= 1000 packets/s of 10k events (the API's 10 M events/s) and its hop
 p99 <= 5 ms (a fifth of the 25 ms POST→prediction budget). Writes results/bench_bus.{json,png}.
 """
@@ -111,12 +113,35 @@ async def reply_latency(bus: Bus, rounds: int, waiters: int = 8) -> list[float]:
     return samples
 
 
+async def round_cost(bus: Bus, rounds: int = 300, repeats: int = 5) -> dict[str, float]:
+    """A worker round's ``send_round`` (8 replies, 3 values, 8 acks of read entries): client CPU and wall ms
+    per round, medians of ``repeats`` runs of ``rounds``."""
+    values = [("status", os.urandom(2500), None), ("heartbeat", b"1764547200.0", 60.0), ("busy:cam", b"1", 5.0)]
+    cpu, wall = [], []
+    for _ in range(repeats):
+        cpu_s = wall_s = 0.0
+        for _ in range(rounds):
+            ids = [await bus.publish("events", f"cam-{i}", {"n": b"0"}) for i in range(8)]
+            await bus.read("bench", 8, 0)
+            replies = [(entry_id, os.urandom(400)) for entry_id in ids]
+            wall_start, cpu_start = time.perf_counter(), time.thread_time()
+            await bus.send_round(values, replies, 5.0, ids)
+            cpu_s += time.thread_time() - cpu_start
+            wall_s += time.perf_counter() - wall_start
+            for entry_id in ids:
+                await bus.wait_reply(entry_id, 0)
+        cpu.append(cpu_s / rounds * 1000)
+        wall.append(wall_s / rounds * 1000)
+    return {"cpu_ms": statistics.median(cpu), "wall_ms": statistics.median(wall)}
+
+
 async def measure(name: str, bus: Bus, packets: int) -> dict[str, Any]:
     await bus.start()
     try:
         result: dict[str, Any] = {"bus": name, "throughput": await throughput(bus, packets)}
         hops = await hop_latency(bus, 300)
         replies = await reply_latency(bus, 60)
+        result["round_ms"] = await round_cost(bus)
     finally:
         await bus.close()
     result["hop_ms"] = {
@@ -182,14 +207,16 @@ def main() -> None:
 
     print(
         f"{'bus':<7}{'packets/s':>11}{'Mevents/s':>11}{'MB/s':>8}{'BusFull':>9}"
-        f"{'hop p50 ms':>12}{'hop p99 ms':>12}{'reply p50 ms':>14}{'reply p99 ms':>14}  verdict"
+        f"{'hop p50 ms':>12}{'hop p99 ms':>12}{'reply p50 ms':>14}{'reply p99 ms':>14}"
+        f"{'round cpu ms':>14}{'round ms':>10}  verdict"
     )
     for r in results:
         t = r["throughput"]
         print(
             f"{r['bus']:<7}{t['packets_per_s']:>11.0f}{t['events_per_s'] / 1e6:>11.2f}{t['mb_per_s']:>8.0f}"
             f"{t['busfull_retries']:>9}{r['hop_ms']['p50']:>12.3f}{r['hop_ms']['p99']:>12.3f}"
-            f"{r['reply_ms']['p50']:>14.3f}{r['reply_ms']['p99']:>14.3f}  {'PASS' if r['pass'] else 'FAIL'}"
+            f"{r['reply_ms']['p50']:>14.3f}{r['reply_ms']['p99']:>14.3f}{r['round_ms']['cpu_ms']:>14.3f}"
+            f"{r['round_ms']['wall_ms']:>10.3f}  {'PASS' if r['pass'] else 'FAIL'}"
         )
     verdict = "PASS" if all(r["pass"] for r in results) else "FAIL"
     print(

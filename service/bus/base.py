@@ -25,7 +25,7 @@ Semantics shared by both implementations (`LocalBus` in-process, `RedisStreamBus
   closed stream leaves nothing behind). Every value operation is O(1) in the number of keys.
 * ``get_values(keys)``: several values in one round trip (Redis: MGET), ``None`` for a missing one.
 * ``send_round(values, replies, reply_ttl_s, acks)``: a worker round's writes in this order, in one
-  round trip where the bus can (Redis: one pipeline). Not atomic: after a ``BusError`` the caller
+  round trip where the bus can (Redis: one script). Not atomic: after a ``BusError`` the caller
   sends the whole round again (values and acks are idempotent; a reply pushed twice is popped
   once, and its copy expires with the reply TTL).
 * A lost connection surfaces as ``BusUnavailable`` from every method (``ping`` answers ``False``);

@@ -30,6 +30,7 @@ __all__ = [
     "LAG_FULL",
     "PUBLISHED",
     "PUBLISH_LUA",
+    "ROUND_LUA",
     "TOO_LARGE",
     "bytes_key",
 ]
@@ -167,4 +168,55 @@ if owner ~= ARGV[2] then
   return redis.error_reply('FENCED shard owned by token ' .. tostring(owner) .. ', not ' .. ARGV[2])
 end
 return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+"""
+
+# A worker round (``redis_round.send_round``) in one round trip, no other command run in between:
+#   KEYS = value keys (nv), reply keys (nr), then per shard acked: its stream [and its owner key, fenced]
+#   ARGV = group, token ('' unfenced), reply_ttl_ms, nv, nr,
+#          per value: ttl ('' none, 'del' delete, else ms), value;  per reply: payload;
+#          per shard acked: how many ids, the ids
+# Fenced: every acked shard's owner key must hold the token, checked before anything is written (a
+# round of a group that lost its shards writes nothing). The writes run in order and the acks last:
+# a refused write (OOM, a replica, ...) ends the script before any entry is acked. XACK of a group
+# that is gone (Redis restarted without it: nothing is pending any more) acks nothing, no error.
+ROUND_LUA = """
+local group, token, reply_ttl = ARGV[1], ARGV[2], ARGV[3]
+local nv, nr = tonumber(ARGV[4]), tonumber(ARGV[5])
+local per_shard = 1
+if token ~= '' then
+  per_shard = 2
+  for k = nv + nr + 1, #KEYS, 2 do
+    local owner = redis.call('GET', KEYS[k + 1])
+    if owner ~= token then
+      return redis.error_reply('FENCED shard owned by token ' .. tostring(owner) .. ', not ' .. token)
+    end
+  end
+end
+local a = 6
+for i = 1, nv do
+  local ttl, value = ARGV[a], ARGV[a + 1]
+  a = a + 2
+  if ttl == 'del' then
+    redis.call('DEL', KEYS[i])
+  elseif ttl == '' then
+    redis.call('SET', KEYS[i], value)
+  else
+    redis.call('SET', KEYS[i], value, 'PX', ttl)
+  end
+end
+for i = 1, nr do
+  local key = KEYS[nv + i]
+  redis.call('RPUSH', key, ARGV[a])
+  redis.call('PEXPIRE', key, reply_ttl)
+  a = a + 1
+end
+for k = nv + nr + 1, #KEYS, per_shard do
+  local count = tonumber(ARGV[a])
+  a = a + 1
+  for first = a, a + count - 1, 1000 do -- (unpack's stack is bounded)
+    redis.call('XACK', KEYS[k], group, unpack(ARGV, first, math.min(first + 999, a + count - 1)))
+  end
+  a = a + count
+end
+return nv + nr
 """

@@ -1,25 +1,34 @@
-"""``RedisStreamBus.send_round``: a worker round's writes in one pipeline, then its acks.
+"""``RedisStreamBus.send_round``: a worker round's writes and acks in one script call.
 
-    pipeline: SET / DEL s:value:<key> ...   RPUSH + PEXPIRE s:reply:<id> ...
-    then:     XACK s g id... per shard      (only when every write above was taken)
+    EVALSHA round.lua   SET / DEL s:value:<key> ...   RPUSH + PEXPIRE s:reply:<id> ...   XACK s g id... per shard
 
-Two round trips per round instead of one or two per value and reply. The pipeline has no
-transaction: Redis runs its commands in order, and a refused one (OOM refuses SET and RPUSH,
-not XACK) leaves the round to be sent again whole (see ``Bus.send_round``) -- the acks wait for
-it, so an entry is never acked before its reply is out. ``NOGROUP`` on the ack (the group went
-with a Redis restart: nothing is pending any more) is not an error.
+One round trip per round, and one command for redis-py to pack and parse: the pipeline it replaced
+(a command per value, two per reply, then an XACK per shard: two round trips) took 2.2x the client
+CPU and 1.8x the time of a round of 8 replies (docs/benchmarks.md § Bus). The script
+(``redis_lua.ROUND_LUA``) runs the writes in order and the acks last, so an entry is never acked
+before its reply is out: a refused write (OOM refuses SET and RPUSH) ends it with nothing acked and
+the round is sent again whole (see ``Bus.send_round``). A fenced bus (``claim_shards``) has its
+token checked against every acked shard's owner key first; a round of a group that lost its shards
+writes nothing (``BusFenced``). Acks of a group gone with a Redis restart (nothing is pending any
+more) ack nothing and are not an error.
+
+The keys span the bus's shards (one Cluster slot each) and its value and reply keys: like the read
+(one XREADGROUP over every owned shard), a round needs the one Redis the service runs on, not a
+Redis Cluster (docs/scale-out.md).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from redis.exceptions import ResponseError
-
 from service.bus.base import BusInputError, Value
 
 if TYPE_CHECKING:
     from service.bus.redis_streams import RedisStreamBus
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
 
 
 async def send_round(
@@ -35,26 +44,30 @@ async def send_round(
     acks_by_shard = bus._by_shard(acks)
     if not (values or replies or acks):
         return
-    async with bus._guard(), bus._redis.pipeline(transaction=False) as pipe:
-        for key, value, ttl_s in values:
-            name = bus._value_key(key)
-            if value is None:
-                pipe.delete(name)
-            else:
-                if ttl_s is not None and not ttl_s > 0:
-                    raise BusInputError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
-                pipe.set(name, bytes(value), px=None if ttl_s is None else max(int(ttl_s * 1000), 1))
-        for request_id, payload in replies:
-            key = bus._reply_key(request_id)
-            pipe.rpush(key, bytes(payload))
-            pipe.pexpire(key, max(int(reply_ttl_s * 1000), 1))
-        results = await pipe.execute(raise_on_error=False) if (values or replies) else []
-        for result in results:
-            if isinstance(result, ResponseError):
-                raise result
-        for shard, raw_ids in acks_by_shard.items():
-            try:
-                await bus._ack_shard(shard, raw_ids)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
+    keys: list[str] = []
+    fenced = bus.fence_token is not None
+    args: list[str | int | bytes] = [
+        bus.group,
+        str(bus.fence_token) if fenced else "",
+        _milliseconds(reply_ttl_s),
+        len(values),
+        len(replies),
+    ]
+    for key, value, ttl_s in values:
+        keys.append(bus._value_key(key))
+        if value is None:
+            args += ["del", b""]
+        elif ttl_s is None:
+            args += ["", bytes(value)]
+        elif ttl_s > 0:
+            args += [_milliseconds(ttl_s), bytes(value)]
+        else:
+            raise BusInputError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
+    for request_id, payload in replies:
+        keys.append(bus._reply_key(request_id))
+        args.append(bytes(payload))
+    for shard, raw_ids in acks_by_shard.items():
+        keys += [bus.shard_keys[shard], bus.owner_key(shard)] if fenced else [bus.shard_keys[shard]]
+        args += [len(raw_ids), *raw_ids]
+    async with bus._guard():
+        await bus._round_script(keys=keys, args=args)

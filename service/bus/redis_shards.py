@@ -40,6 +40,7 @@ class ShardLayout:
 
         _claim_script: AsyncScript
         _fenced_ack_script: AsyncScript
+        _round_script: AsyncScript
 
         def _guard(self, blocking_s: float = 0.0) -> contextlib.AbstractAsyncContextManager[None]: ...
 

@@ -13,6 +13,7 @@ per method::
     put_reply    MULTI RPUSH s:reply:<id> payload ; PEXPIRE EXEC        wait_reply  BLPOP s:reply:<id> t
     set_value    SET s:value:<key> v PX ttl            get_value   GET         delete_value   DEL
     newest_id    XINFO STREAM s → last-generated-id (survives trimming; 0-0 / no stream = None)
+    send_round   EVALSHA round.lua: a round's SET / DEL, RPUSH + PEXPIRE, then XACK per shard (redis_round)
 
 Backpressure is exact: the lag check, the byte check and the XADD run in one Lua script,
 atomically on the server, so ``unread + pending`` never exceeds ``max_lag`` (slack 0) and the
@@ -66,6 +67,7 @@ from service.bus.redis_lua import (
     FENCED_ACK_LUA,
     LAG_FULL,
     PUBLISH_LUA,
+    ROUND_LUA,
     TOO_LARGE,
     bytes_key,
 )
@@ -172,6 +174,7 @@ class RedisStreamBus(ShardLayout, PendingEntries, RepliesAndValues):
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
         self._claim_script = self._redis.register_script(CLAIM_SHARD_LUA)
         self._fenced_ack_script = self._redis.register_script(FENCED_ACK_LUA)
+        self._round_script = self._redis.register_script(ROUND_LUA)
 
     # -- plumbing ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager

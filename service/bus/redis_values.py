@@ -2,7 +2,7 @@
 
     put_reply   MULTI RPUSH s:reply:<id> payload ; PEXPIRE EXEC        wait_reply  BLPOP s:reply:<id> t
     set_value   SET s:value:<key> v PX ttl    get_value GET    get_values MGET    delete_value DEL
-    send_round  one pipeline of a worker round's values and replies, then XACK (``redis_round``)
+    send_round  EVALSHA round.lua: a worker round's values, replies, then XACK (``redis_round``)
 
 Blocking reply waits use the bus's own reply pool (``_replies``), so waiting requests never starve
 publish, read or ack. ``RedisStreamBus`` mixes this in; it provides ``_redis``, ``_replies``,
