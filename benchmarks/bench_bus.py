@@ -116,7 +116,11 @@ async def reply_latency(bus: Bus, rounds: int, waiters: int = 8) -> list[float]:
 async def round_cost(bus: Bus, rounds: int = 300, repeats: int = 5) -> dict[str, float]:
     """A worker round's ``send_round`` (8 replies, 3 values, 8 acks of read entries): client CPU and wall ms
     per round, medians of ``repeats`` runs of ``rounds``."""
-    values = [("status", os.urandom(2500), None), ("heartbeat", b"1764547200.0", 60.0), ("busy:cam", b"1", 5.0)]
+    values = [
+        ("status", os.urandom(2500), None),
+        ("heartbeat", b"1764547200.0", 60.0),
+        ("busy:cam", b"1", 5.0),
+    ]
     cpu, wall = [], []
     for _ in range(repeats):
         cpu_s = wall_s = 0.0

@@ -34,8 +34,8 @@ it needs are compiled, figures thrown away) for each backend and window, under
 ``--learn-at`` (the service default, sequence: cameras send start/end flags and labels, each
 sequence is scored, then learned by replay).
 
-Prints a table, the load average before and after, and a verdict against the targets of issue 9;
-writes ``results/bench_capacity.json``.
+Prints a table, the load average and the host's Python speed (a loop of 10 M additions) before and
+after, and a verdict against the targets of issue 9; writes ``results/bench_capacity.json``.
 """
 
 from __future__ import annotations
@@ -85,6 +85,16 @@ TARGETS = {
 BEHIND_LIMIT_S, DRAIN_LIMIT_S, P99_LIMIT_MS = 0.5, 2.0, 250.0
 #: torch's compile caches for part 3's compiled runs (kept between runs: a warm cache loads in seconds).
 COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ndot-bench-compile"
+
+
+def python_loop_s(additions: int = 10_000_000) -> float:
+    """Seconds a pure-Python loop of ``additions`` integer additions takes: the host's Python speed, which the
+    worker's per-call costs (dispatch, asyncio, framing, Redis replies) follow. On these shared machines it
+    ranged 0.49-1.7 s from one day to the next; say it beside any figure compared across runs."""
+    started, total = time.perf_counter(), 0
+    for value in range(additions):
+        total += value
+    return time.perf_counter() - started
 
 
 def learner_for(backend: str) -> OnlineLearner:
@@ -360,8 +370,10 @@ def main() -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     load_before = os.getloadavg()
+    python_before = python_loop_s()
     print(
-        f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; 1 torch thread"
+        f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; 1 torch thread; "
+        f"Python speed: 10 M additions in {python_before:.2f} s"
     )
 
     print("\nPart 1: floor, step and tick, milliseconds (medians of interleaved rounds)")
@@ -416,7 +428,11 @@ def main() -> int:
                         name += "/compiled" if compile == "on" else ""
                         alone.setdefault(name, {})[str(window_ms)] = levels
     load_after = os.getloadavg()
-    print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    python_after = python_loop_s()
+    print(
+        f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
+        f"10 M additions in {python_after:.2f} s"
+    )
 
     def sustained(backend: str, window_ms: int, part: dict[str, Any] = alone) -> int:
         levels = part.get(backend, {}).get(str(window_ms), [])
@@ -501,6 +517,7 @@ def main() -> int:
             "threads": 1,
             "load_average_before": load_before,
             "load_average_after": load_after,
+            "python_10m_additions_s": [python_before, python_after],
         },
         "engine_seconds": engine,
         "service": service,

@@ -26,6 +26,8 @@ def test_part_one_runs_and_writes_its_report_where_out_says(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr
     assert "Part 1" in done.stdout and "load average before" in done.stdout
     report = json.loads(out.read_text())
+    assert len(report["machine"]["python_10m_additions_s"]) == 2
+    assert all(seconds > 0 for seconds in report["machine"]["python_10m_additions_s"])
     assert set(report["engine_seconds"]) == {"1", "8"}
     for figures in report["engine_seconds"].values():
         assert figures["floor"] > 0 and figures["step_local"] > 0 and figures["tick_local"] > 0
