@@ -137,9 +137,6 @@ async def _drive(stream: str, streams: int, duration_s: float, window_us: int, s
             )
             sent = time.perf_counter()
             entry_id = await bus.publish(messages.EVENTS, name, body.to_fields())
-            # the frames the service should make of it, counted while the worker works (not between a
-            # reply and the next packet, where it would hold the camera back)
-            expected = len(framer.push(events)) + (len(framer.flush()) if packet.end else 0)
             reply = await bus.wait_reply(entry_id, 10.0)
             tally["packets"] += 1
             if reply is None:
@@ -148,7 +145,7 @@ async def _drive(stream: str, streams: int, duration_s: float, window_us: int, s
             latencies.append(time.perf_counter() - sent)
             replied.setdefault(name, []).append(time.time())
             tally["returned_steps"] += len(json.loads(reply).get("steps", []))
-            tally["expected_steps"] += expected
+            tally["expected_steps"] += len(framer.push(events)) + (len(framer.flush()) if packet.end else 0)
 
     try:
         await bus.start()  # takes the worker's shard layout
