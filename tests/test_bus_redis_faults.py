@@ -89,6 +89,7 @@ def test_every_call_raises_bus_unavailable_while_redis_is_down_and_recovers(own_
         await bus.start()
         await bus.publish("events", "s1", {"data": b"before"})
         (before,) = await bus.read("w1", 5, 0)
+        await bus.send_round([], [("r0", b"x")], 5, [])  # (the round script is in the server's cache now)
         own_redis.kill()
 
         assert await bus.ping() is False
@@ -105,6 +106,7 @@ def test_every_call_raises_bus_unavailable_while_redis_is_down_and_recovers(own_
             "wait_reply": bus.wait_reply("r1", 1),
             "set_value": bus.set_value("k", b"v"),
             "get_value": bus.get_value("k"),
+            "send_round": bus.send_round([("k", b"v", None)], [("r1", b"x")], 5, [before.id]),
             "start": bus.start(),
         }
         for name, call in calls.items():
@@ -120,6 +122,11 @@ def test_every_call_raises_bus_unavailable_while_redis_is_down_and_recovers(own_
         await bus.ack([entry_id])
         await bus.put_reply("r2", b"ok", 5)
         assert await bus.wait_reply("r2", 1) == b"ok"
+        # the round script is gone with the server's script cache: loaded again (NOSCRIPT), the round goes out
+        newer = await bus.publish("events", "s1", {"data": b"later"})
+        assert [e.id for e in await bus.read("w1", 5, 1000)] == [newer]
+        await bus.send_round([("k", b"v", None)], [("r3", b"done")], 5, [newer])
+        assert await bus.get_value("k") == b"v" and await bus.wait_reply("r3", 1) == b"done"
         assert await bus.lag() == 0
         await bus.close()
 
