@@ -33,12 +33,20 @@ REDIS_URL = os.environ.get("NDOT_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 class WorkerProcess:
-    """``ndot worker`` (or ``ndot workers``: ``command``) on a Redis stream of its own; a context manager."""
+    """``ndot worker`` (or ``ndot workers``: ``command``) on a Redis stream of its own; a context manager.
+
+    ``launcher``: the interpreter's arguments before ``command`` (``phase_timing.py`` wraps the CLI)."""
 
     def __init__(
-        self, workdir: Path, env: dict[str, str], command: str = "worker", source: Path = REPO
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        command: str = "worker",
+        source: Path = REPO,
+        launcher: tuple[str, ...] = ("-m", "service.cli"),
     ) -> None:
         self.command = command
+        self.launcher = launcher
         self.source = source  # the source tree the worker runs from (``worker_ab.py``: another revision)
         self.stream = f"bench-worker-{uuid.uuid4().hex[:8]}"
         self.env = {
@@ -58,7 +66,7 @@ class WorkerProcess:
     def __enter__(self) -> WorkerProcess:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", self.command],
+                [sys.executable, *self.launcher, self.command],
                 cwd=self.source,
                 env=self.env,
                 stdout=log,
