@@ -7,8 +7,8 @@ framing, the ticks, the learner's steps, the round's writes, ...), warms it (unt
 are ready with ``NDOT_COMPILE=on``), then drives ``--streams`` N-MNIST cameras for ``--duration`` s as
 ``worker_load.py`` does (each publishes one window a packet at its camera's clock straight onto Redis and
 waits for its reply). Prints, per phase: calls a second, CPU and wall milliseconds a second, CPU a call,
-and the share of the worker process's CPU; then the worker's and the cameras' process CPU (from
-``/proc``) and the level's figures. Phases nest (``OnlineLearner.step`` inside ``StepRunner._step``):
+and the share of the worker process's CPU (all its threads, over the same interval as the phases);
+then the worker's and the cameras' process CPU and the level's figures. Phases nest (``OnlineLearner.step`` inside ``StepRunner._step``):
 shares are not to be added up. The worker's settings are those of ``worker_ab.py``. Writes
 ``results/worker_phases_<tag>.json`` (or ``--out``).
 
@@ -37,12 +37,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and each flag's default."""
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def read_totals(path: Path, timeout_s: float = 10.0) -> dict[str, Any]:
@@ -101,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
                 warm_compiled(worker, [args.streams], window_us, 600.0)
             delete_streams(worker.stream, level_names(2))
             time.sleep(1.2)  # (totals written after the warm-up)
-            before, cpu_before = read_totals(totals_path), process_cpu_s(worker.process.pid)
+            before = read_totals(totals_path)
             cameras_before, started = time.process_time(), time.perf_counter()
             level = worker_level(worker.stream, args.streams, args.duration, window_us)
             seconds = time.perf_counter() - started
             cameras_cpu = (time.process_time() - cameras_before) / seconds
             time.sleep(1.2)
-            after, cpu_after = read_totals(totals_path), process_cpu_s(worker.process.pid)
-    worker_cpu_s = cpu_after - cpu_before
+            after = read_totals(totals_path)
+    worker_cpu_s = after["process_cpu_s"] - before["process_cpu_s"]  # (the worker's, with its phase totals)
     rates = phase_rates(before, after, worker_cpu_s)
     level.pop("replied_at", None)
     print(
