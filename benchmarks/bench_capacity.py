@@ -88,9 +88,11 @@ COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 
 def python_loop_s(additions: int = 10_000_000) -> float:
-    """Seconds a pure-Python loop of ``additions`` integer additions takes: the host's Python speed, which the
-    worker's per-call costs (dispatch, asyncio, framing, Redis replies) follow. On these shared machines it
-    ranged 0.49-1.7 s from one day to the next; say it beside any figure compared across runs."""
+    """Seconds a pure-Python loop of ``additions`` integer additions takes inside a function: the host's Python
+    speed, which the worker's per-call costs (dispatch, asyncio, framing, Redis replies) follow; with the bare
+    floor of part 1 (its compute speed) it tells one host from another. (A loop at module level, as
+    ``python -c`` runs it, reads globals and takes about twice as long: the figures in docs/benchmarks.md
+    that name ``python -c`` are of that one.)"""
     started, total = time.perf_counter(), 0
     for value in range(additions):
         total += value
