@@ -8,9 +8,9 @@ are ready with ``NDOT_COMPILE=on``), then drives ``--streams`` N-MNIST cameras f
 ``worker_load.py`` does (each publishes one window a packet at its camera's clock straight onto Redis and
 waits for its reply). Prints, per phase: calls a second, CPU and wall milliseconds a second, CPU a call,
 and the share of the worker process's CPU (all its threads, over the same interval as the phases);
-then the worker's and the cameras' process CPU and the level's figures. Phases nest (``OnlineLearner.step`` inside ``StepRunner._step``):
-shares are not to be added up. The worker's settings are those of ``worker_ab.py``. Writes
-``results/worker_phases_<tag>.json`` (or ``--out``).
+then the worker's and the cameras' process CPU and the level's figures. Phases nest
+(``OnlineLearner.step`` inside ``StepRunner._step``): shares are not to be added up. The worker's
+settings are those of ``worker_ab.py``. Writes ``results/worker_phases_<tag>.json`` (or ``--out``).
 
 Needs Redis (``$NDOT_BENCH_REDIS_URL``, default ``redis://127.0.0.1:6379/15``).
 """
