@@ -43,22 +43,42 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring as written, and each flag's default."""
 
 
+def worker_settings(sets: list[str], streams: int, window_ms: int) -> dict[str, str]:
+    """A measured worker's settings: ``sets`` (``NDOT_X=VALUE``) over the cameras' window, room for
+    ``streams`` and no backlog bound (a saturated worker queues its frames, it does not refuse them)."""
+    env = dict(item.split("=", 1) for item in sets)
+    env.setdefault("NDOT_WINDOW_US", str(window_ms * 1000))  # the worker frames as the cameras send
+    env.setdefault("NDOT_MAX_STREAMS", str(streams + 8))
+    env.setdefault("NDOT_MAX_STREAM_BACKLOG_FRAMES", "100000")
+    return env
+
+
+def compile_settings(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with, under ``NDOT_COMPILE=on``, the benchmarks' compile cache and the log that says when
+    the graphs are ready (``warm_compiled`` reads it)."""
+    if env.get("NDOT_COMPILE") != "on":
+        return env
+    return {"NDOT_COMPILE_CACHE_DIR": str(COMPILE_CACHE), "NDOT_LOG_LEVEL": "INFO", **env}
+
+
+def warm(worker: WorkerProcess, streams: int, window_us: int) -> None:
+    """3 s of 2 cameras (with ``NDOT_COMPILE=on``, then until the graphs for ``streams`` compiled), their
+    streams deleted after: what is measured next steps a table of its own streams only."""
+    worker_level(worker.stream, 2, 3.0, window_us)
+    if worker.env.get("NDOT_COMPILE") == "on":
+        warm_compiled(worker, [streams], window_us, 600.0)
+    delete_streams(worker.stream, level_names(2))
+
+
 def one_run(
     source: Path, env: dict[str, str], streams: int, duration_s: float, window_us: int
 ) -> dict[str, Any]:
-    """One worker from ``source``: 3 s of 2 cameras to warm it (with ``NDOT_COMPILE=on``, then until its
-    graphs compiled), its streams deleted, then ``streams`` cameras measured."""
-    compiling = env.get("NDOT_COMPILE") == "on"
-    if compiling:
-        env = {"NDOT_COMPILE_CACHE_DIR": str(COMPILE_CACHE), "NDOT_LOG_LEVEL": "INFO", **env}
+    """One worker from ``source``, warmed (``warm``), then ``streams`` cameras measured."""
     with (
         tempfile.TemporaryDirectory(prefix="ndot-ab-") as workdir,
-        WorkerProcess(Path(workdir), env, source=source) as worker,
+        WorkerProcess(Path(workdir), compile_settings(env), source=source) as worker,
     ):
-        worker_level(worker.stream, 2, 3.0, window_us)
-        if compiling:
-            warm_compiled(worker, [streams], window_us, 600.0)
-        delete_streams(worker.stream, level_names(2))  # (both sides measure a table of their streams only)
+        warm(worker, streams, window_us)
         level = worker_level(worker.stream, streams, duration_s, window_us)
     level.pop("replied_at", None)
     return level
@@ -82,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-set", action="append", default=[], metavar="NDOT_X=VALUE", help="new only")
     parser.add_argument("--tag", default="latest", help="results/worker_ab_<tag>.json")
     args = parser.parse_args(argv)
-    env = dict(item.split("=", 1) for item in args.set)
-    env.setdefault("NDOT_WINDOW_US", str(args.window_ms * 1000))  # the worker frames as the cameras send
-    env.setdefault("NDOT_MAX_STREAMS", str(args.streams + 8))
-    env.setdefault("NDOT_MAX_STREAM_BACKLOG_FRAMES", "100000")
+    env = worker_settings(args.set, args.streams, args.window_ms)
     sides = {
         "base": env | dict(item.split("=", 1) for item in args.base_set),
         "new": env | dict(item.split("=", 1) for item in args.new_set),

@@ -29,8 +29,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_capacity import COMPILE_CACHE, python_loop_s, warm_compiled  # noqa: E402
-from worker_load import WorkerProcess, delete_streams, level_names, worker_level  # noqa: E402
+from bench_capacity import python_loop_s  # noqa: E402
+from worker_ab import compile_settings, warm, worker_settings  # noqa: E402
+from worker_load import WorkerProcess, worker_level  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,23 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="latest", help="results/worker_phases_<tag>.json")
     parser.add_argument("--out", type=Path, help="the report's path instead (a .json file)")
     args = parser.parse_args(argv)
-    env = dict(item.split("=", 1) for item in args.set)
-    env.setdefault("NDOT_WINDOW_US", str(args.window_ms * 1000))
-    env.setdefault("NDOT_MAX_STREAMS", str(args.streams + 8))
-    env.setdefault("NDOT_MAX_STREAM_BACKLOG_FRAMES", "100000")
-    compiling = env.get("NDOT_COMPILE") == "on"
-    if compiling:
-        env = {"NDOT_COMPILE_CACHE_DIR": str(COMPILE_CACHE), "NDOT_LOG_LEVEL": "INFO", **env}
+    env = compile_settings(worker_settings(args.set, args.streams, args.window_ms))
     window_us = args.window_ms * 1000
     load_before, python_before = os.getloadavg(), python_loop_s()
     with tempfile.TemporaryDirectory(prefix="ndot-phases-") as workdir:
         totals_path = Path(workdir) / "phases.json"
         launcher = ("-m", "benchmarks.phase_timing", str(totals_path))
         with WorkerProcess(Path(workdir), env, launcher=launcher) as worker:
-            worker_level(worker.stream, 2, 3.0, window_us)
-            if compiling:
-                warm_compiled(worker, [args.streams], window_us, 600.0)
-            delete_streams(worker.stream, level_names(2))
+            warm(worker, args.streams, window_us)
             time.sleep(1.2)  # (totals written after the warm-up)
             before = read_totals(totals_path)
             cameras_before, started = time.process_time(), time.perf_counter()
