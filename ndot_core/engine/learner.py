@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ndot_core.engine.compiled_step import COMPILE_MODES, CompiledStep, compile_unavailable
 from ndot_core.engine.fast_step import FastStep
+from ndot_core.engine.fused_update import FusedUpdate
 from ndot_core.engine.graph_step import GRAPH_MODES, GraphStep, graphs_unavailable
 from ndot_core.engine.local_plan import LocalBackendUnsupported, unsupported_reason
 from ndot_core.engine.local_step import LocalStep, accumulate_grads
@@ -116,6 +117,7 @@ class OnlineLearner:
         self.compiled: FastStep | None = self._make_graphs(cuda_graphs) or self._make_compiled(compile)
         self.last_backend: str | None = None
         self.optimizer = self._make_optimizer()
+        self._update = FusedUpdate(self.optimizer)
         self.version = 0  # optimizer steps taken
         self.pending_steps = 0  # labelled steps whose gradients wait for the next optimizer step
         #: When True, a labelled ``step`` only adds its gradients to ``.grad`` (``pending_steps`` + 1) and
@@ -199,7 +201,12 @@ class OnlineLearner:
         return loss if self.regulariser is None else loss + self.regulariser(self.model)
 
     def _optimizer_step(self) -> None:
-        self.optimizer.step()
+        if self.local is None:
+            self.optimizer.step()  # the reference path: torch.optim as is
+        else:  # the same fused kernel without torch.optim's per-step Python (fused_update.py)
+            if self._update.optimizer is not self.optimizer:
+                self._update = FusedUpdate(self.optimizer)
+            self._update()
         # Zeroed, not freed: a long-running learner keeps one gradient buffer instead of
         # reallocating it every step, and its memory is the same from the first step on. (The local
         # backend's next step hands in fresh gradient tensors when nothing is pending; the zeros
