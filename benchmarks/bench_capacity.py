@@ -270,6 +270,7 @@ def worker_levels(
     learn_at: str = "sequence",
     compile: str = "off",
     compile_warmup_s: float = 300.0,
+    flush_denormals: bool = True,
 ) -> list[dict[str, Any]]:
     """Part 3: the worker alone, packets published straight onto the bus (``worker_load.py``)."""
     from worker_load import WorkerProcess, delete_streams, level_names, worker_level
@@ -283,6 +284,7 @@ def worker_levels(
         "NDOT_ANSWER_BEFORE_LEARNING": "true" if answer_first == "on" else "false",
         "NDOT_LEARN_AT": learn_at,
         "NDOT_COMPILE": compile,
+        "NDOT_FLUSH_DENORMALS": "true" if flush_denormals else "false",
     }
     if compile != "off":
         env |= {"NDOT_COMPILE_CACHE_DIR": str(COMPILE_CACHE), "NDOT_LOG_LEVEL": "INFO"}
@@ -358,6 +360,13 @@ def main() -> int:
         default="sequence",
         help="part 3: NDOT_LEARN_AT (sequence)",
     )
+    parser.add_argument(
+        "--flush-denormals",
+        choices=["on", "off"],
+        default="on",
+        help="run the steps with denormals flushed to zero, as the service's model threads do "
+        "(NDOT_FLUSH_DENORMALS, default on)",
+    )
     parser.add_argument("--skip-service", action="store_true", help="part 1 only (no Redis needed)")
     parser.add_argument(
         "--skip-http", action="store_true", help="skip part 2 (API, HTTP and client processes)"
@@ -370,11 +379,13 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(args.flush_denormals == "on")
     started = time.perf_counter()
     load_before = os.getloadavg()
     python_before = python_loop_s()
     print(
         f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; 1 torch thread; "
+        f"denormals flushed (part 1; part 3's worker: NDOT_FLUSH_DENORMALS): {args.flush_denormals}; "
         f"Python speed: 10 M additions in {python_before:.2f} s"
     )
 
@@ -425,6 +436,7 @@ def main() -> int:
                             args.learn_at,
                             compile,
                             args.compile_warmup,
+                            args.flush_denormals == "on",
                         )
                         name = backend if answer_first == "on" else f"{backend}/answer-first off"
                         name += "/compiled" if compile == "on" else ""
@@ -517,6 +529,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "threads": 1,
+            "flush_denormals": args.flush_denormals,
             "load_average_before": load_before,
             "load_average_after": load_after,
             "python_10m_additions_s": [python_before, python_after],

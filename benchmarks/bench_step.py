@@ -186,6 +186,13 @@ def main() -> int:
         "--compile", choices=["on", "off"], default="on", help="time the compiled step too (default on)"
     )
     parser.add_argument(
+        "--flush-denormals",
+        choices=["on", "off"],
+        default="on",
+        help="run the steps with denormals flushed to zero, as the service's model threads do "
+        "(NDOT_FLUSH_DENORMALS, default on)",
+    )
+    parser.add_argument(
         "--pad",
         action="store_true",
         help="compiled graphs per bucket (shapes='buckets', the CUDA default), each batch one row short of "
@@ -193,10 +200,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(args.flush_denormals == "on")
     started = time.perf_counter()
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
-    print(f"stream_cnn 2x34x34, 10 classes, {LEARNER}, T={STEPS_PER_SAMPLE}; 1 torch thread")
+    print(
+        f"stream_cnn 2x34x34, 10 classes, {LEARNER}, T={STEPS_PER_SAMPLE}; 1 torch thread; "
+        f"denormals flushed: {args.flush_denormals}"
+    )
     compiled = args.compile == "on"
     print(
         f"{'batch':>5s} {'floor':>9s} {'autograd':>9s} {'local':>9s} {'compiled':>9s}"

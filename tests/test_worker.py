@@ -298,3 +298,34 @@ def test_a_checkpoint_comes_before_the_bus_may_trim_applied_history_for_bytes(tm
         assert len(worker.checkpoints) == 1  # past half of bus_max_bytes=2000
 
     run(tmp_path, scenario, max_body_bytes=1000, bus_max_bytes=2000)
+
+
+def _denormals_flushed() -> bool:
+    """Whether this thread flushes denormal floats to zero (FTZ/DAZ): 1e-39 is a denormal float32."""
+    return float(torch.tensor([1e-39]) * 1.0) == 0.0
+
+
+def test_the_model_runs_in_threads_whose_denormals_follow_the_setting(tmp_path: Path) -> None:
+    """``NDOT_FLUSH_DENORMALS``: every round's apply (framing, the learner's steps) runs in a thread with
+    denormals flushed to zero (the default) or kept, whatever thread of the pool it lands on."""
+    for flush in (True, False):
+
+        async def scenario(bus: LocalBus, new_worker, flush: bool = flush) -> list[bool]:
+            worker = await new_worker()
+            apply, modes = worker.applier.apply, []
+
+            def recording_apply(*args: Any, **kwargs: Any) -> Any:
+                modes.append(_denormals_flushed())
+                return apply(*args, **kwargs)
+
+            worker.applier.apply = recording_apply
+            for round_ in range(3):
+                entry_id = await post(bus, f"s{round_}", wire(TWO_FRAMES, seed=round_), label=1)
+                await worker.run_once(block_ms=0)
+                assert len((await reply(bus, entry_id))["steps"]) == 2
+            assert worker.batcher.learner.version == 6  # the steps ran, and learned, in those threads
+            return modes
+
+        modes = run(tmp_path / str(flush), scenario, flush_denormals=flush)
+        assert modes == [flush] * 3
+    assert not _denormals_flushed()  # the test's own thread was never touched

@@ -43,7 +43,8 @@ import math
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -65,6 +66,15 @@ HOUSEKEEPING_INTERVAL_S = 1.0
 #: A rank's longest wait for entries: every round ends in a collective, so a rank waiting for its own
 #: shards holds up the others' next round (their packets) that long.
 CLUSTER_READ_BLOCK_MS = 5
+
+
+T = TypeVar("T")
+
+
+def _in_float_mode(flush_denormals: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with this thread's denormals flushed to zero or not (``torch.set_flush_denormal``)."""
+    torch.set_flush_denormal(flush_denormals)
+    return fn(*args)
 
 
 class Worker:
@@ -159,9 +169,9 @@ class Worker:
             applier.checkpoints = [i.as_dict() for i in applier.store.list()]
             return applier
 
-        self.applier = await asyncio.to_thread(build)
+        self.applier = await self._in_model_thread(build)
         if self.cluster is not None:
-            await asyncio.to_thread(self.cluster.align, self.batcher)  # rank 0's weights on every rank
+            await self._in_model_thread(self.cluster.align, self.batcher)  # rank 0's weights on every rank
             self.applier.lockstep = self.cluster.gradients is not None  # sync_mode grad: ticks in lockstep
         self.metrics.model_version.set(self.batcher.learner.version)
         announce = Applied(values=self.applier.sensor_values())
@@ -228,7 +238,7 @@ class Worker:
             if self.cluster is not None:  # every rank ends every round together (and stops together)
                 outcome, self._round_outcome = self._round_outcome, None  # (lockstep: taken in run_once)
                 if outcome is None:
-                    outcome = await asyncio.to_thread(
+                    outcome = await self._in_model_thread(
                         self.cluster.after_round, self.applier, self._stop.is_set()
                     )
                 if outcome.stop:
@@ -247,7 +257,7 @@ class Worker:
                 log.info("event=shutdown_checkpoint name=%s", self.cluster.committed)
         elif self.applier.dirty:
             try:
-                info = await asyncio.to_thread(self.applier.save)
+                info = await self._in_model_thread(self.applier.save)
             except Exception as err:  # one clear line and a non-zero exit, not a traceback
                 self.shutdown_error = reason(err)
                 self.metrics.checkpoint_errors.labels(stage="shutdown").inc()
@@ -277,6 +287,12 @@ class Worker:
         await self._handle(entries, end_round=self.cluster is not None and self.applier.lockstep)
         return len(entries)
 
+    async def _in_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread (``asyncio.to_thread``) whose float mode is the settings':
+        denormals flushed to zero or not (``flush_denormals``). The mode is the thread's own (the CPU's
+        control register), so it is set on every call: the pool's threads take turns."""
+        return await asyncio.to_thread(_in_float_mode, self.settings.flush_denormals, fn, *args)
+
     async def recover(self) -> int:
         """Re-apply the bus history after the restored checkpoint (see ``service.worker.recovery``)."""
         if not self.settings.restore_on_start:  # a fresh model: what came before is not its history
@@ -303,11 +319,11 @@ class Worker:
         housekeeping = now - self._last_housekeeping_s >= HOUSEKEEPING_INTERVAL_S
         if end_round:
             stopping = self._stop.is_set()
-            applied, self._round_outcome = await asyncio.to_thread(
+            applied, self._round_outcome = await self._in_model_thread(
                 self.cluster.end_round, self.applier, entries, housekeeping, stopping
             )
         elif entries or housekeeping or self.applier.has_work or drain:
-            applied = await asyncio.to_thread(self.applier.apply, entries, housekeeping, drain)
+            applied = await self._in_model_thread(self.applier.apply, entries, housekeeping, drain)
         else:
             applied = Applied()
         # What the bus has not taken goes out first; until all of it is out it stays in self._unsent
@@ -353,9 +369,9 @@ class Worker:
         if end_round:
             if not self.cluster.tick_deferred:
                 return None
-            return asyncio.ensure_future(asyncio.to_thread(self.cluster.finish_tick, self.applier))
+            return asyncio.ensure_future(self._in_model_thread(self.cluster.finish_tick, self.applier))
         if self.batcher.learning_deferred:
-            return asyncio.ensure_future(asyncio.to_thread(self.applier.learn_deferred))
+            return asyncio.ensure_future(self._in_model_thread(self.applier.learn_deferred))
         return None
 
     def _round_values(self, applied: Applied, changed: bool) -> list[Value]:
