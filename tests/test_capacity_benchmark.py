@@ -28,6 +28,7 @@ def test_part_one_runs_and_writes_its_report_where_out_says(tmp_path: Path) -> N
     report = json.loads(out.read_text())
     assert len(report["machine"]["python_10m_additions_s"]) == 2
     assert all(seconds > 0 for seconds in report["machine"]["python_10m_additions_s"])
+    assert report["machine"]["flush_denormals"] == "on"  # as the service's model threads run
     assert set(report["engine_seconds"]) == {"1", "8"}
     for figures in report["engine_seconds"].values():
         assert figures["floor"] > 0 and figures["step_local"] > 0 and figures["tick_local"] > 0
@@ -39,3 +40,24 @@ def test_part_one_runs_and_writes_its_report_where_out_says(tmp_path: Path) -> N
         "tick / step",
     ]
     assert all(v["pass"] == (v["value"] <= v["target"]) for v in report["verdicts"])
+
+
+def test_the_update_benchmark_runs_each_path_it_names(tmp_path: Path) -> None:
+    """``bench_update.py``, short and eager: torch.optim's path never takes FusedUpdate, the two fused
+    variants take it on every step after the first (which creates the optimizer's state)."""
+    out = tmp_path / "update.json"
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "benchmarks" / "bench_update.py"),
+        *("--batches", "1", "--warm-steps", "3", "--rounds", "2", "--iters", "2", "--compile", "off"),
+        *("--out", str(out)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "Verdict" in done.stdout and "load average before" in done.stdout
+    figures = json.loads(out.read_text())["results"]["1"]
+    steps = 3 + 2 * 2
+    assert figures["torch.optim"]["fast_updates"] == 0
+    assert figures["fused"]["fast_updates"] == figures["fused+ftz"]["fast_updates"] == steps - 1
+    for name in ("torch.optim", "fused", "fused+ftz"):
+        assert figures[name]["step_over_floor"] == figures[name]["step_ms"] / figures["floor"]["step_ms"]

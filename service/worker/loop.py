@@ -7,7 +7,9 @@ One iteration::
     values (sensor sizes, status snapshot, heartbeat) -> dead letters -> replies -> ack
         meanwhile, in the thread: the learning the round's last tick deferred (answers before learning)
 
-A packet is acked only after all its steps ran and its reply is out. One worker owns the model:
+Every call that runs the model goes to a thread of the pool with the settings' float mode
+(``NDOT_FLUSH_DENORMALS``: denormals flushed to zero, the default). A packet is acked only after all
+its steps ran and its reply is out. One worker owns the model:
 at start it restores the newest checkpoint (logged with its name; ``ndot worker --fresh`` starts
 from fresh weights instead), re-applies the bus history after it (``service.worker.recovery``) and
 from then on skips every entry at or below the newest id it applied, so each step is applied
