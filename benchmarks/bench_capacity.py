@@ -64,6 +64,7 @@ from bench_step import (  # noqa: E402
     MODEL,
     STEPS_PER_SAMPLE,
     WARM_CALLS,
+    add_flush_denormals_argument,
     floor_ops,
     make_frames,
     time_per_call,
@@ -360,13 +361,7 @@ def main() -> int:
         default="sequence",
         help="part 3: NDOT_LEARN_AT (sequence)",
     )
-    parser.add_argument(
-        "--flush-denormals",
-        choices=["on", "off"],
-        default="on",
-        help="run the steps with denormals flushed to zero, as the service's model threads do "
-        "(NDOT_FLUSH_DENORMALS, default on)",
-    )
+    add_flush_denormals_argument(parser)
     parser.add_argument("--skip-service", action="store_true", help="part 1 only (no Redis needed)")
     parser.add_argument(
         "--skip-http", action="store_true", help="skip part 2 (API, HTTP and client processes)"

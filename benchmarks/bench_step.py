@@ -175,6 +175,17 @@ def measure(batch: int, rounds: int, iters: int, compiled: bool, shapes: str = "
     return out
 
 
+def add_flush_denormals_argument(parser: argparse.ArgumentParser) -> None:
+    """``--flush-denormals on|off``: the steps' float mode (on, as the service's model threads run)."""
+    parser.add_argument(
+        "--flush-denormals",
+        choices=["on", "off"],
+        default="on",
+        help="run the steps with denormals flushed to zero, as the service's model threads do "
+        "(NDOT_FLUSH_DENORMALS, default on)",
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,13 +197,7 @@ def main() -> int:
     parser.add_argument(
         "--compile", choices=["on", "off"], default="on", help="time the compiled step too (default on)"
     )
-    parser.add_argument(
-        "--flush-denormals",
-        choices=["on", "off"],
-        default="on",
-        help="run the steps with denormals flushed to zero, as the service's model threads do "
-        "(NDOT_FLUSH_DENORMALS, default on)",
-    )
+    add_flush_denormals_argument(parser)
     parser.add_argument(
         "--pad",
         action="store_true",

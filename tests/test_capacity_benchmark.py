@@ -14,17 +14,22 @@ from pathlib import Path
 from conftest import REPO_ROOT
 
 
-def test_part_one_runs_and_writes_its_report_where_out_says(tmp_path: Path) -> None:
-    out = tmp_path / "nested" / "capacity.json"  # a .json --out is the file itself, its folder made
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "benchmarks" / "bench_capacity.py"),
-        *("--backends", "local", "--skip-service", "--compile", "off"),
-        *("--rounds", "1", "--iters", "2", "--out", str(out)),
-    ]
+def _run_benchmark(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script> args`` to the end (exit code 0); its standard output."""
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / script), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
-    assert "Part 1" in done.stdout and "load average before" in done.stdout
+    return done.stdout
+
+
+def test_part_one_runs_and_writes_its_report_where_out_says(tmp_path: Path) -> None:
+    out = tmp_path / "nested" / "capacity.json"  # a .json --out is the file itself, its folder made
+    stdout = _run_benchmark(
+        "bench_capacity.py",
+        *("--backends", "local", "--skip-service", "--compile", "off"),
+        *("--rounds", "1", "--iters", "2", "--out", str(out)),
+    )
+    assert "Part 1" in stdout and "load average before" in stdout
     report = json.loads(out.read_text())
     assert len(report["machine"]["python_10m_additions_s"]) == 2
     assert all(seconds > 0 for seconds in report["machine"]["python_10m_additions_s"])
@@ -46,15 +51,12 @@ def test_the_update_benchmark_runs_each_path_it_names(tmp_path: Path) -> None:
     """``bench_update.py``, short and eager: torch.optim's path never takes FusedUpdate, the two fused
     variants take it on every step after the first (which creates the optimizer's state)."""
     out = tmp_path / "update.json"
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "benchmarks" / "bench_update.py"),
+    stdout = _run_benchmark(
+        "bench_update.py",
         *("--batches", "1", "--warm-steps", "3", "--rounds", "2", "--iters", "2", "--compile", "off"),
         *("--out", str(out)),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
-    assert done.returncode == 0, done.stderr
-    assert "Verdict" in done.stdout and "load average before" in done.stdout
+    )
+    assert "Verdict" in stdout and "load average before" in stdout
     figures = json.loads(out.read_text())["results"]["1"]
     steps = 3 + 2 * 2
     assert figures["torch.optim"]["fast_updates"] == 0
