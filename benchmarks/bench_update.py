@@ -15,8 +15,18 @@ round by round, interleaved, ``--iters`` steps each:
     threads do (``NDOT_FLUSH_DENORMALS``, default on).
 
 Each one's count of denormal Adam moments is printed after. The floor (``bench_step.floor_ops``, channels-last) is
-timed in the same rounds, so each step is also given as a multiple of it. Verdict: the service's path
-(``fused+ftz``) no slower than ``torch.optim`` at any batch. Writes ``results/bench_update.json``.
+timed in the same rounds, so each step is also given as a multiple of it.
+
+Then (``--learn-check``, on unless ``off``) what flushing denormals does to what is learned: one pass
+of the eager local step over 800 N-MNIST-small digits (``$NDOT_SHARED_DATA/nmnist-small``, by default
+``../shared/data``; skipped with a line when absent), 8 streams a batch, 20 ms frames, labelled, then
+the held-out accuracy on the other 200, once with denormals kept and once flushed, from the same
+seed: both accuracies and the largest difference between the two runs' weights (relative to the
+weight's largest entry).
+
+Verdict: the service's path (``fused+ftz``) no slower than ``torch.optim`` at any batch, and the
+weights learned with denormals flushed within 1e-6 of those learned without. Writes
+``results/bench_update.json``.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ from bench_step import floor_ops, make_frames, make_learner  # noqa: E402
 
 from ndot_core import OnlineLearner  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 #: variant -> (through FusedUpdate, denormals flushed)
 VARIANTS = {"torch.optim": (False, False), "fused": (True, False), "fused+ftz": (True, True)}
 TINY = torch.finfo(torch.float32).tiny
@@ -103,6 +114,46 @@ def measure(
     return out
 
 
+def learn_check(data: Path, flush: bool, digits: int = 1000) -> tuple[float, list[torch.Tensor]]:
+    """One labelled pass over 4/5 of ``digits`` digits of ``data`` (8 streams a batch), then the held-out
+    accuracy on the other 1/5."""
+    import numpy as np
+
+    from ndot_core.events.datasets import NMNISTFolder
+    from ndot_core.events.framing import to_frames
+
+    dataset = NMNISTFolder(data)
+    order = np.random.default_rng(0).permutation(len(dataset))
+    train, held_out = order[: digits * 4 // 5], order[digits * 4 // 5 : digits]
+    torch.set_flush_denormal(flush)
+    learner = make_learner("local")
+
+    def batches(items: np.ndarray):
+        for start in range(0, len(items), 8):
+            samples = [dataset[int(i)] for i in items[start : start + 8]]
+            frames = [
+                torch.from_numpy(to_frames(events, (34, 34), time_window_us=20_000)) for events, _ in samples
+            ]
+            steps = min(len(f) for f in frames)
+            yield (
+                [torch.stack([f[t] for f in frames]) for t in range(steps)],
+                torch.tensor([y for _, y in samples]),
+            )
+
+    for frames, labels in batches(train):
+        state = learner.new_state(len(labels))
+        for frame in frames:
+            learner.step(frame, labels, state)
+    correct = 0
+    for frames, labels in batches(held_out):
+        state, summed = learner.new_state(len(labels)), 0
+        for frame in frames:
+            summed = summed + learner.step(frame, None, state)
+        correct += int((summed.argmax(1) == labels).sum())
+    torch.set_flush_denormal(False)
+    return correct / len(held_out), [p.detach().clone() for p in learner.model.parameters()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -115,6 +166,18 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=100, help="steps per round and variant (100)")
     parser.add_argument(
         "--compile", choices=["on", "off"], default="on", help="the compiled local step (on) or the eager one"
+    )
+    parser.add_argument(
+        "--learn-check",
+        choices=["on", "off"],
+        default="on",
+        help="one pass over N-MNIST-small with denormals kept and flushed: the same weights? (on)",
+    )
+    parser.add_argument(
+        "--learn-digits",
+        type=int,
+        default=1000,
+        help="digits of the learn check: 4/5 learned, 1/5 held out (1000)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_update.json")
     args = parser.parse_args()
@@ -141,6 +204,28 @@ def main() -> int:
                 f"{v['step_ms'] / r['torch.optim']['step_ms']:.2f}x torch.optim's)  "
                 f"denormal Adam moments {v['denormal_moments']}"
             )
+    learned: dict[str, float] | None = None
+    data = Path(os.environ.get("NDOT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "nmnist-small"
+    if args.learn_check == "on" and not (data / "labels.txt").is_file():
+        print(f"learn check skipped: no N-MNIST-small at {data}")
+    elif args.learn_check == "on":
+        accuracy_kept, weights_kept = learn_check(data, False, args.learn_digits)
+        accuracy_flushed, weights_flushed = learn_check(data, True, args.learn_digits)
+        difference = max(
+            float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+            for a, b in zip(weights_kept, weights_flushed, strict=True)
+        )
+        learned = {
+            "digits": args.learn_digits,
+            "accuracy_denormals_kept": accuracy_kept,
+            "accuracy_denormals_flushed": accuracy_flushed,
+            "largest_relative_weight_difference": difference,
+        }
+        print(
+            f"one pass over {args.learn_digits * 4 // 5} N-MNIST-small digits, held-out accuracy on "
+            f"{args.learn_digits - args.learn_digits * 4 // 5}: denormals kept "
+            f"{accuracy_kept:.3f}, flushed {accuracy_flushed:.3f}; largest relative weight difference {difference:.2e}"
+        )
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     verdicts = [
@@ -151,6 +236,14 @@ def main() -> int:
         )
         for b, r in results.items()
     ]
+    if learned is not None:
+        difference = learned["largest_relative_weight_difference"]
+        verdicts.append(
+            (
+                f"weights learned with denormals flushed vs kept: {difference:.2e} apart (<= 1e-6)",
+                difference <= 1e-6,
+            )
+        )
     print("\nVerdict")
     for text, ok in verdicts:
         print(f"  [{'PASS' if ok else 'MISS'}] {text}")
@@ -169,6 +262,7 @@ def main() -> int:
         "rounds": args.rounds,
         "iters": args.iters,
         "results": results,
+        "learn_check": learned,
         "verdicts": [{"check": text, "pass": ok} for text, ok in verdicts],
         "wall_s": time.perf_counter() - started,
     }

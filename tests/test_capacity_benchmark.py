@@ -54,7 +54,7 @@ def test_the_update_benchmark_runs_each_path_it_names(tmp_path: Path) -> None:
     stdout = _run_benchmark(
         "bench_update.py",
         *("--batches", "1", "--warm-steps", "3", "--rounds", "2", "--iters", "2", "--compile", "off"),
-        *("--out", str(out)),
+        *("--learn-digits", "24", "--out", str(out)),
     )
     assert "Verdict" in stdout and "load average before" in stdout
     figures = json.loads(out.read_text())["results"]["1"]
@@ -63,3 +63,10 @@ def test_the_update_benchmark_runs_each_path_it_names(tmp_path: Path) -> None:
     assert figures["fused"]["fast_updates"] == figures["fused+ftz"]["fast_updates"] == steps - 1
     for name in ("torch.optim", "fused", "fused+ftz"):
         assert figures[name]["step_over_floor"] == figures[name]["step_ms"] / figures["floor"]["step_ms"]
+    learned = json.loads(out.read_text())["learn_check"]  # (CI has ../shared/data; a user's machine may not)
+    if learned is not None:
+        assert learned["digits"] == 24
+        assert (
+            0 <= learned["accuracy_denormals_kept"] <= 1 and 0 <= learned["accuracy_denormals_flushed"] <= 1
+        )
+        assert learned["largest_relative_weight_difference"] >= 0
