@@ -34,6 +34,9 @@ it needs are compiled, figures thrown away) for each backend and window, under
 ``--learn-at`` (the service default, sequence: cameras send start/end flags and labels, each
 sequence is scored, then learned by replay).
 
+Parts 1 and 3 run their steps with denormal floats flushed to zero, as the service's model threads
+do by default (``--flush-denormals off``: not; part 3 sets ``NDOT_FLUSH_DENORMALS`` accordingly).
+
 Prints a table, the load average and the host's Python speed (a loop of 10 M additions) before and
 after, and a verdict against the targets of issue 9; writes ``results/bench_capacity.json``.
 """

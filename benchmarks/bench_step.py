@@ -16,11 +16,12 @@ at each batch size, interleaved round by round in one process:
     range (``shapes="dynamic"``: no padding); ``--pad`` times graphs per bucket (``shapes="buckets"``,
     the CUDA default) on a batch one row short of each bucket instead (the padded rows' cost included).
 Figures are medians over rounds of the mean time per step in a round (each round after a few
-untimed calls, so that each measure runs warm, as one learner does in a service). The steps run with
-denormal floats flushed to zero, as the service's model threads do (``--flush-denormals off``: not). Targets (the
-service's step / floor, the service's step being the compiled one where ``--compile`` is on, the
-default, else the local one): <= 2.5x at batch 8 and <= 4x at batch 1 (batch 32 reported, no target). The machine's load
-average is printed before and after: other processes on the cores inflate every figure.
+untimed calls, so that each measure runs warm, as one learner does in a service). The steps run
+with denormal floats flushed to zero, as the service's model threads do (``--flush-denormals off``:
+not). Targets (the service's step / floor, the service's step being the compiled one where
+``--compile`` is on, the default, else the local one): <= 2.5x at batch 8 and <= 4x at batch 1
+(batch 32 reported, no target). The machine's load average is printed before and after: other
+processes on the cores inflate every figure.
 Writes results/bench_step.json.
 """
 

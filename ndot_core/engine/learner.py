@@ -14,8 +14,9 @@ so memory is constant however many steps run. Prediction = argmax of the logits 
 Backends of ``step`` (``backend=``): "autograd" (the reference: ``model.step`` and ``loss.backward()``),
 "local" (``ndot_core.engine.local_step``: the same step without an autograd graph, a hand-written
 backward of step t, channels-last tensors, a fused optimizer called through
-``fused_update.FusedUpdate``; same logits, states and gradients up to float rounding) and "auto" (local where ``local_plan.unsupported_reason`` finds nothing against
-it, else autograd). ``learn_sequence`` always uses autograd (``bptt`` and module hooks need it).
+``fused_update.FusedUpdate``; same logits, states and gradients up to float rounding) and "auto"
+(local where ``local_plan.unsupported_reason`` finds nothing against it, else autograd).
+``learn_sequence`` always uses autograd (``bptt`` and module hooks need it).
 
 ``compile=`` ("off", "on", "auto"; ``ndot_core.engine.compiled_step``) runs the local backend's
 steps (learning and prediction) through ``torch.compile``, graphs by batch shape compiled in the
