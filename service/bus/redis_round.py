@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from service.bus.redis_streams import RedisStreamBus
 
 
-def _milliseconds(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
+    """A TTL in whole milliseconds for PX / PEXPIRE, at least 1 (0 would mean no expiry or an error)."""
     return max(int(seconds * 1000), 1)
 
 
@@ -49,7 +50,7 @@ async def send_round(
     args: list[str | int | bytes] = [
         bus.group,
         str(bus.fence_token) if fenced else "",
-        _milliseconds(reply_ttl_s),
+        milliseconds(reply_ttl_s),
         len(values),
         len(replies),
     ]
@@ -60,7 +61,7 @@ async def send_round(
         elif ttl_s is None:
             args += ["", bytes(value)]
         elif ttl_s > 0:
-            args += [_milliseconds(ttl_s), bytes(value)]
+            args += [milliseconds(ttl_s), bytes(value)]
         else:
             raise BusInputError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
     for request_id, payload in replies:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service.bus.base import BusInputError, Value
-from service.bus.redis_round import send_round
+from service.bus.redis_round import milliseconds, send_round
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -43,7 +43,7 @@ class RepliesAndValues:
             raise BusInputError(f"ttl_s must be > 0, got {ttl_s!r}")
         async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
             pipe.rpush(key, bytes(payload))
-            pipe.pexpire(key, max(int(ttl_s * 1000), 1))
+            pipe.pexpire(key, milliseconds(ttl_s))
             await pipe.execute()
 
     async def wait_reply(self, request_id: str, timeout_s: float) -> bytes | None:
@@ -60,7 +60,7 @@ class RepliesAndValues:
         if ttl_s is not None and not ttl_s > 0:
             raise BusInputError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
         async with self._guard():
-            await self._redis.set(name, bytes(value), px=None if ttl_s is None else max(int(ttl_s * 1000), 1))
+            await self._redis.set(name, bytes(value), px=None if ttl_s is None else milliseconds(ttl_s))
 
     async def get_value(self, key: str) -> bytes | None:
         name = self._value_key(key)
